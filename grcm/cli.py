@@ -1,0 +1,93 @@
+"""Command line: ``grcm fit|validate|test|predict -c experiments/<dataset>/<method>.yaml`` and extra commands.
+
+The Lightning subcommands are :class:`GrcmCLI` (``LightningCLI`` with
+``parser_mode="omegaconf+"``, so ``${.x}`` references follow command-line
+overrides such as ``--model.init_args.lr=3e-4`` from W&B sweeps). Sizes the model
+takes from the data (``feature_dim``, ``vocab_size``, ``pad_token_id``) are linked
+from the DataModule with ``link_arguments(..., apply_on="instantiate")``; a model class
+without such an argument simply does not receive it.
+
+Extra commands (``grcm <command> --help`` for their options):
+
+- ``grcm demo``: the whole pipeline on the synthetic corpus, printing a results table.
+- ``grcm sids``: write a SID bundle from a trained tokenizer checkpoint.
+- ``grcm plot-sids``: PCA/t-SNE PNG of items coloured by coarse token.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+#: Data attributes linked into the model's constructor when the model accepts them.
+LINKED_SIZES = ("feature_dim", "vocab_size", "pad_token_id")
+
+
+class WandbAwareSaveConfig(SaveConfigCallback):
+    """Saves the resolved config beside the logs (overwriting: W&B runs share a folder) and uploads it to W&B."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+
+
+class GrcmCLI(LightningCLI):
+    """LightningCLI with subclass-mode model/data, omegaconf+ interpolation and data->model size links."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_callback", WandbAwareSaveConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("parser_mode", "omegaconf+")
+        for sub in ("fit", "validate", "test", "predict"):
+            parser_kwargs.setdefault(sub, {}).setdefault("parser_mode", "omegaconf+")
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Link the DataModule's sizes into the model (skipped for model classes without that argument)."""
+        for name in LINKED_SIZES:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+
+EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {}
+
+
+def extra_command(name: str):
+    """Register ``grcm <name>``; the function receives the remaining argv."""
+
+    def register(function: Callable[[list[str]], None]):
+        EXTRA_COMMANDS[name] = function
+        return function
+
+    return register
+
+
+@extra_command("demo")
+def _demo(argv: list[str]) -> None:
+    from grcm.demo import main as demo_main
+
+    demo_main(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point ``grcm``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] in EXTRA_COMMANDS:
+        EXTRA_COMMANDS[argv[0]](argv[1:])
+        return
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+    GrcmCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

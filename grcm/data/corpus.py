@@ -1,0 +1,269 @@
+"""The corpus schema every dataset maps onto, its on-disk layout and its validation.
+
+A corpus is a set of items (images, videos, audio clips) with one precomputed
+feature vector each, plus captions that serve as queries. On disk::
+
+    <root>/
+      corpus.json          {"format_version": 1, "name": ..., "modality": ...,
+                            "features": "features.npy"}
+      item_ids.txt         one item id per line; line i <-> feature row i
+      features.npy         (N, D) float16/float32 (memory-mapped on load),
+                           or features.safetensors with a tensor named "features"
+      captions.csv         header item_id,text,split   (split in train/val/test)
+      extra_queries.csv    optional, header item_id,text (extra training queries)
+
+Every check on load names the file, the offending id or row, and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from grcm.io import atomic_path, write_json_atomic
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+class CorpusError(ValueError):
+    """A corpus on disk or in memory breaks the schema; the message says where and how to fix it."""
+
+
+@dataclass
+class Corpus:
+    """Items with features, and captions that point at items.
+
+    Attributes:
+        name: corpus name (e.g. ``"synthetic"``, ``"msrvtt"``).
+        modality: ``"image"``, ``"video"`` or ``"audio"``.
+        item_ids: ``N`` unique string ids.
+        features: ``(N, D)`` float16/float32 array, row ``i`` belongs to ``item_ids[i]``;
+            may be a read-only memmap.
+        caption_item: ``(C,)`` int64 index of each caption's item.
+        caption_text: ``C`` caption strings.
+        caption_split: ``(C,)`` array of ``"train"``/``"val"``/``"test"``.
+        extra_item: ``(E,)`` int64 item index of each extra training query.
+        extra_text: ``E`` extra training queries (generated/pseudo queries).
+    """
+
+    name: str
+    modality: str
+    item_ids: list[str]
+    features: np.ndarray
+    caption_item: np.ndarray
+    caption_text: list[str]
+    caption_split: np.ndarray
+    extra_item: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    extra_text: list[str] = field(default_factory=list)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def captions_of_split(self, split: str) -> np.ndarray:
+        """Indices ``(C_split,)`` of the captions in ``split``."""
+        if split not in SPLITS:
+            raise CorpusError(f"unknown split {split!r}; use one of {SPLITS}")
+        return np.flatnonzero(self.caption_split == split)
+
+    def validate(self, source: str = "<memory>") -> Corpus:
+        """Check the schema; raise :class:`CorpusError` naming ``source``, the id and the fix."""
+        n = len(self.item_ids)
+        if len(set(self.item_ids)) != n:
+            seen: set[str] = set()
+            dup = next(i for i in self.item_ids if i in seen or seen.add(i))
+            raise CorpusError(f"{source}: item id {dup!r} occurs more than once; item ids must be unique.")
+        if self.features.ndim != 2 or self.features.shape[0] != n:
+            raise CorpusError(
+                f"{source}: features have shape {tuple(self.features.shape)} but there are {n} item ids; "
+                "expected (num_items, feature_dim) with row i belonging to item id i."
+            )
+        if self.features.dtype not in (np.float16, np.float32):
+            raise CorpusError(f"{source}: features dtype is {self.features.dtype}; store float16 or float32.")
+        bad_rows = _non_finite_rows(self.features)
+        if bad_rows.size:
+            ids = ", ".join(repr(self.item_ids[i]) for i in bad_rows[:5])
+            raise CorpusError(
+                f"{source}: feature rows of item(s) {ids} contain NaN or inf ({bad_rows.size} row(s) in all); "
+                "re-extract those items' features or drop the items and their captions."
+            )
+        if len(self.caption_text) != len(self.caption_item) or len(self.caption_split) != len(self.caption_item):
+            raise CorpusError(f"{source}: caption_item, caption_text and caption_split differ in length.")
+        if self.caption_item.size and (self.caption_item.min() < 0 or self.caption_item.max() >= n):
+            raise CorpusError(f"{source}: a caption points at an item index outside [0, {n}).")
+        bad_split = set(np.unique(self.caption_split).tolist()) - set(SPLITS)
+        if bad_split:
+            raise CorpusError(f"{source}: unknown split(s) {sorted(bad_split)}; use train, val or test.")
+        if len(self.extra_text) != len(self.extra_item):
+            raise CorpusError(f"{source}: extra_item and extra_text differ in length.")
+        return self
+
+    def feature_checksum(self) -> str:
+        """SHA-256 over the item ids and the raw feature bytes (identifies what a SID bundle was built from)."""
+        digest = hashlib.sha256()
+        digest.update("\n".join(self.item_ids).encode())
+        digest.update(str(self.features.dtype).encode() + str(self.features.shape).encode())
+        for start in range(0, self.num_items, 65536):
+            digest.update(np.ascontiguousarray(self.features[start : start + 65536]).tobytes())
+        return digest.hexdigest()
+
+
+def _non_finite_rows(features: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Row indices ``(R,)`` whose features hold NaN or inf, scanned in chunks (memmap friendly)."""
+    bad = [
+        start + np.flatnonzero(~np.isfinite(features[start : start + chunk]).all(axis=1))
+        for start in range(0, features.shape[0], chunk)
+    ]
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def save_corpus(corpus: Corpus, root: str | Path, feature_format: str = "npy") -> Path:
+    """Write ``corpus`` to ``root`` in the on-disk layout above, each file atomically."""
+    corpus.validate()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    feature_file = {"npy": "features.npy", "safetensors": "features.safetensors"}[feature_format]
+    with atomic_path(root / feature_file) as tmp:
+        if feature_format == "npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.asarray(corpus.features))
+        else:
+            from safetensors.numpy import save_file
+
+            save_file({"features": np.ascontiguousarray(corpus.features)}, str(tmp))
+    with atomic_path(root / "item_ids.txt") as tmp:
+        tmp.write_text("".join(f"{item_id}\n" for item_id in corpus.item_ids))
+    _write_csv(
+        root / "captions.csv",
+        ("item_id", "text", "split"),
+        (
+            (corpus.item_ids[i], text, split)
+            for i, text, split in zip(corpus.caption_item.tolist(), corpus.caption_text, corpus.caption_split)
+        ),
+    )
+    if len(corpus.extra_text):
+        _write_csv(
+            root / "extra_queries.csv",
+            ("item_id", "text"),
+            ((corpus.item_ids[i], text) for i, text in zip(corpus.extra_item.tolist(), corpus.extra_text)),
+        )
+    write_json_atomic(
+        root / "corpus.json",
+        {"format_version": FORMAT_VERSION, "name": corpus.name, "modality": corpus.modality, "features": feature_file},
+    )
+    return root
+
+
+def _write_csv(path: Path, header: Sequence[str], rows) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def read_corpus_header(root: str | Path) -> dict:
+    """Read ``corpus.json`` and check its version; cheap (used in DataModule ``__init__``)."""
+    path = Path(root) / "corpus.json"
+    if not path.is_file():
+        raise CorpusError(f"{path}: not found; a corpus directory needs corpus.json (see grcm/data/corpus.py).")
+    header = json.loads(path.read_text())
+    if header.get("format_version") != FORMAT_VERSION:
+        raise CorpusError(
+            f"{path}: format_version {header.get('format_version')!r} is not supported (expected {FORMAT_VERSION})."
+        )
+    return header
+
+
+def load_features(path: Path) -> np.ndarray:
+    """Load a ``(N, D)`` feature matrix: ``.npy`` memory-mapped, ``.safetensors`` tensor ``features``."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: feature file not found; write features.npy (N, D) beside corpus.json.")
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        if "features" not in tensors:
+            raise CorpusError(f"{path}: no tensor named 'features' (found {sorted(tensors)}).")
+        return tensors["features"]
+    raise CorpusError(f"{path}: unsupported feature format {path.suffix!r}; use .npy or .safetensors.")
+
+
+def load_corpus(root: str | Path) -> Corpus:
+    """Load and validate a corpus directory; every error names the file, the id and the fix."""
+    root = Path(root)
+    header = read_corpus_header(root)
+    features = load_features(root / header.get("features", "features.npy"))
+    ids_path = root / "item_ids.txt"
+    if not ids_path.is_file():
+        raise CorpusError(f"{ids_path}: not found; list one item id per feature row.")
+    item_ids = ids_path.read_text(encoding="utf-8").splitlines()
+    if len(item_ids) != features.shape[0]:
+        raise CorpusError(
+            f"{ids_path}: {len(item_ids)} ids but the feature file has {features.shape[0]} rows; "
+            "line i of item_ids.txt must name feature row i."
+        )
+    index = {item_id: i for i, item_id in enumerate(item_ids)}
+    caption_item, caption_text, caption_split = [], [], []
+    captions_path = root / "captions.csv"
+    for row_number, row in _read_csv(captions_path, ("item_id", "text", "split")):
+        item = index.get(row["item_id"])
+        if item is None:
+            raise CorpusError(
+                f"{captions_path}: row {row_number} refers to item id {row['item_id']!r}, which has no features "
+                f"in {ids_path.name}; add its features or drop its captions."
+            )
+        if row["split"] not in SPLITS:
+            raise CorpusError(
+                f"{captions_path}: row {row_number} has split {row['split']!r}; use one of {', '.join(SPLITS)}."
+            )
+        caption_item.append(item)
+        caption_text.append(row["text"])
+        caption_split.append(row["split"])
+    extra_item, extra_text = [], []
+    extra_path = root / "extra_queries.csv"
+    if extra_path.is_file():
+        for row_number, row in _read_csv(extra_path, ("item_id", "text")):
+            item = index.get(row["item_id"])
+            if item is None:
+                raise CorpusError(
+                    f"{extra_path}: row {row_number} refers to item id {row['item_id']!r}, which has no features."
+                )
+            extra_item.append(item)
+            extra_text.append(row["text"])
+    corpus = Corpus(
+        name=str(header.get("name", root.name)),
+        modality=str(header.get("modality", "unknown")),
+        item_ids=item_ids,
+        features=features,
+        caption_item=np.asarray(caption_item, dtype=np.int64),
+        caption_text=caption_text,
+        caption_split=np.asarray(caption_split, dtype="<U5"),
+        extra_item=np.asarray(extra_item, dtype=np.int64),
+        extra_text=extra_text,
+    )
+    return corpus.validate(source=str(root))
+
+
+def _read_csv(path: Path, required: Sequence[str]):
+    """Yield ``(row_number, row_dict)``; accepts LF and CRLF line ends."""
+    if not path.is_file():
+        raise CorpusError(f"{path}: not found.")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [column for column in required if column not in (reader.fieldnames or [])]
+        if missing:
+            raise CorpusError(f"{path}: missing column(s) {missing}; the header must be {','.join(required)}.")
+        yield from enumerate(reader, start=2)

@@ -1,0 +1,305 @@
+"""LightningDataModules that serve a :class:`~grcm.data.corpus.Corpus`.
+
+Two kinds of batches, chosen by ``serve``:
+
+- ``"queries"`` (retrievers, dual towers): train batches are
+  ``{"input_ids": (B, T), "attention_mask": (B, T) bool, "item_index": (B,), "query_index": (B,)}``;
+  val/test/predict batches are
+  ``{"input_ids", "attention_mask", "query_index": (B,), "gold_items": (B, G) padded with -1}``.
+- ``"items"`` (SID tokenizers): ``{"item_index": (B,), "features": (B, D) float32}``.
+
+Sizes a model needs (``feature_dim``, ``vocab_size``, ``pad_token_id``) are known
+after ``__init__`` so that the CLI can link them into the model's arguments.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from grcm.data.corpus import Corpus, CorpusError, load_corpus, load_features, read_corpus_header
+from grcm.data.query_tokenizer import QueryTokenizer
+from grcm.data.synthetic import generate_synthetic_corpus
+
+Serve = Literal["queries", "items"]
+
+
+class _Indices(Dataset):
+    """A dataset of the integers ``0..n-1``; batches are assembled by a collate object."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class QueryBatches:
+    """Collate: query rows -> a batch dict, trimmed to the longest query in the batch.
+
+    Args:
+        input_ids: ``(Q, T)`` token ids of all queries of one split.
+        attention_mask: ``(Q, T)`` bool.
+        query_index: ``(Q,)`` global query (caption) index, used to de-duplicate under DDP.
+        item_index: ``(Q,)`` item of each query (train) or None.
+        gold_items: ``(Q, G)`` gold items padded with -1 (evaluation) or None.
+    """
+
+    def __init__(self, input_ids, attention_mask, query_index, item_index=None, gold_items=None):
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.query_index, self.item_index, self.gold_items = query_index, item_index, gold_items
+
+    def __len__(self) -> int:
+        return len(self.query_index)
+
+    def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        rows_t = torch.as_tensor(rows, dtype=torch.long)
+        mask = self.attention_mask[rows_t]
+        width = max(int(mask.sum(1).max()), 1)
+        batch = {
+            "input_ids": self.input_ids[rows_t, :width],
+            "attention_mask": mask[:, :width],
+            "query_index": self.query_index[rows_t],
+        }
+        if self.item_index is not None:
+            batch["item_index"] = self.item_index[rows_t]
+        if self.gold_items is not None:
+            batch["gold_items"] = self.gold_items[rows_t]
+        return batch
+
+
+class ItemBatches:
+    """Collate: item rows -> ``{"item_index": (B,), "features": (B, D) float32}`` (memmap friendly)."""
+
+    def __init__(self, features: np.ndarray):
+        self.features = features
+
+    def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        index = np.sort(np.asarray(rows, dtype=np.int64))
+        return {
+            "item_index": torch.from_numpy(index),
+            "features": torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)),
+        }
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Base DataModule: (query text -> item) pairs for training, (query, gold items) for evaluation.
+
+    Subclasses implement :meth:`load_corpus` and set ``feature_dim`` before calling ``__init__``.
+
+    Args:
+        feature_dim: item feature dimension D (subclasses derive it).
+        serve: ``"queries"`` or ``"items"`` (see the module docstring).
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size.
+        num_workers: DataLoader workers.
+        pin_memory: pin host memory (useful with CUDA).
+        query_vocab: ``"minilm"`` (shipped vocabulary) or ``"wordpiece"`` (trained on train captions).
+        wordpiece_vocab_size: size of the trained WordPiece vocabulary.
+        max_query_length: queries are truncated to this many tokens.
+        max_val_queries: validate on a fixed random subset of this many val queries (None = all).
+        use_extra_queries: train on the corpus's extra (generated) queries too.
+        split_seed: seed of the val subset.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        serve: Serve = "queries",
+        batch_size: int = 256,
+        eval_batch_size: int = 512,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        query_vocab: Literal["minilm", "wordpiece"] = "minilm",
+        wordpiece_vocab_size: int = 4096,
+        max_query_length: int = 32,
+        max_val_queries: int | None = None,
+        use_extra_queries: bool = True,
+        split_seed: int = 0,
+    ):
+        super().__init__()
+        if serve not in ("queries", "items"):
+            raise ValueError(f"data.serve must be 'queries' or 'items', got {serve!r}")
+        self.feature_dim = int(feature_dim)
+        self.serve = serve
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.query_vocab, self.max_query_length = query_vocab, max_query_length
+        self.max_val_queries, self.use_extra_queries, self.split_seed = max_val_queries, use_extra_queries, split_seed
+        if query_vocab == "minilm":
+            self.query_tokenizer: QueryTokenizer | None = QueryTokenizer.minilm(max_query_length)
+            self.vocab_size = self.query_tokenizer.vocab_size
+            self.pad_token_id = self.query_tokenizer.pad_token_id
+        elif query_vocab == "wordpiece":
+            self.query_tokenizer = None  # trained in setup() or restored from a checkpoint
+            self.vocab_size = int(wordpiece_vocab_size)
+            self.pad_token_id = 0
+        else:
+            raise ValueError(f"data.query_vocab must be 'minilm' or 'wordpiece', got {query_vocab!r}")
+        self.wordpiece_vocab_size = wordpiece_vocab_size
+        self.corpus: Corpus | None = None
+        self._splits: dict[str, QueryBatches] = {}
+
+    @abstractmethod
+    def load_corpus(self) -> Corpus:
+        """Return the validated corpus this DataModule serves."""
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.corpus is None:
+            corpus = self.load_corpus()
+            if corpus.feature_dim != self.feature_dim:
+                raise CorpusError(
+                    f"corpus {corpus.name!r} has {corpus.feature_dim}-d features but data.feature_dim is "
+                    f"{self.feature_dim}; set data.feature_dim={corpus.feature_dim}."
+                )
+            self.corpus = corpus
+        if self.serve == "queries" and not self._splits:
+            self._build_query_splits()
+
+    def _build_query_splits(self) -> None:
+        corpus = self.corpus
+        train = corpus.captions_of_split("train")
+        train_text = [corpus.caption_text[i] for i in train]
+        train_item = corpus.caption_item[train]
+        train_query = train
+        if self.use_extra_queries and len(corpus.extra_text):
+            train_text += corpus.extra_text
+            train_item = np.concatenate([train_item, corpus.extra_item])
+            offset = len(corpus.caption_text)
+            train_query = np.concatenate([train, offset + np.arange(len(corpus.extra_text))])
+        if self.query_tokenizer is None:
+            self.query_tokenizer = QueryTokenizer.train_wordpiece(
+                train_text, self.wordpiece_vocab_size, self.max_query_length
+            )
+            self.pad_token_id = self.query_tokenizer.pad_token_id
+        if self.query_tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"the query tokenizer has {self.query_tokenizer.vocab_size} tokens but vocab_size is {self.vocab_size}"
+            )
+        ids, mask = self.query_tokenizer.encode(train_text)
+        self._splits["train"] = QueryBatches(ids, mask, torch.from_numpy(train_query), torch.from_numpy(train_item))
+        for split in ("val", "test"):
+            rows = corpus.captions_of_split(split)
+            if split == "val" and self.max_val_queries is not None and len(rows) > self.max_val_queries:
+                rng = np.random.default_rng(self.split_seed)
+                rows = np.sort(rng.choice(rows, size=self.max_val_queries, replace=False))
+            ids, mask = self.query_tokenizer.encode([corpus.caption_text[i] for i in rows])
+            gold = torch.from_numpy(corpus.caption_item[rows]).unsqueeze(1)
+            self._splits[split] = QueryBatches(ids, mask, torch.from_numpy(rows), gold_items=gold)
+
+    # -- loaders --------------------------------------------------------------------------------
+    def _loader(self, collate, n: int, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            _Indices(n),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _split_loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.corpus is None:
+            self.setup()
+        if self.serve == "items":
+            batch = self.batch_size if shuffle else self.eval_batch_size
+            return self._loader(ItemBatches(self.corpus.features), self.corpus.num_items, batch, shuffle)
+        queries = self._splits[split]
+        if len(queries) == 0:
+            raise CorpusError(f"corpus {self.corpus.name!r} has no {split} captions to serve.")
+        return self._loader(queries, len(queries), self.batch_size if shuffle else self.eval_batch_size, shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._split_loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._split_loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._split_loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._split_loader("test", shuffle=False)
+
+    def query_batches(self, split: str) -> QueryBatches:
+        """All queries of ``split`` (``"train"``, ``"val"``, ``"test"``), tokenized."""
+        self.setup()
+        return self._splits[split]
+
+    # -- the trained vocabulary travels with checkpoints -----------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.query_vocab == "wordpiece" and self.query_tokenizer is not None:
+            return {"query_tokenizer": self.query_tokenizer.to_json()}
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "query_tokenizer" in state_dict:
+            self.query_tokenizer = QueryTokenizer.from_json(state_dict["query_tokenizer"], self.max_query_length)
+            self.pad_token_id = self.query_tokenizer.pad_token_id
+            self._splits = {}
+
+
+class SyntheticDataModule(RetrievalDataModule):
+    """The embedded synthetic corpus (see :mod:`grcm.data.synthetic`); nothing to download.
+
+    Args:
+        num_items: corpus size (1k to 1M).
+        feature_dim: feature dimension.
+        seed: corpus seed.
+        captions_per_item: train captions per item (plus one val and one test caption).
+        near_duplicate_fraction: share of items that copy another item's attributes.
+        **kwargs: see :class:`RetrievalDataModule`.
+    """
+
+    def __init__(
+        self,
+        num_items: int = 2000,
+        feature_dim: int = 256,
+        seed: int = 0,
+        captions_per_item: int = 5,
+        near_duplicate_fraction: float = 0.05,
+        **kwargs,
+    ):
+        self.num_items, self.seed = num_items, seed
+        self.captions_per_item, self.near_duplicate_fraction = captions_per_item, near_duplicate_fraction
+        super().__init__(feature_dim=feature_dim, **kwargs)
+
+    def load_corpus(self) -> Corpus:
+        return generate_synthetic_corpus(
+            self.num_items,
+            self.feature_dim,
+            self.seed,
+            captions_per_item=self.captions_per_item,
+            near_duplicate_fraction=self.near_duplicate_fraction,
+        )
+
+
+class CorpusDataModule(RetrievalDataModule):
+    """A corpus directory on disk (layout in :mod:`grcm.data.corpus`), e.g. one written by a dataset reader.
+
+    Args:
+        corpus_dir: the directory holding ``corpus.json``.
+        **kwargs: see :class:`RetrievalDataModule`; ``feature_dim`` is read from the feature file.
+    """
+
+    def __init__(self, corpus_dir: str, **kwargs):
+        self.corpus_dir = Path(corpus_dir)
+        header = read_corpus_header(self.corpus_dir)
+        features = load_features(self.corpus_dir / header.get("features", "features.npy"))
+        if features.ndim != 2:
+            raise CorpusError(f"{self.corpus_dir}: features must be 2-d (num_items, feature_dim).")
+        super().__init__(feature_dim=int(features.shape[1]), **kwargs)
+
+    def load_corpus(self) -> Corpus:
+        return load_corpus(self.corpus_dir)

@@ -1,0 +1,374 @@
+"""A seeded synthetic cross-modal corpus: the embedded default for the demo and the tests.
+
+Nothing is downloaded. How it is built (also in README.md):
+
+1. **Concepts with a hierarchy.** Six attribute slots (subject, colour, action,
+   scene, time, camera style). Each slot's values are grouped into categories
+   (e.g. subject -> animal/person/vehicle -> dog, horse, ...). A value's latent
+   vector is its category vector plus a smaller value-specific offset, so
+   K-Means and residual quantisation find real coarse/fine structure.
+2. **Items.** Each item draws one value per slot. Its latent is the weighted sum
+   of its values' vectors plus item-specific noise. A fraction of items are
+   *near-duplicates*: they copy another item's attributes and differ only by
+   noise, so semantic-ID collisions and truly ambiguous queries occur.
+3. **Features.** A fixed random two-layer "modality encoder" (tanh MLP) maps the
+   latent to a ``feature_dim`` vector; sensor noise is added and rows are
+   L2-normalised. Features are float32, row ``i`` belongs to item ``i``.
+4. **Aspects and captions.** Each item has 2-4 salient *aspects* (subject,
+   action, scene, style). Every caption describes one or two of them with
+   synonyms and sentence templates, so several items fit most captions and no
+   single ID captures every way an item is described. Captions are split per
+   item into train/val/test.
+
+The generator scales from 1k to 1M items: features are produced in chunks and
+:func:`generate_synthetic_features` skips captions entirely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from grcm.data.corpus import Corpus
+
+# slot -> category -> value -> synonyms (first is canonical)
+VOCABULARY: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
+    "subject": {
+        "animal": {
+            "dog": ("dog", "puppy", "hound"),
+            "cat": ("cat", "kitten", "house cat"),
+            "horse": ("horse", "pony", "stallion"),
+            "bird": ("bird", "parrot", "small bird"),
+            "cow": ("cow", "calf", "cattle"),
+            "bear": ("bear", "grizzly", "brown bear"),
+        },
+        "person": {
+            "man": ("man", "guy", "gentleman"),
+            "woman": ("woman", "lady", "young woman"),
+            "child": ("child", "kid", "little kid"),
+            "girl": ("girl", "young girl", "teenage girl"),
+            "boy": ("boy", "young boy", "teenage boy"),
+            "athlete": ("athlete", "sportsman", "player"),
+        },
+        "vehicle": {
+            "car": ("car", "sedan", "automobile"),
+            "truck": ("truck", "lorry", "pickup truck"),
+            "bicycle": ("bicycle", "bike", "cycle"),
+            "motorcycle": ("motorcycle", "motorbike", "scooter"),
+            "boat": ("boat", "small boat", "sailboat"),
+            "train": ("train", "locomotive", "railway train"),
+        },
+    },
+    "colour": {
+        "warm": {
+            "red": ("red", "crimson", "scarlet"),
+            "orange": ("orange", "amber", "tangerine"),
+            "yellow": ("yellow", "golden", "mustard"),
+        },
+        "cool": {
+            "blue": ("blue", "navy", "azure"),
+            "green": ("green", "emerald", "olive"),
+            "purple": ("purple", "violet", "lilac"),
+        },
+        "neutral": {
+            "black": ("black", "dark", "jet black"),
+            "white": ("white", "pale", "snow white"),
+            "brown": ("brown", "chocolate", "tan"),
+            "gray": ("gray", "grey", "silver"),
+        },
+    },
+    "action": {
+        "motion": {
+            "running": ("running", "sprinting", "jogging"),
+            "jumping": ("jumping", "leaping", "hopping"),
+            "swimming": ("swimming", "paddling", "wading"),
+            "climbing": ("climbing", "scrambling up", "ascending"),
+            "racing": ("racing", "speeding", "rushing"),
+        },
+        "social": {
+            "playing": ("playing", "having fun", "messing around"),
+            "dancing": ("dancing", "twirling", "grooving"),
+            "eating": ("eating", "feeding", "munching"),
+            "fighting": ("fighting", "wrestling", "scuffling"),
+        },
+        "rest": {
+            "sitting": ("sitting", "resting", "lounging"),
+            "sleeping": ("sleeping", "napping", "dozing"),
+            "standing": ("standing", "waiting", "standing still"),
+            "watching": ("watching", "looking around", "staring"),
+        },
+    },
+    "scene": {
+        "nature": {
+            "beach": ("on a beach", "by the sea", "on the sand"),
+            "forest": ("in a forest", "among trees", "in the woods"),
+            "mountain": ("on a mountain", "on a hillside", "up a mountain"),
+            "field": ("in a field", "on a meadow", "on the grass"),
+            "river": ("by a river", "near a stream", "at a riverbank"),
+            "snow": ("in the snow", "on a snowy slope", "in deep snow"),
+        },
+        "urban": {
+            "street": ("on a street", "on a busy road", "in traffic"),
+            "park": ("in a park", "in a city park", "in a playground"),
+            "market": ("at a market", "at a bazaar", "among market stalls"),
+            "bridge": ("on a bridge", "under a bridge", "crossing a bridge"),
+            "station": ("at a station", "on a platform", "at a train station"),
+        },
+        "indoor": {
+            "kitchen": ("in a kitchen", "at the stove", "in a small kitchen"),
+            "living room": ("in a living room", "on a sofa", "in a lounge"),
+            "gym": ("in a gym", "at the gym", "in a fitness studio"),
+            "stage": ("on a stage", "at a concert", "under stage lights"),
+            "office": ("in an office", "at a desk", "in a workplace"),
+        },
+    },
+    "time": {
+        "light": {
+            "morning": ("in the morning", "at dawn", "early in the day"),
+            "noon": ("at noon", "in bright daylight", "on a sunny day"),
+        },
+        "dark": {
+            "sunset": ("at sunset", "at dusk", "in the evening light"),
+            "night": ("at night", "in the dark", "late at night"),
+        },
+        "weather": {
+            "rain": ("in the rain", "on a rainy day", "during a storm"),
+            "fog": ("in the fog", "on a misty day", "in thick fog"),
+        },
+    },
+    "style": {
+        "camera": {
+            "close-up": ("close-up shot", "close up view", "tight close-up"),
+            "aerial": ("aerial footage", "drone shot", "view from above"),
+            "handheld": ("shaky handheld footage", "handheld camera", "amateur video"),
+        },
+        "edit": {
+            "slow motion": ("slow motion clip", "slowed down footage", "slow-mo video"),
+            "time-lapse": ("time-lapse", "sped up footage", "fast-forward clip"),
+            "black and white": ("black and white film", "monochrome footage", "grayscale clip"),
+        },
+    },
+}
+SLOTS: tuple[str, ...] = tuple(VOCABULARY)
+# How strongly each slot shapes the item's features (subject and scene dominate what a sensor sees).
+SLOT_WEIGHTS: dict[str, float] = {
+    "subject": 1.0,
+    "colour": 0.55,
+    "action": 0.8,
+    "scene": 0.9,
+    "time": 0.45,
+    "style": 0.35,
+}
+ASPECTS: tuple[str, ...] = ("subject", "action", "scene", "style")
+
+
+@dataclass(frozen=True)
+class _SlotTable:
+    """Flattened values of one slot: ``names[v]`` belongs to category ``category_of[v]``."""
+
+    names: tuple[str, ...]
+    synonyms: tuple[tuple[str, ...], ...]
+    category_of: np.ndarray  # (V,)
+    num_categories: int
+
+
+def _slot_tables() -> dict[str, _SlotTable]:
+    tables = {}
+    for slot, categories in VOCABULARY.items():
+        names, synonyms, category_of = [], [], []
+        for c, values in enumerate(categories.values()):
+            for name, words in values.items():
+                names.append(name)
+                synonyms.append(words)
+                category_of.append(c)
+        tables[slot] = _SlotTable(tuple(names), tuple(synonyms), np.asarray(category_of), len(categories))
+    return tables
+
+
+SLOT_TABLES = _slot_tables()
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the generator; the defaults make the corpus the demo and tests use.
+
+    Attributes:
+        num_items: corpus size (1k to 1M).
+        feature_dim: dimension D of the item features.
+        latent_dim: dimension of the concept space before the modality encoder.
+        category_scale / value_scale: norm of category vs value-specific latent parts (hierarchy).
+        item_noise: item-specific latent noise (items are not pure attribute combinations).
+        sensor_noise: noise added after the modality encoder.
+        near_duplicate_fraction: share of items copying another item's attributes.
+        captions_per_item: train captions per item; one val and one test caption are added.
+        seed: everything is a function of this seed.
+    """
+
+    num_items: int = 2000
+    feature_dim: int = 256
+    latent_dim: int = 64
+    category_scale: float = 1.0
+    value_scale: float = 0.7
+    item_noise: float = 0.35
+    sensor_noise: float = 0.05
+    near_duplicate_fraction: float = 0.05
+    captions_per_item: int = 5
+    seed: int = 0
+
+
+def _concept_vectors(config: SyntheticConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Per slot, ``(V, latent_dim)`` value vectors = weight * (category vector + value offset)."""
+    vectors = {}
+    for slot in SLOTS:
+        table = SLOT_TABLES[slot]
+        unit = 1.0 / np.sqrt(config.latent_dim)
+        category = rng.standard_normal((table.num_categories, config.latent_dim)) * unit * config.category_scale
+        offset = rng.standard_normal((len(table.names), config.latent_dim)) * unit * config.value_scale
+        vectors[slot] = SLOT_WEIGHTS[slot] * (category[table.category_of] + offset)
+    return vectors
+
+
+def _sample_attributes(config: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
+    """``(N, num_slots)`` value index per slot; near-duplicates copy an earlier item's row."""
+    n = config.num_items
+    attributes = np.stack([rng.integers(0, len(SLOT_TABLES[s].names), size=n) for s in SLOTS], axis=1)
+    num_dups = int(round(config.near_duplicate_fraction * n))
+    if num_dups and n > 1:
+        copies = rng.choice(np.arange(1, n), size=num_dups, replace=False)
+        attributes[copies] = attributes[rng.integers(0, copies)]
+    return attributes
+
+
+class _ModalityEncoder:
+    """A fixed random tanh MLP ``(M, latent_dim) -> (M, feature_dim)`` standing in for a frozen encoder."""
+
+    def __init__(self, latent_dim: int, feature_dim: int, rng: np.random.Generator, hidden: int = 512):
+        self.w1 = (rng.standard_normal((latent_dim, hidden)) * np.sqrt(2.0 / latent_dim)).astype(np.float32)
+        self.w2 = (rng.standard_normal((hidden, feature_dim)) / np.sqrt(hidden)).astype(np.float32)
+
+    def __call__(self, latent: np.ndarray) -> np.ndarray:
+        return np.tanh(latent @ self.w1) @ self.w2
+
+
+def _features(config: SyntheticConfig, attributes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``(N, D)`` L2-normalised float32 features, computed in chunks so 1M items fit in memory."""
+    vectors = _concept_vectors(config, rng)
+    encoder = _ModalityEncoder(config.latent_dim, config.feature_dim, rng)
+    out = np.empty((config.num_items, config.feature_dim), dtype=np.float32)
+    chunk = 65536
+    for start in range(0, config.num_items, chunk):
+        rows = attributes[start : start + chunk]
+        latent = sum(vectors[slot][rows[:, j]] for j, slot in enumerate(SLOTS))
+        latent = latent + rng.standard_normal(latent.shape) * config.item_noise / np.sqrt(config.latent_dim)
+        feats = encoder(latent.astype(np.float32))
+        feats += rng.standard_normal(feats.shape).astype(np.float32) * config.sensor_noise * feats.std()
+        out[start : start + chunk] = feats / np.linalg.norm(feats, axis=1, keepdims=True)
+    return out
+
+
+def generate_synthetic_features(num_items: int, feature_dim: int = 256, seed: int = 0, **overrides) -> np.ndarray:
+    """Item features ``(N, D)`` float32 of the synthetic corpus, without captions (for 1M-item benchmarks).
+
+    Row ``i`` equals ``generate_synthetic_corpus(...).features[i]`` for the same arguments.
+    """
+    config = SyntheticConfig(num_items=num_items, feature_dim=feature_dim, seed=seed, **overrides)
+    rng = np.random.default_rng(config.seed)
+    attributes = _sample_attributes(config, rng)
+    return _features(config, attributes, rng)
+
+
+_OPENERS = ("", "", "a video of ", "footage showing ", "we see ", "a clip where ")
+# probability of describing 1, 2 or 3 of an item's salient aspects in one caption
+_ASPECTS_PER_CAPTION = (0.15, 0.55, 0.30)
+
+
+def _phrase(slot: str, value: int, rng: np.random.Generator) -> str:
+    words = SLOT_TABLES[slot].synonyms[value]
+    return words[rng.integers(0, len(words))]
+
+
+def _caption(attributes: np.ndarray, aspects: list[str], rng: np.random.Generator) -> str:
+    """One caption composed from 1-3 of the item's salient ``aspects``, with synonyms.
+
+    Subject phrases may carry the colour, scene phrases the time of day, and a
+    camera style becomes a prefix ("slow motion clip of ...") or a suffix.
+    """
+    max_k = min(len(aspects), 3)
+    probs = np.asarray(_ASPECTS_PER_CAPTION[:max_k])
+    k = 1 + int(rng.choice(max_k, p=probs / probs.sum()))
+    chosen = {aspects[i] for i in rng.choice(len(aspects), size=k, replace=False)}
+    value = dict(zip(SLOTS, attributes))
+    words: list[str] = []
+    if "subject" in chosen:
+        colour = f"{_phrase('colour', value['colour'], rng)} " if rng.random() < 0.6 else ""
+        words.append(f"a {colour}{_phrase('subject', value['subject'], rng)}")
+    elif "action" in chosen:
+        words.append(("someone", "something", "a figure")[rng.integers(0, 3)])
+    if "action" in chosen:
+        words.append(("is " if rng.random() < 0.5 else "") + _phrase("action", value["action"], rng))
+    if "scene" in chosen:
+        if not words:
+            words.append(("a view", "a scene", "a place")[rng.integers(0, 3)])
+        words.append(_phrase("scene", value["scene"], rng))
+        if rng.random() < 0.5:
+            words.append(_phrase("time", value["time"], rng))
+    if "style" in chosen:
+        style = _phrase("style", value["style"], rng)
+        if not words:
+            words.append(f"a {style}")
+        elif rng.random() < 0.5:
+            words.insert(0, f"{style} of")
+        else:
+            words[-1] += ","
+            words.append(style)
+    else:
+        words.insert(0, _OPENERS[rng.integers(0, len(_OPENERS))].strip())
+    return " ".join(" ".join(words).split())
+
+
+def generate_synthetic_corpus(
+    num_items: int = 2000, feature_dim: int = 256, seed: int = 0, **overrides
+) -> Corpus:
+    """Build the synthetic corpus (see the module docstring for how).
+
+    Args:
+        num_items: number of items N (1k to 1M).
+        feature_dim: feature dimension D.
+        seed: the whole corpus is a deterministic function of the arguments.
+        **overrides: any other :class:`SyntheticConfig` field.
+
+    Returns:
+        A validated :class:`Corpus` with ``N`` items, ``(N, D)`` float32 features and, per item,
+        ``captions_per_item`` train captions plus one val and one test caption.
+    """
+    config = SyntheticConfig(num_items=num_items, feature_dim=feature_dim, seed=seed, **overrides)
+    rng = np.random.default_rng(config.seed)
+    attributes = _sample_attributes(config, rng)
+    features = _features(config, attributes, rng)
+    caption_rng = np.random.default_rng([config.seed, 1])
+    per_item = config.captions_per_item + 2
+    splits = np.array(["train"] * config.captions_per_item + ["val", "test"])
+    texts: list[str] = []
+    for i in range(config.num_items):
+        num_aspects = int(caption_rng.integers(2, len(ASPECTS) + 1))
+        aspects = [ASPECTS[j] for j in sorted(caption_rng.choice(len(ASPECTS), size=num_aspects, replace=False))]
+        texts.extend(_caption(attributes[i], aspects, caption_rng) for _ in range(per_item))
+    width = len(str(max(config.num_items - 1, 0)))
+    corpus = Corpus(
+        name="synthetic",
+        modality="video",
+        item_ids=[f"item{i:0{width}d}" for i in range(config.num_items)],
+        features=features,
+        caption_item=np.repeat(np.arange(config.num_items, dtype=np.int64), per_item),
+        caption_text=texts,
+        caption_split=np.tile(splits, config.num_items),
+    )
+    return corpus.validate(source="synthetic")
+
+
+def describe_item(num_items: int, item: int, seed: int = 0, **overrides) -> dict[str, str]:
+    """The canonical attribute values of one synthetic item (for docs and debugging)."""
+    config = SyntheticConfig(num_items=num_items, seed=seed, **overrides)
+    attributes = _sample_attributes(config, np.random.default_rng(config.seed))[item]
+    return {slot: SLOT_TABLES[slot].names[v] for slot, v in zip(SLOTS, attributes)}

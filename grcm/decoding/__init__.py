@@ -1,0 +1,29 @@
+"""Trie-constrained decoding of semantic IDs: a flat-tensor trie and an exact batched beam search."""
+
+from grcm.decoding.beam import (
+    BeamConstraint,
+    BeamSearchOutput,
+    RankedItems,
+    StepFn,
+    TrieConstraint,
+    beam_search,
+    beams_to_items,
+    beams_to_scored_items,
+    constrained_beam_search,
+    stable_topk,
+)
+from grcm.decoding.trie import SIDTrie
+
+__all__ = [
+    "BeamConstraint",
+    "BeamSearchOutput",
+    "RankedItems",
+    "SIDTrie",
+    "StepFn",
+    "TrieConstraint",
+    "beam_search",
+    "beams_to_items",
+    "beams_to_scored_items",
+    "constrained_beam_search",
+    "stable_topk",
+]

@@ -1,0 +1,179 @@
+"""Dual-tower (CLIP-style) baseline: text tower -> item feature space, exact FAISS retrieval.
+
+It is the comparison every generative method is measured against, and the
+dense scorer of two-stage retrieval (:meth:`DualTower.encode_queries`,
+:meth:`DualTower.encode_items`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+
+from grcm.metrics import ItemRetrievalMetrics
+from grcm.rerank.contrastive import symmetric_info_nce
+from grcm.rerank.index import DenseIndex, DenseIndexConfig
+from grcm.rerank.text_encoder import ItemProjection, TextEncoder
+
+
+class DualTower(L.LightningModule):
+    """Trains a text tower against item features with symmetric InfoNCE; evaluates over the whole corpus.
+
+    Args:
+        vocab_size: query vocabulary size (linked from the data).
+        feature_dim: item feature dimension D (linked from the data).
+        embed_dim: shared embedding dimension.
+        text_backbone: ``"scratch"`` or ``"minilm"`` (see :class:`TextEncoder`).
+        text_layers, text_width, text_heads, text_ffn, dropout: scratch text tower shape.
+        item_projection: ``"mlp"`` (residual MLP) or ``"linear"``.
+        pad_token_id: query padding id (linked from the data).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay.
+        temperature: initial softmax temperature (learned, clamped to >= 0.01).
+        index: FAISS index used for evaluation (exact ``flat`` by default).
+        ks, mrr_k: metrics reported.
+        eval_item_batch_size: items encoded per forward pass when building the index.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 256,
+        text_backbone: Literal["scratch", "minilm"] = "scratch",
+        text_layers: int = 2,
+        text_width: int = 256,
+        text_heads: int = 4,
+        text_ffn: int = 512,
+        dropout: float = 0.1,
+        item_projection: Literal["mlp", "linear"] = "mlp",
+        pad_token_id: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        temperature: float = 0.07,
+        index: DenseIndexConfig | None = None,
+        ks: tuple[int, ...] = (1, 5, 10),
+        mrr_k: int = 10,
+        eval_item_batch_size: int = 4096,
+    ):
+        super().__init__()
+        # hparams hold plain types only, so checkpoints load with weights_only=True
+        self.index_config = DenseIndexConfig(**index) if isinstance(index, dict) else (index or DenseIndexConfig())
+        self.save_hyperparameters(ignore=["index"])
+        self.hparams["index"] = dataclasses.asdict(self.index_config)
+        self.text_tower = TextEncoder(
+            vocab_size,
+            embed_dim,
+            backbone=text_backbone,
+            d_model=text_width,
+            num_layers=text_layers,
+            num_heads=text_heads,
+            ffn_dim=text_ffn,
+            dropout=dropout,
+            pad_token_id=pad_token_id,
+        )
+        self.item_tower = ItemProjection(feature_dim, embed_dim, kind=item_projection)
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.val_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
+        self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
+        self.dense_index: DenseIndex | None = None
+        self._search_seconds = 0.0
+        self._searched_queries = 0
+
+    # -- towers ---------------------------------------------------------------------------------
+    def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` -> ``(B, embed_dim)`` unit query embeddings."""
+        return self.text_tower(input_ids, attention_mask)
+
+    def encode_items(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` item features -> ``(B, embed_dim)`` unit item embeddings."""
+        return self.item_tower(features)
+
+    @torch.no_grad()
+    def encode_corpus(self, features: np.ndarray) -> np.ndarray:
+        """All item features ``(N, D)`` -> ``(N, embed_dim)`` float32 embeddings, in batches."""
+        out = np.empty((features.shape[0], self.hparams.embed_dim), dtype=np.float32)
+        step = self.hparams.eval_item_batch_size
+        for start in range(0, features.shape[0], step):
+            batch = torch.from_numpy(np.asarray(features[start : start + step], dtype=np.float32)).to(self.device)
+            out[start : start + step] = self.encode_items(batch).float().cpu().numpy()
+        return out
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        corpus = self.trainer.datamodule.corpus
+        items = batch["item_index"]
+        features = torch.from_numpy(np.asarray(corpus.features[items.cpu().numpy()], dtype=np.float32))
+        queries = self.encode_queries(batch["input_ids"], batch["attention_mask"])
+        item_embeddings = self.encode_items(features.to(self.device))
+        scale = self.log_logit_scale.exp().clamp(max=100.0)
+        loss = symmetric_info_nce(queries, item_embeddings, items, scale)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(items))
+        self.log("train/logit_scale", scale, batch_size=len(items))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, schedule), "interval": "step"},
+        }
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def build_index(self) -> DenseIndex:
+        """Encode the whole corpus and build the configured FAISS index over it."""
+        corpus = self.trainer.datamodule.corpus
+        self.dense_index = DenseIndex.build(self.encode_corpus(corpus.features), self.index_config)
+        return self.dense_index
+
+    def on_validation_epoch_start(self) -> None:
+        self.build_index()
+
+    def on_test_epoch_start(self) -> None:
+        self.build_index()
+        self._search_seconds, self._searched_queries = 0.0, 0
+
+    def search(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+        """Full-corpus dense retrieval: ``(B, T)`` queries -> ``(B, k)`` ranked item indices."""
+        queries = self.encode_queries(input_ids, attention_mask).float().cpu().numpy()
+        _, ranked = self.dense_index.search(queries, k)
+        return torch.as_tensor(ranked, dtype=torch.long, device=input_ids.device)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: ItemRetrievalMetrics) -> None:
+        start = time.perf_counter()
+        ranked = self.search(batch["input_ids"], batch["attention_mask"], max(max(self.hparams.ks), self.hparams.mrr_k))
+        self._search_seconds += time.perf_counter() - start
+        self._searched_queries += len(ranked)
+        metrics.update(ranked, batch["gold_items"], batch["query_index"])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        self.val_metrics.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
+        self.test_metrics.reset()
+        self.log("test/queries_per_s", self._searched_queries / max(self._search_seconds, 1e-9))
+        self.log("test/index_bytes_per_item", float(self.dense_index.bytes_per_item()))

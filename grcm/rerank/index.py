@@ -1,0 +1,473 @@
+"""Dense nearest-neighbour index over item features: a thin wrapper over FAISS.
+
+One API for four FAISS index families, chosen by :class:`DenseIndexConfig`:
+
+* ``flat``     exact search (``IndexFlat``), the reference;
+* ``ivf_flat`` inverted lists over K-Means cells, full vectors (``IndexIVFFlat``);
+* ``ivf_pq``   inverted lists with product-quantised codes (``IndexIVFPQ``), the compact one;
+* ``hnsw``     graph search over full vectors (``IndexHNSWFlat``), CPU only.
+
+Scores returned by :meth:`DenseIndex.search` are always "higher is better":
+the inner product for ``metric="ip"``, the cosine for ``metric="cosine"``
+(vectors are L2-normalised on the way in) and the *negative squared* Euclidean
+distance for ``metric="l2"``. Missing results (k larger than what the index can
+return) have item index ``-1`` and score ``-inf``.
+
+GPU indexes are used when FAISS was built with GPU support and a CUDA device is
+visible (install the ``gpu`` extra in place of ``faiss-cpu``); everything else,
+including saving, works the same on both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+
+from grcm.io import atomic_path, write_json_atomic
+
+__all__ = ["DenseIndex", "DenseIndexConfig", "auto_nlist", "auto_pq_m", "gpu_available", "sidecar_path"]
+
+FORMAT_VERSION = 1
+INDEX_KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+METRICS = ("ip", "l2", "cosine")
+MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that K-Means is under-trained
+MAX_POINTS_PER_CENTROID = 256  # FAISS K-Means subsamples to this many points per centroid anyway
+GPU_MAX_K = 2048  # largest k FAISS GPU indexes search for
+ADD_CHUNK_ROWS = 65_536  # rows converted to float32 at a time, so memmaps are never copied whole
+
+
+def gpu_available() -> bool:
+    """Whether this FAISS build has GPU support and sees at least one CUDA device."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def auto_nlist(num_train: int) -> int:
+    """Number of IVF cells for ``num_train`` training vectors: about 4·sqrt(N), with >= 39 points per cell."""
+    return max(1, min(round(4 * math.sqrt(num_train)), num_train // MIN_POINTS_PER_CENTROID))
+
+
+def auto_pq_m(dim: int) -> int:
+    """Number of PQ sub-quantisers for ``dim``-d vectors: the largest divisor of ``dim`` <= min(64, dim // 4)."""
+    cap = max(1, min(64, dim // 4))
+    return max(m for m in range(1, cap + 1) if dim % m == 0)
+
+
+def sidecar_path(index_path: str | Path) -> Path:
+    """The JSON file that sits beside a saved index (``items.faiss`` -> ``items.faiss.json``)."""
+    index_path = Path(index_path)
+    return index_path.with_name(index_path.name + ".json")
+
+
+@dataclass
+class DenseIndexConfig:
+    """How to build a :class:`DenseIndex`.
+
+    Args:
+        kind: ``"flat"`` (exact), ``"ivf_flat"``, ``"ivf_pq"`` or ``"hnsw"``.
+        metric: ``"ip"`` (inner product), ``"cosine"`` (inner product of L2-normalised
+            vectors) or ``"l2"`` (squared Euclidean distance).
+        nlist: IVF cells; ``None`` picks :func:`auto_nlist` of the training-set size.
+        nprobe: IVF cells visited per query (clamped to ``nlist``); more is slower and more exact.
+        pq_m: PQ sub-quantisers (must divide the feature dimension); ``None`` picks :func:`auto_pq_m`.
+        pq_bits: bits per PQ sub-quantiser code (8 is the usual choice and the one GPUs support).
+        hnsw_m: HNSW graph degree.
+        ef_search: HNSW candidate-list size at search time.
+        ef_construction: HNSW candidate-list size at build time.
+        use_gpu: ``"auto"`` (GPU when available, never for HNSW), ``True`` (fail without one) or ``False``.
+        gpu_device: CUDA device number for GPU indexes.
+        train_size: vectors sampled (without replacement, with ``seed``) to train IVF/PQ;
+            ``None`` samples as many as FAISS' K-Means would use (256 per centroid).
+        num_threads: OpenMP threads FAISS may use while building and searching; ``None`` keeps FAISS' default.
+        seed: seed of the training sample.
+    """
+
+    kind: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
+    metric: Literal["ip", "l2", "cosine"] = "ip"
+    nlist: int | None = None
+    nprobe: int = 16
+    pq_m: int | None = None
+    pq_bits: int = 8
+    hnsw_m: int = 32
+    ef_search: int = 64
+    ef_construction: int = 80
+    use_gpu: bool | Literal["auto"] = "auto"
+    gpu_device: int = 0
+    train_size: int | None = None
+    num_threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"DenseIndexConfig.kind must be one of {INDEX_KINDS}, got {self.kind!r}")
+        if self.metric not in METRICS:
+            raise ValueError(f"DenseIndexConfig.metric must be one of {METRICS}, got {self.metric!r}")
+        if self.use_gpu not in (True, False, "auto"):
+            raise ValueError(f"DenseIndexConfig.use_gpu must be true, false or 'auto', got {self.use_gpu!r}")
+        positive = {
+            "nprobe": self.nprobe,
+            "hnsw_m": self.hnsw_m,
+            "ef_search": self.ef_search,
+            "ef_construction": self.ef_construction,
+            "nlist": self.nlist,
+            "pq_m": self.pq_m,
+            "train_size": self.train_size,
+            "num_threads": self.num_threads,
+        }
+        for name, value in positive.items():
+            if value is not None and int(value) < 1:
+                raise ValueError(f"DenseIndexConfig.{name} must be >= 1, got {value}")
+        if not 1 <= self.pq_bits <= 16:
+            raise ValueError(f"DenseIndexConfig.pq_bits must be in [1, 16], got {self.pq_bits}")
+        if self.kind == "hnsw" and self.use_gpu is True:
+            raise ValueError(
+                "FAISS has no GPU HNSW index; set use_gpu to false or 'auto', or pick kind ivf_flat"
+            )
+
+    @property
+    def faiss_metric(self) -> int:
+        return faiss.METRIC_L2 if self.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+    def resolve(self, num_items: int, dim: int) -> DenseIndexConfig:
+        """A copy with ``nlist`` and ``pq_m`` filled in for ``num_items`` vectors of ``dim`` dimensions.
+
+        Raises:
+            ValueError: when the sizes cannot train the requested index.
+        """
+        num_train = min(num_items, self.train_size or num_items)
+        resolved = self
+        if self.kind in ("ivf_flat", "ivf_pq"):
+            nlist = self.nlist or auto_nlist(num_train)
+            if nlist > num_train:
+                raise ValueError(
+                    f"nlist={nlist} IVF cells need at least as many training vectors, got {num_train}; "
+                    "lower nlist (or leave it unset), raise train_size, or use kind='flat'"
+                )
+            resolved = replace(resolved, nlist=nlist)
+        if self.kind == "ivf_pq":
+            pq_m = self.pq_m or auto_pq_m(dim)
+            if dim % pq_m:
+                raise ValueError(
+                    f"pq_m={pq_m} must divide the feature dimension {dim}; try pq_m={auto_pq_m(dim)}"
+                )
+            if num_train < 2**self.pq_bits:
+                raise ValueError(
+                    f"ivf_pq with pq_bits={self.pq_bits} needs at least {2**self.pq_bits} training vectors, "
+                    f"got {num_train}; lower pq_bits or use kind='flat'"
+                )
+            resolved = replace(resolved, pq_m=pq_m)
+        return resolved
+
+    def factory_string(self) -> str:
+        """The ``faiss.index_factory`` description of a resolved config, e.g. ``"IVF64,PQ16x8"``."""
+        if self.kind == "flat":
+            return "Flat"
+        if self.kind == "hnsw":
+            return f"HNSW{self.hnsw_m}"
+        if self.nlist is None or (self.kind == "ivf_pq" and self.pq_m is None):
+            raise ValueError("call DenseIndexConfig.resolve(num_items, dim) before factory_string()")
+        if self.kind == "ivf_flat":
+            return f"IVF{self.nlist},Flat"
+        return f"IVF{self.nlist},PQ{self.pq_m}x{self.pq_bits}"
+
+    def wants_gpu(self) -> bool:
+        """Resolve ``use_gpu``: whether indexes built from this config live on a GPU."""
+        if self.use_gpu is True:
+            if not gpu_available():
+                raise RuntimeError(
+                    "use_gpu=true but FAISS sees no GPU (it needs the faiss-gpu build and a CUDA device); "
+                    "install the 'gpu' extra in place of faiss-cpu, or set use_gpu to 'auto' or false"
+                )
+            return True
+        return self.use_gpu == "auto" and self.kind != "hnsw" and gpu_available()
+
+
+def _as_matrix(array: Any, name: str) -> np.ndarray:
+    """A 2-D array view of ``array`` (torch tensors are moved to CPU numpy); dtype is left alone."""
+    if hasattr(array, "detach"):
+        tensor = array.detach().cpu()
+        array = (tensor.float() if str(tensor.dtype) == "torch.bfloat16" else tensor).numpy()
+    array = np.asarray(array) if not isinstance(array, np.ndarray) else array
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array (rows, dim), got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    return array
+
+
+def _float32_rows(
+    array: np.ndarray, name: str, start: int, normalize: bool, row_numbers: np.ndarray | None = None
+) -> np.ndarray:
+    """Contiguous float32 copy of a block of rows, checked for NaN/inf and optionally L2-normalised.
+
+    ``start`` (or ``row_numbers``, for a gathered sample) maps block rows back to rows of ``name``
+    in error messages.
+    """
+    block = np.array(array, dtype=np.float32, order="C", copy=True)
+    finite = np.isfinite(block).all(axis=1)
+    if not finite.all():
+        first_bad = int(np.flatnonzero(~finite)[0])
+        bad = int(row_numbers[first_bad]) if row_numbers is not None else start + first_bad
+        raise ValueError(f"{name} row {bad} contains NaN or inf; clean the features or drop that row")
+    if normalize:
+        faiss.normalize_L2(block)
+    return block
+
+
+@contextmanager
+def _faiss_threads(num_threads: int | None) -> Iterator[None]:
+    if num_threads is None:
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+_GPU_RESOURCES: dict[int, Any] = {}
+
+
+def _gpu_resources(device: int) -> Any:
+    """One ``StandardGpuResources`` per device, kept alive for every index that uses it."""
+    if device not in _GPU_RESOURCES:
+        _GPU_RESOURCES[device] = faiss.StandardGpuResources()
+    return _GPU_RESOURCES[device]
+
+
+class DenseIndex:
+    """A built FAISS index over ``num_items`` vectors of ``dim`` dimensions.
+
+    Row i of the features given to :meth:`build` is item index i. Build with
+    :meth:`build`, search with :meth:`search`, persist with :meth:`save` / :meth:`load`.
+    """
+
+    def __init__(self, index: Any, config: DenseIndexConfig, on_gpu: bool) -> None:
+        self.index = index
+        self.config = config
+        self.on_gpu = on_gpu
+        self._apply_search_params()
+
+    # ------------------------------------------------------------------ build
+
+    @classmethod
+    def build(cls, features: Any, config: DenseIndexConfig | None = None) -> DenseIndex:
+        """Train (when needed) and fill an index.
+
+        Args:
+            features: (N, D) array of item vectors, any real dtype (float16 memmaps are read
+                in blocks, never copied whole); a torch tensor also works.
+            config: how to build; defaults to an exact inner-product index.
+
+        Returns:
+            The index; ``index.config`` has ``nlist``/``pq_m`` resolved.
+        """
+        features = _as_matrix(features, "features")
+        num_items, dim = features.shape
+        if num_items == 0 or dim == 0:
+            raise ValueError(
+                f"features must have at least one row and one column, got shape {features.shape}"
+            )
+        config = (config or DenseIndexConfig()).resolve(num_items, dim)
+        normalize = config.metric == "cosine"
+        on_gpu = config.wants_gpu()
+        index = faiss.index_factory(dim, config.factory_string(), config.faiss_metric)
+        if config.kind == "hnsw":
+            index.hnsw.efConstruction = config.ef_construction
+        if config.kind == "ivf_pq":
+            # Polysemous code ordering only serves Hamming-distance filtering, which search
+            # never uses, and it multiplies training time by ~20.
+            index.do_polysemous_training = False
+        with _faiss_threads(config.num_threads):
+            if on_gpu:
+                index = faiss.index_cpu_to_gpu(_gpu_resources(config.gpu_device), config.gpu_device, index)
+            if not index.is_trained:
+                index.train(cls._training_sample(features, config, normalize))
+            for start in range(0, num_items, ADD_CHUNK_ROWS):
+                index.add(
+                    _float32_rows(features[start : start + ADD_CHUNK_ROWS], "features", start, normalize)
+                )
+        return cls(index, config, on_gpu)
+
+    @staticmethod
+    def _training_sample(features: np.ndarray, config: DenseIndexConfig, normalize: bool) -> np.ndarray:
+        """Float32 (T, D) rows to train IVF/PQ on: ``train_size`` rows, or as many as FAISS would use."""
+        num_items = features.shape[0]
+        if config.train_size is not None:
+            size = min(num_items, config.train_size)
+        else:
+            centroids = max(config.nlist or 1, 2**config.pq_bits if config.kind == "ivf_pq" else 1)
+            size = min(num_items, MAX_POINTS_PER_CENTROID * centroids)
+        if size == num_items:
+            return _float32_rows(features, "features", 0, normalize)
+        rows = np.sort(np.random.default_rng(config.seed).choice(num_items, size, replace=False))
+        return _float32_rows(features[rows], "features", 0, normalize, row_numbers=rows)
+
+    # ------------------------------------------------------------------ search
+
+    @property
+    def num_items(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __repr__(self) -> str:
+        device = f"cuda:{self.config.gpu_device}" if self.on_gpu else "cpu"
+        return (
+            f"DenseIndex({self.config.factory_string()}, metric={self.config.metric}, "
+            f"num_items={self.num_items}, dim={self.dim}, device={device})"
+        )
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Change the speed/accuracy knobs of a built index (``nprobe`` for IVF, ``ef_search`` for HNSW)."""
+        changes = {
+            name: value for name, value in (("nprobe", nprobe), ("ef_search", ef_search)) if value is not None
+        }
+        self.config = replace(self.config, **changes)
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        config = self.config
+        space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
+        if config.kind in ("ivf_flat", "ivf_pq"):
+            space.set_index_parameter(self.index, "nprobe", min(config.nprobe, config.nlist or config.nprobe))
+        elif config.kind == "hnsw":
+            space.set_index_parameter(self.index, "efSearch", config.ef_search)
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best items per query.
+
+        Args:
+            queries: (Q, D) array (or torch tensor) of query vectors in the item space.
+            k: results per query, >= 1.
+
+        Returns:
+            ``(scores, item_indices)``: float32 (Q, k), higher is better (see module
+            docstring), and int64 (Q, k) item indices; missing results are ``-1`` / ``-inf``.
+        """
+        queries = _as_matrix(queries, "queries")
+        if queries.shape[1] != self.dim:
+            raise ValueError(
+                f"queries have {queries.shape[1]} dimensions but the index holds {self.dim}-d vectors; "
+                "encode queries into the same space as the indexed items"
+            )
+        k = int(k)
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self.on_gpu and k > GPU_MAX_K:
+            raise ValueError(f"FAISS GPU indexes return at most k={GPU_MAX_K} results, got k={k}")
+        vectors = _float32_rows(queries, "queries", 0, self.config.metric == "cosine")
+        if vectors.shape[0] == 0:
+            return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+        with _faiss_threads(self.config.num_threads):
+            distances, labels = self.index.search(vectors, k)
+        scores = -distances if self.config.metric == "l2" else distances
+        scores = np.where(labels < 0, -np.inf, scores).astype(np.float32)
+        return scores, labels.astype(np.int64)
+
+    # ------------------------------------------------------------------ size, save, load
+
+    def _cpu_index(self) -> Any:
+        return faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
+
+    def nbytes(self) -> int:
+        """Size of the serialised index in bytes (what :meth:`save` writes)."""
+        return int(faiss.serialize_index(self._cpu_index()).nbytes)
+
+    @property
+    def bytes_per_item(self) -> float:
+        return self.nbytes() / max(self.num_items, 1)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index to ``path`` and its config to :func:`sidecar_path` (both atomically).
+
+        GPU indexes are copied to CPU first, so any machine can load the file.
+        """
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            faiss.write_index(self._cpu_index(), str(tmp))
+        write_json_atomic(
+            sidecar_path(path),
+            {
+                "format_version": FORMAT_VERSION,
+                "config": asdict(self.config),
+                "num_items": self.num_items,
+                "dim": self.dim,
+                "factory": self.config.factory_string(),
+                "index_file_bytes": path.stat().st_size,
+                "faiss_version": faiss.__version__,
+            },
+        )
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | Path, expected_dim: int | None = None, use_gpu: bool | Literal["auto"] | None = None
+    ) -> DenseIndex:
+        """Read an index written by :meth:`save`.
+
+        Args:
+            path: the index file (its ``.json`` sidecar must sit beside it).
+            expected_dim: when given, the feature dimension the caller will query with.
+            use_gpu: override the saved ``use_gpu`` (e.g. ``False`` to load a GPU-built index on CPU).
+        """
+        path = Path(path)
+        meta_path = sidecar_path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no FAISS index at {path}; build one with DenseIndex.build(...).save(path)"
+            )
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{meta_path} is missing; it is written by DenseIndex.save next to the index"
+            )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{meta_path} is not valid JSON ({error}); re-save the index") from error
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{meta_path} has format_version {meta.get('format_version')!r}, this code reads "
+                f"{FORMAT_VERSION}; rebuild the index"
+            )
+        known = {field.name for field in fields(DenseIndexConfig)}
+        unknown = set(meta.get("config", {})) - known
+        if unknown:
+            raise ValueError(f"{meta_path} config has unknown fields {sorted(unknown)}; rebuild the index")
+        config = DenseIndexConfig(**meta["config"])
+        if use_gpu is not None:
+            config = replace(config, use_gpu=use_gpu)
+        if path.stat().st_size != meta.get("index_file_bytes"):
+            raise ValueError(
+                f"{path} has {path.stat().st_size} bytes but {meta_path} records {meta.get('index_file_bytes')}; "
+                "the index and its sidecar come from different saves, save them again together"
+            )
+        index = faiss.read_index(str(path))
+        if index.ntotal != meta["num_items"] or index.d != meta["dim"]:
+            raise ValueError(
+                f"{path} holds {index.ntotal} vectors of {index.d} dimensions but {meta_path} records "
+                f"{meta['num_items']} of {meta['dim']}; save the index again"
+            )
+        if expected_dim is not None and index.d != int(expected_dim):
+            raise ValueError(
+                f"{path} indexes {index.d}-d vectors but the features here are {expected_dim}-d; "
+                "rebuild the index from the current features"
+            )
+        on_gpu = config.wants_gpu()
+        if on_gpu:
+            index = faiss.index_cpu_to_gpu(_gpu_resources(config.gpu_device), config.gpu_device, index)
+        return cls(index, config, on_gpu)

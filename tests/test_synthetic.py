@@ -1,0 +1,60 @@
+"""The synthetic corpus: deterministic, hierarchical, ambiguous on purpose."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from grcm.data.synthetic import (
+    SLOTS,
+    SyntheticConfig,
+    _sample_attributes,
+    generate_synthetic_corpus,
+    generate_synthetic_features,
+)
+
+
+def test_deterministic_and_features_match_fast_path():
+    a = generate_synthetic_corpus(500, feature_dim=32, seed=3)
+    b = generate_synthetic_corpus(500, feature_dim=32, seed=3)
+    assert a.caption_text == b.caption_text
+    np.testing.assert_array_equal(a.features, b.features)
+    np.testing.assert_array_equal(a.features, generate_synthetic_features(500, feature_dim=32, seed=3))
+    assert not np.array_equal(a.features, generate_synthetic_corpus(500, feature_dim=32, seed=4).features)
+
+
+def test_shapes_splits_and_normalisation():
+    corpus = generate_synthetic_corpus(300, feature_dim=48, captions_per_item=6)
+    assert corpus.features.shape == (300, 48) and corpus.features.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(corpus.features, axis=1), 1.0, atol=1e-5)
+    per_item = np.bincount(corpus.caption_item, minlength=300)
+    assert (per_item == 8).all()  # 6 train + 1 val + 1 test
+    for split, count in (("train", 6), ("val", 1), ("test", 1)):
+        assert (np.bincount(corpus.caption_item[corpus.captions_of_split(split)], minlength=300) == count).all()
+    assert len(set(corpus.item_ids)) == 300
+
+
+def test_captions_are_paraphrased_and_ambiguous():
+    corpus = generate_synthetic_corpus(1000)
+    texts = corpus.caption_text
+    # an item's captions are not copies of one another
+    first_item = [texts[i] for i in np.flatnonzero(corpus.caption_item == 0)]
+    assert len(set(first_item)) >= 4
+    # some test captions are shared verbatim by several items (ambiguous queries exist)
+    test_texts = [texts[i] for i in corpus.captions_of_split("test")]
+    assert len(set(test_texts)) < len(test_texts)
+
+
+def test_near_duplicates_and_hierarchy_exist():
+    config = SyntheticConfig(num_items=2000)
+    attributes = _sample_attributes(config, np.random.default_rng(config.seed))
+    assert attributes.shape == (2000, len(SLOTS))
+    distinct = np.unique(attributes, axis=0).shape[0]
+    assert distinct <= 2000 - 0.9 * config.near_duplicate_fraction * 2000  # copied attribute rows
+    features = generate_synthetic_features(2000)
+    subject = attributes[:, SLOTS.index("subject")]
+    sims = features @ features.T
+    same = subject[:, None] == subject[None, :]
+    np.fill_diagonal(same, False)
+    off_diag = ~np.eye(2000, dtype=bool)
+    # items sharing a subject are more similar than random pairs: there is structure to find
+    assert sims[same].mean() > sims[off_diag].mean() + 0.05
