@@ -176,4 +176,4 @@ class DualTower(L.LightningModule):
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
         self.test_metrics.reset()
         self.log("test/queries_per_s", self._searched_queries / max(self._search_seconds, 1e-9))
-        self.log("test/index_bytes_per_item", float(self.dense_index.bytes_per_item()))
+        self.log("test/index_bytes_per_item", float(self.dense_index.bytes_per_item))

@@ -1,0 +1,453 @@
+"""Decode throughput of trie-constrained beam search, and what the trie costs.
+
+One run measures, for tries of 10k, 100k and 1M items and beams 5 and 50:
+
+* queries/s of :func:`grcm.decoding.constrained_beam_search` with a fixed random
+  decoder as ``step_fn`` (100 queries per batch, as in ACE Fig. 4);
+* the share of decode time spent on trie masking, timed two ways: the trie
+  operations alone (``valid_mask`` + ``advance``, timed inside the search), and
+  the difference to the same search without any constraint;
+* the same search with transformers' ``PrefixConstrainedLogitsProcessor``: a
+  Python ``prefix_allowed_tokens_fn`` called per beam per step on a dict
+  trie, with the same model, beams and queries (its beams are checked equal);
+* the same three searches with a "free" model (precomputed logits), which
+  isolates the search overhead from the model cost.
+
+SIDs are random codes shaped like ACE's: ``L = 4`` levels, vocab
+``(128, 128, 128, U)``. Levels 0-2 follow a Zipf(0.5) law over codes,
+re-permuted per parent so every prefix has its own popular children; level 3
+is the unique token (rank of the item among those sharing the first three
+codes), so ``U`` is the largest collision count.
+
+Usage::
+
+    python benchmarks/decode_throughput.py --out benchmarks/results/decode_throughput.json
+    python benchmarks/decode_throughput.py --quick   # seconds; a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from grcm.decoding import SIDTrie, TrieConstraint, beam_search
+from grcm.io import write_json_atomic
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_throughput.json"
+
+
+# ------------------------------------------------------------------------ SIDs
+def skewed_ace_codes(num_items: int, seed: int = 0, vocab: int = 128, zipf: float = 0.5) -> np.ndarray:
+    """``(N, 4)`` int64 ACE-shaped SIDs: three skewed code levels plus a unique token."""
+    rng = np.random.default_rng(seed)
+    probs = np.arange(1, vocab + 1, dtype=np.float64) ** -zipf
+    probs /= probs.sum()
+    draws = rng.choice(vocab, size=(num_items, 3), p=probs)
+    c0 = draws[:, 0]
+    c1 = (draws[:, 1] + 37 * c0) % vocab  # popular children differ per parent
+    c2 = (draws[:, 2] + 59 * c1 + 11 * c0) % vocab
+    order = np.lexsort((c2, c1, c0))
+    key = (c0 * vocab + c1) * vocab + c2
+    sorted_key = key[order]
+    run_start = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+    run_of_row = np.cumsum(np.r_[True, sorted_key[1:] != sorted_key[:-1]]) - 1
+    unique = np.empty(num_items, dtype=np.int64)
+    unique[order] = np.arange(num_items) - run_start[run_of_row]
+    return np.stack([c0, c1, c2, unique], axis=1).astype(np.int64)
+
+
+# --------------------------------------------------------------------- decoder
+class RandomSIDDecoder(nn.Module):
+    """Fixed random pre-LN transformer decoder over SID levels, cross-attending to encoder tokens.
+
+    Cross-attention keys/values are projected once per query (:meth:`prepare`)
+    and broadcast over the beams, as a real incremental decoder would.
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: Sequence[int],
+        dim: int = 256,
+        layers: int = 2,
+        heads: int = 4,
+        ffn_dim: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.vocab_sizes = [int(v) for v in vocab_sizes]
+        self.dim, self.heads = dim, heads
+        self.offsets = [1 + sum(self.vocab_sizes[:level]) for level in range(len(self.vocab_sizes))]
+        self.embedding = nn.Embedding(1 + sum(self.vocab_sizes), dim)  # token 0 starts the SID
+        self.position = nn.Parameter(torch.randn(len(self.vocab_sizes) + 1, dim) * 0.1)
+        self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, ffn_dim) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.level_heads = nn.ModuleList(nn.Linear(dim, v) for v in self.vocab_sizes)
+        for head in self.level_heads:
+            nn.init.normal_(head.weight, std=2.0 / math.sqrt(dim))
+        self.register_buffer("offset_table", torch.tensor(self.offsets), persistent=False)
+
+    def prepare(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """``memory (B, S, d)`` -> per layer cross keys and values ``(B, 1, h, S, d/h)``."""
+        return [block.cross_keys_values(memory) for block in self.blocks]
+
+    def step(self, cross: list[tuple[Tensor, Tensor]], beam_size: int, prefix: Tensor) -> Tensor:
+        """``prefix (B*K, t)`` -> level-``t`` logits ``(B*K, V_t)``."""
+        rows, level = prefix.shape
+        start = torch.zeros(rows, 1, dtype=torch.long, device=prefix.device)
+        tokens = torch.cat([start, prefix + self.offset_table[:level]], dim=1)
+        hidden = self.embedding(tokens) + self.position[: level + 1]
+        for block, keys_values in zip(self.blocks, cross):
+            hidden = block(hidden, keys_values, beam_size)
+        return self.level_heads[level](self.norm(hidden[:, -1]))
+
+
+class _DecoderBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.self_norm, self.cross_norm, self.ffn_norm = (
+            nn.LayerNorm(dim),
+            nn.LayerNorm(dim),
+            nn.LayerNorm(dim),
+        )
+        self.qkv, self.self_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.cross_q, self.cross_kv, self.cross_out = (
+            nn.Linear(dim, dim),
+            nn.Linear(dim, 2 * dim),
+            nn.Linear(dim, dim),
+        )
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
+
+    def _split(self, x: Tensor) -> Tensor:  # (..., T, d) -> (..., h, T, d/h)
+        return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
+
+    def cross_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
+        keys, values = self.cross_kv(memory).chunk(2, dim=-1)
+        return self._split(keys).unsqueeze(1), self._split(values).unsqueeze(1)
+
+    def forward(self, x: Tensor, keys_values: tuple[Tensor, Tensor], beam_size: int) -> Tensor:
+        q, k, v = (self._split(t) for t in self.qkv(self.self_norm(x)).chunk(3, dim=-1))
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.self_out(attended.transpose(1, 2).flatten(-2))
+        rows, length, dim = x.shape
+        query = self._split(self.cross_q(self.cross_norm(x))).reshape(
+            rows // beam_size, beam_size, self.heads, length, -1
+        )
+        keys, values = keys_values  # (B, 1, h, S, d/h): broadcast over the beams
+        weights = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(query.shape[-1]), dim=-1)
+        crossed = (weights @ values).reshape(rows, self.heads, length, -1).transpose(1, 2).flatten(-2)
+        x = x + self.cross_out(crossed)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# ---------------------------------------------------------------- constraints
+class Stopwatch:
+    """Accumulates wall time and this process's CPU time (the latter shrugs off other processes' load)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+
+
+class TimedTrieConstraint(TrieConstraint):
+    """:class:`TrieConstraint` that times its trie operations (``valid_mask`` and ``advance``)."""
+
+    def __init__(self, trie: SIDTrie) -> None:
+        super().__init__(trie)
+        self.clock = Stopwatch(trie.device)
+
+    def allowed(self, states: Tensor, prefix: Tensor, level: int) -> Tensor:
+        with self.clock.running():
+            return self.trie.valid_mask(states, level)
+
+    def advance(self, states: Tensor, codes: Tensor, level: int) -> Tensor:
+        with self.clock.running():
+            return self.trie.advance(states, codes, level)
+
+
+class CallbackConstraint:
+    """transformers' ``PrefixConstrainedLogitsProcessor`` with a Python dict-trie ``prefix_allowed_tokens_fn``.
+
+    The callback runs once per beam per step, as in ``model.generate(prefix_allowed_tokens_fn=...)``.
+    """
+
+    def __init__(self, root: dict, beam_size: int, vocab_sizes: Sequence[int], device: torch.device) -> None:
+        from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
+
+        self.root, self.vocab_sizes = root, list(vocab_sizes)
+        self.clock = Stopwatch(device)
+        self.processor = PrefixConstrainedLogitsProcessor(self.prefix_allowed_tokens_fn, num_beams=beam_size)
+
+    def prefix_allowed_tokens_fn(self, batch_id: int, sentence: Tensor) -> list[int]:
+        node = self.root
+        for code in sentence.tolist():
+            node = node.get(code)
+            if node is None:  # a dead beam (score -inf): anything goes, it stays dead
+                return list(range(self.vocab_sizes[len(sentence)]))
+        return list(node)
+
+    def initial_state(self, num_rows: int, device: torch.device) -> Tensor:
+        return torch.zeros(num_rows, dtype=torch.long, device=device)
+
+    def allowed(self, states: Tensor, prefix: Tensor, level: int) -> Tensor:
+        with self.clock.running():
+            zeros = torch.zeros(prefix.shape[0], self.vocab_sizes[level], device=prefix.device)
+            return self.processor(prefix, zeros) == 0
+
+    def advance(self, states: Tensor, codes: Tensor, level: int) -> Tensor:
+        return states
+
+
+def dict_trie(codes: np.ndarray) -> dict:
+    """Nested dicts ``{code: {code: ...}}`` over the SID table (the usual callback-side trie)."""
+    root: dict = {}
+    for row in codes.tolist():
+        node = root
+        for code in row:
+            node = node.setdefault(code, {})
+    return root
+
+
+# --------------------------------------------------------------------- timing
+def measure(
+    model: RandomSIDDecoder,
+    trie: SIDTrie,
+    callback_root: dict,
+    beam_size: int,
+    batch_size: int,
+    batches: int,
+    device: torch.device,
+    dim: int,
+    memory_tokens: int,
+) -> dict:
+    """Time trie / unconstrained / callback searches, interleaved batch by batch, with the model and free logits.
+
+    Throughputs use wall time; shares and ratios use CPU time on a CPU device (robust to
+    other processes sharing the cores) and wall time on CUDA.
+    """
+    vocab_sizes = list(trie.vocab_sizes)
+    rows = batch_size * beam_size
+    use_cpu_time = device.type == "cpu"
+
+    def model_step_fn(batch: int):
+        generator = torch.Generator().manual_seed(1000 + batch)
+        memory = torch.randn(batch_size, memory_tokens, dim, generator=generator).to(device)
+        with torch.no_grad():
+            cross = model.prepare(memory)
+        return lambda prefix: _no_grad(model.step, cross, beam_size, prefix)
+
+    generator = torch.Generator().manual_seed(7)
+    free_logits = [torch.randn(rows, v, generator=generator).to(device) for v in vocab_sizes]
+
+    def free_step_fn(batch: int):
+        return lambda prefix: free_logits[prefix.shape[1]]
+
+    queries = batch_size * batches
+    result: dict = {"beam_size": beam_size, "queries": queries, "batch_size": batch_size}
+    beam_search(
+        model_step_fn(-1), batch_size, beam_size, vocab_sizes, TrieConstraint(trie), device
+    )  # warm-up
+    for label, step_fn_for_batch in (("", model_step_fn), ("free_model_", free_step_fn)):
+        trie_ops = TimedTrieConstraint(trie)
+        callback = CallbackConstraint(callback_root, beam_size, vocab_sizes, device)
+        clocks = {name: Stopwatch(device) for name in ("trie", "unconstrained", "callback")}
+        same_beams = True
+        for batch in range(batches):
+            step_fn = step_fn_for_batch(batch)
+            outputs = {}
+            for name, constraint in (("trie", trie_ops), ("unconstrained", None), ("callback", callback)):
+                with clocks[name].running():
+                    outputs[name] = beam_search(
+                        step_fn, batch_size, beam_size, vocab_sizes, constraint, device
+                    )
+            same_beams &= torch.equal(outputs["trie"].sequences, outputs["callback"].sequences)
+            same_beams &= torch.equal(outputs["trie"].scores, outputs["callback"].scores)
+
+        def basis(clock: Stopwatch) -> float:
+            return clock.cpu if use_cpu_time else clock.wall
+
+        t_trie, t_none, t_callback = (basis(clocks[n]) for n in ("trie", "unconstrained", "callback"))
+        result.update(
+            {
+                f"{label}trie_queries_per_s": queries / clocks["trie"].wall,
+                f"{label}unconstrained_queries_per_s": queries / clocks["unconstrained"].wall,
+                f"{label}callback_queries_per_s": queries / clocks["callback"].wall,
+                f"{label}trie_queries_per_cpu_s": queries / clocks["trie"].cpu,
+                f"{label}callback_queries_per_cpu_s": queries / clocks["callback"].cpu,
+                f"{label}speedup_vs_callback": t_callback / t_trie,
+                f"{label}trie_ops_ms_per_query": 1e3 * basis(trie_ops.clock) / queries,
+                f"{label}callback_mask_ms_per_query": 1e3 * basis(callback.clock) / queries,
+                f"{label}mask_share_trie_ops": basis(trie_ops.clock) / t_trie,
+                f"{label}mask_share_by_difference": max(t_trie - t_none, 0.0) / t_trie,
+                f"{label}mask_share_callback": basis(callback.clock) / t_callback,
+                f"{label}mask_speedup_vs_callback": basis(callback.clock) / max(basis(trie_ops.clock), 1e-12),
+                f"{label}same_beams_as_callback": bool(same_beams),
+            }
+        )
+    result["timing_basis_for_shares"] = "process CPU time" if use_cpu_time else "wall time"
+    return result
+
+
+def _no_grad(fn, *args):
+    with torch.no_grad():
+        return fn(*args)
+
+
+# ------------------------------------------------------------------------ main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
+    parser.add_argument("--quick", action="store_true", help="tiny tries and batches: a smoke run in seconds")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--beams", type=int, nargs="+", default=[5, 50])
+    parser.add_argument("--batch-size", type=int, default=100, help="queries per batch (ACE Fig. 4: 100)")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="timed batches per beam size (default: 4 for beam <= 10, else 2)",
+    )
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--memory-tokens", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.beams, args.batch_size, args.dim, args.layers = [2_000, 20_000], [5, 20], 8, 32, 1
+        args.batches = [1] * len(args.beams)
+        args.threads = args.threads or 1
+    if args.batches is None:
+        args.batches = [4 if beam <= 10 else 2 for beam in args.beams]
+    if len(args.batches) != len(args.beams):
+        parser.error("--batches needs one value per --beams entry")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    started = time.perf_counter()
+    report: dict = {
+        "benchmark": "decode_throughput",
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "quick": args.quick,
+        "sids": "random ACE-shaped codes: 3 levels x 128, Zipf(0.5) per level re-permuted per parent, "
+        "plus a unique token (vocab = max collisions)",
+        "decoder": {
+            "kind": "random pre-LN transformer decoder",
+            "dim": args.dim,
+            "layers": args.layers,
+            "heads": 4,
+            "ffn_dim": 4 * args.dim,
+            "memory_tokens": args.memory_tokens,
+        },
+        "runs": [],
+    }
+    for num_items in args.sizes:
+        codes = skewed_ace_codes(num_items, seed=args.seed)
+        vocab_sizes = [128, 128, 128, int(codes[:, 3].max()) + 1]
+        build_start = time.perf_counter()
+        trie = SIDTrie.from_codes(codes, vocab_sizes).to(device)
+        build_s = time.perf_counter() - build_start
+        callback_root = dict_trie(codes)
+        model = (
+            RandomSIDDecoder(
+                vocab_sizes, dim=args.dim, layers=args.layers, ffn_dim=4 * args.dim, seed=args.seed
+            )
+            .to(device)
+            .eval()
+        )
+        trie_info = {
+            "num_items": num_items,
+            "vocab_sizes": vocab_sizes,
+            "level_sizes": list(trie.level_sizes),
+            "dense_levels": trie.dense_levels,
+            "max_branch": list(trie.max_branch),
+            "build_s": build_s,
+            "trie_bytes": trie.nbytes(),
+            "bytes_per_item": trie.nbytes() / num_items,
+        }
+        for beam_size, batches in zip(args.beams, args.batches):
+            run = measure(
+                model,
+                trie,
+                callback_root,
+                beam_size,
+                args.batch_size,
+                batches,
+                device,
+                args.dim,
+                args.memory_tokens,
+            )
+            report["runs"].append({**trie_info, **run})
+            print(_summary(report["runs"][-1]), flush=True)
+        del callback_root
+    largest = [
+        r for r in report["runs"] if r["num_items"] == max(args.sizes) and r["beam_size"] == max(args.beams)
+    ]
+    if largest:
+        r = largest[0]
+        report["targets"] = {
+            "setting": f"beam {r['beam_size']}, {r['num_items']} items",
+            "mask_share_trie_ops": r["mask_share_trie_ops"],
+            "mask_share_at_most_5_percent": r["mask_share_trie_ops"] <= 0.05,
+            "speedup_vs_callback": r["speedup_vs_callback"],
+            "free_model_speedup_vs_callback": r["free_model_speedup_vs_callback"],
+            "at_least_10x_faster_than_callback": r["speedup_vs_callback"] >= 10.0,
+        }
+    report["wall_s"] = time.perf_counter() - started
+    write_json_atomic(args.out, report)
+    print(f"wrote {args.out} in {report['wall_s']:.1f} s", flush=True)
+    return report
+
+
+def _summary(run: dict) -> str:
+    return (
+        f"N={run['num_items']:>8} beam={run['beam_size']:>3}: trie {run['trie_queries_per_s']:8.1f} q/s, "
+        f"callback {run['callback_queries_per_s']:8.1f} q/s (wall); by {run['timing_basis_for_shares']}: "
+        f"x{run['speedup_vs_callback']:.2f} vs callback, mask share {100 * run['mask_share_trie_ops']:.2f}% "
+        f"(difference {100 * run['mask_share_by_difference']:.2f}%); free model: x"
+        f"{run['free_model_speedup_vs_callback']:.1f} vs callback, mask share "
+        f"{100 * run['free_model_mask_share_trie_ops']:.1f}%"
+    )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
