@@ -10,6 +10,7 @@ without such an argument simply does not receive it.
 Extra commands (``grcm <command> --help`` for their options):
 
 - ``grcm demo``: the whole pipeline on the synthetic corpus, printing a results table.
+- ``grcm prepare``: join a benchmark's annotation files with precomputed features into a corpus.
 - ``grcm sids``: write a SID bundle from a trained tokenizer checkpoint.
 - ``grcm plot-sids``: PCA/t-SNE PNG of items coloured by coarse token.
 """
@@ -75,6 +76,53 @@ def _demo(argv: list[str]) -> None:
     from grcm.demo import main as demo_main
 
     demo_main(argv)
+
+
+@extra_command("prepare")
+def _prepare(argv: list[str]) -> None:
+    import argparse
+
+    from grcm.data.datasets import DATASET_READERS, prepare_dataset
+
+    parser = argparse.ArgumentParser(
+        prog="grcm prepare",
+        description="Join a benchmark's annotation files with your precomputed item features into a corpus directory.",
+    )
+    parser.add_argument("name", choices=sorted(DATASET_READERS))
+    parser.add_argument("--annotation-dir", required=True, help="folder with the benchmark's annotation files")
+    parser.add_argument("--features", required=True, help="(N, D) .npy or .safetensors item features")
+    parser.add_argument("--feature-ids", required=True, help="text file: line i names the item of feature row i")
+    parser.add_argument("--out", required=True, help="corpus directory to write")
+    parser.add_argument("--skip-missing", action="store_true", help="drop (and report) items without features")
+    parser.add_argument("--keep-uncaptioned", action="store_true", help="keep items that have no captions")
+    parser.add_argument("--splits", nargs="*", help="read only these splits (train val test)")
+    parser.add_argument("--karpathy-json", help="Flickr30K/COCO: Karpathy dataset_*.json")
+    parser.add_argument("--msrvtt-data-json", help="MSR-VTT: MSRVTT_data.json (train captions)")
+    parser.add_argument("--validation", choices=["test", "official", "none"], help="MSR-VTT validation split")
+    parser.add_argument("--transductive", action="store_true", help="MSR-VTT: GRDR's transductive training set")
+    args = parser.parse_args(argv)
+    options = {
+        key: value
+        for key, value in {
+            "splits": tuple(args.splits) if args.splits else None,
+            "karpathy_json": args.karpathy_json,
+            "msrvtt_data_json": args.msrvtt_data_json,
+            "validation": args.validation,
+            "transductive": args.transductive or None,
+        }.items()
+        if value is not None
+    }
+    out = prepare_dataset(
+        args.name,
+        args.annotation_dir,
+        args.features,
+        args.feature_ids,
+        args.out,
+        skip_missing=args.skip_missing,
+        keep_uncaptioned=args.keep_uncaptioned,
+        **options,
+    )
+    print(f"grcm prepare: wrote {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

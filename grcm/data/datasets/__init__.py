@@ -1,0 +1,95 @@
+"""Readers for the six real benchmarks and the step that turns one into a corpus directory.
+
+>>> from grcm.data.datasets import prepare_dataset
+>>> prepare_dataset("msvd", "annotations/msvd", "feats.npy", "feat_ids.txt", "data/msvd/corpus")  # doctest: +SKIP
+
+Each reader reads a benchmark's official annotation files into a :class:`CaptionSet`
+(item ids, captions, standard retrieval splits); :func:`build_corpus` joins it with
+precomputed item features (``.npy``/``.safetensors`` + one id per line) and writes the
+corpus directory that :class:`~grcm.data.datamodules.CorpusDataModule` serves.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from grcm.data.datasets import audiocaps, clotho, coco, flickr30k, msrvtt, msvd
+from grcm.data.datasets.build import build_corpus, load_feature_matrix, read_feature_ids
+from grcm.data.datasets.captions import CaptionSet, DatasetReader
+
+logger = logging.getLogger(__name__)
+
+DATASET_READERS: dict[str, DatasetReader] = {
+    module.READER.name: module.READER for module in (msrvtt, msvd, flickr30k, coco, clotho, audiocaps)
+}
+
+
+def get_reader(name: str) -> DatasetReader:
+    """The registry entry of ``name``; unknown names list the known ones."""
+    if name not in DATASET_READERS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASET_READERS)}.")
+    return DATASET_READERS[name]
+
+
+def read_captions(name: str, annotation_dir: str | Path, **reader_options) -> CaptionSet:
+    """Read the captions of benchmark ``name`` (reader options as in its ``read_<name>``)."""
+    return get_reader(name)(annotation_dir, **reader_options)
+
+
+def prepare_dataset(
+    name: str,
+    annotation_dir: str | Path,
+    features: str | Path,
+    feature_ids: str | Path,
+    out_dir: str | Path,
+    skip_missing: bool = False,
+    keep_uncaptioned: bool = False,
+    feature_format: str = "npy",
+    **reader_options,
+) -> Path:
+    """Read benchmark ``name`` and write its corpus directory (with ``preparation.json``).
+
+    Args:
+        name: one of :data:`DATASET_READERS` (msrvtt, msvd, flickr30k, coco, clotho, audiocaps).
+        annotation_dir: folder with the benchmark's annotation files.
+        features: ``(N, D)`` ``.npy`` or ``.safetensors`` item features.
+        feature_ids: text file, line i = id of feature row i (file names or ids; matched through
+            the reader's ``feature_key``).
+        out_dir: corpus directory to write.
+        skip_missing: drop (and report) items without features instead of failing.
+        keep_uncaptioned: keep items with features but no captions as extra gallery items.
+        feature_format: ``"npy"`` or ``"safetensors"`` for the written features.
+        **reader_options: passed to the reader, e.g. ``msrvtt_data_json=``, ``karpathy_json=``,
+            ``validation=``, ``splits=``.
+
+    Returns:
+        ``out_dir``.
+    """
+    reader = get_reader(name)
+    captions = reader(annotation_dir, **reader_options)
+    for note in captions.notes:
+        logger.warning("%s: %s", name, note)
+    return build_corpus(
+        captions,
+        features,
+        feature_ids,
+        out_dir,
+        feature_key=reader.feature_key,
+        skip_missing=skip_missing,
+        keep_uncaptioned=keep_uncaptioned,
+        feature_format=feature_format,
+    )
+
+
+__all__ = [
+    "DATASET_READERS",
+    "CaptionSet",
+    "DatasetReader",
+    "build_corpus",
+    "get_reader",
+    "load_feature_matrix",
+    "prepare_dataset",
+    "read_captions",
+    "read_feature_ids",
+]

@@ -1,0 +1,5 @@
+"""``python -m grcm`` is the ``grcm`` command."""
+
+from grcm.cli import main
+
+main()
