@@ -78,6 +78,50 @@ def _demo(argv: list[str]) -> None:
     demo_main(argv)
 
 
+def _datamodule_from_config(config: str, overrides: list[str]):
+    """The DataModule an experiment config describes (set up, corpus loaded)."""
+    cli = GrcmCLI(args=["-c", config, *overrides], run=False)
+    cli.datamodule.setup("predict")
+    return cli.datamodule
+
+
+@extra_command("sids")
+def _sids(argv: list[str]) -> None:
+    import argparse
+
+    from grcm.tokenizers.export import export_bundle
+
+    parser = argparse.ArgumentParser(
+        prog="grcm sids", description="Write the SID bundle of a trained tokenizer checkpoint for its corpus."
+    )
+    parser.add_argument("-c", "--config", required=True, help="the tokenizer's experiment config (gives the corpus)")
+    parser.add_argument("--ckpt_path", required=True, help="trained tokenizer checkpoint")
+    parser.add_argument("--out", required=True, help="bundle directory to write (atomically)")
+    args, overrides = parser.parse_known_args(argv)
+    bundle = export_bundle(args.ckpt_path, _datamodule_from_config(args.config, overrides), args.out)
+    print(f"grcm sids: wrote {args.out}: {len(bundle.item_ids)} items, levels {bundle.vocab_sizes}")
+
+
+@extra_command("plot-sids")
+def _plot_sids(argv: list[str]) -> None:
+    import argparse
+
+    from grcm.tokenizers.plot import plot_coarse_tokens
+
+    parser = argparse.ArgumentParser(
+        prog="grcm plot-sids", description="PCA/t-SNE of the items coloured by their coarse token (ACE Fig. 5)."
+    )
+    parser.add_argument("-c", "--config", required=True, help="experiment config whose data built the bundle")
+    parser.add_argument("--bundle", required=True, help="SID bundle directory")
+    parser.add_argument("--out", required=True, help="PNG to write")
+    parser.add_argument("--method", choices=["pca", "tsne"], default="pca")
+    parser.add_argument("--max-points", type=int, default=5000)
+    args, overrides = parser.parse_known_args(argv)
+    corpus = _datamodule_from_config(args.config, overrides).corpus
+    out = plot_coarse_tokens(args.bundle, corpus.features, args.out, method=args.method, max_points=args.max_points)
+    print(f"grcm plot-sids: wrote {out}")
+
+
 @extra_command("prepare")
 def _prepare(argv: list[str]) -> None:
     import argparse
@@ -127,6 +171,7 @@ def _prepare(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point ``grcm``."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if argv and argv[0] in EXTRA_COMMANDS:
@@ -134,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
-    GrcmCLI(args=argv)
+    GrcmCLI(args=None if from_command_line else argv)
 
 
 if __name__ == "__main__":
