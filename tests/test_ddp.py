@@ -1,0 +1,34 @@
+"""Simulated DDP on CPU: two ranks evaluate shards and agree with a single process."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from grcm.data import SyntheticDataModule
+from grcm.rerank.dual_tower import DualTower
+
+
+def _model_and_data():
+    torch.manual_seed(0)
+    # 101 items -> 101 test queries: DistributedSampler pads the odd shard by repeating a query
+    dm = SyntheticDataModule(num_items=101, feature_dim=16, eval_batch_size=16)
+    model = DualTower(vocab_size=dm.vocab_size, feature_dim=16, embed_dim=16, text_layers=1, text_width=16,
+                      text_heads=2, text_ffn=32)
+    return model, dm
+
+
+def _test(tmp_path, **trainer_kwargs):
+    model, dm = _model_and_data()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, **trainer_kwargs)
+    return trainer.test(model, datamodule=dm, verbose=False)[0]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_rank_metrics_equal_single_process(tmp_path):
+    single = _test(tmp_path / "single", devices=1)
+    ddp = _test(tmp_path / "ddp", devices=2, strategy="ddp_spawn")
+    for key in ("test/recall@1", "test/recall@5", "test/recall@10", "test/mrr@10"):
+        assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
