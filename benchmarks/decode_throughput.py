@@ -11,7 +11,11 @@ One run measures, for tries of 10k, 100k and 1M items and beams 5 and 50:
   Python ``prefix_allowed_tokens_fn`` called per beam per step on a dict
   trie, with the same model, beams and queries (its beams are checked equal);
 * the same three searches with a "free" model (precomputed logits), which
-  isolates the search overhead from the model cost.
+  isolates the search overhead from the model cost;
+* the generative index's bytes per item: the trie, tensor by tensor
+  (:meth:`SIDTrie.nbytes_by_component`), plus the item -> SID code table in its
+  narrowest dtypes (:func:`sid_table_nbytes`), against a FAISS Flat index of
+  ``--flat-dim`` float32 embeddings (``4 * dim`` bytes per item).
 
 SIDs are random codes shaped like ACE's: ``L = 4`` levels, vocab
 ``(128, 128, 128, U)``. Levels 0-2 follow a Zipf(0.5) law over codes,
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grcm.decoding import SIDTrie, TrieConstraint, beam_search
+from grcm.decoding.trie import sid_table_nbytes
 from grcm.io import write_json_atomic
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_throughput.json"
@@ -336,6 +341,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--memory-tokens", type=int, default=16)
+    parser.add_argument(
+        "--flat-dim",
+        type=int,
+        default=256,
+        help="embedding size of the float32 FAISS Flat index the generative index is compared with",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick)"
@@ -398,11 +409,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "vocab_sizes": vocab_sizes,
             "level_sizes": list(trie.level_sizes),
             "dense_levels": trie.dense_levels,
+            "layouts": list(trie.layouts),
             "max_branch": list(trie.max_branch),
             "build_s": build_s,
-            "trie_bytes": trie.nbytes(),
-            "bytes_per_item": trie.nbytes() / num_items,
+            **index_bytes(trie, codes, args.flat_dim),
         }
+        print(_bytes_summary(trie_info), flush=True)
         for beam_size, batches in zip(args.beams, args.batches):
             run = measure(
                 model,
@@ -430,11 +442,47 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "speedup_vs_callback": r["speedup_vs_callback"],
             "free_model_speedup_vs_callback": r["free_model_speedup_vs_callback"],
             "at_least_10x_faster_than_callback": r["speedup_vs_callback"] >= 10.0,
+            "generative_index_bytes_per_item": r["generative_index_bytes_per_item"],
+            "flat_index_bytes_per_item": r["flat_index_bytes_per_item"],
+            "generative_index_at_most_1_50_of_flat": r["generative_index_fraction_of_flat"] <= 1 / 50,
         }
     report["wall_s"] = time.perf_counter() - started
     write_json_atomic(args.out, report)
     print(f"wrote {args.out} in {report['wall_s']:.1f} s", flush=True)
     return report
+
+
+def index_bytes(trie: SIDTrie, codes: np.ndarray, flat_dim: int) -> dict:
+    """Bytes per item of the trie (in total and per tensor), the SID table, and both against FAISS Flat."""
+    num_items = trie.num_items
+    components = trie.nbytes_by_component()
+    sid_table = sid_table_nbytes(codes, trie.vocab_sizes)
+    generative = (trie.nbytes() + sid_table) / num_items
+    flat = 4.0 * flat_dim
+    return {
+        "trie_bytes": trie.nbytes(),
+        "bytes_per_item": trie.nbytes() / num_items,
+        "trie_bytes_by_component": components,
+        "trie_bytes_per_item_by_component": {name: size / num_items for name, size in components.items()},
+        "sid_table_bytes_per_item": sid_table / num_items,
+        "generative_index_bytes_per_item": generative,
+        "flat_index_bytes_per_item": flat,
+        "generative_index_fraction_of_flat": generative / flat,
+    }
+
+
+def _bytes_summary(info: dict) -> str:
+    parts = ", ".join(
+        f"{name} {size:.2f}"
+        for name, size in info["trie_bytes_per_item_by_component"].items()
+        if size >= 0.005
+    )
+    return (
+        f"N={info['num_items']:>8} index bytes/item: trie {info['bytes_per_item']:.2f} ({parts}) + SID table "
+        f"{info['sid_table_bytes_per_item']:.2f} = {info['generative_index_bytes_per_item']:.2f} "
+        f"(1/{1 / info['generative_index_fraction_of_flat']:.0f} of Flat's {info['flat_index_bytes_per_item']:.0f}); "
+        f"layouts {info['layouts']}"
+    )
 
 
 def _summary(run: dict) -> str:

@@ -12,7 +12,7 @@ from grcm.decoding.beam import (
     constrained_beam_search,
     stable_topk,
 )
-from grcm.decoding.trie import SIDTrie
+from grcm.decoding.trie import SIDTrie, TrieLevel, sid_table_dtype, sid_table_nbytes
 
 __all__ = [
     "BeamConstraint",
@@ -21,9 +21,12 @@ __all__ = [
     "SIDTrie",
     "StepFn",
     "TrieConstraint",
+    "TrieLevel",
     "beam_search",
     "beams_to_items",
     "beams_to_scored_items",
     "constrained_beam_search",
+    "sid_table_dtype",
+    "sid_table_nbytes",
     "stable_topk",
 ]
