@@ -33,10 +33,10 @@ def test_fit_help_lists_model_and_data_options():
     assert "--model.lr" in model_help.stdout and "--model.embed_dim" in model_help.stdout
 
 
-def test_fit_one_epoch_from_config(tmp_path):
-    main(["fit", "-c", DUAL_TOWER, *SMALL, "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
-          f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.limit_val_batches=1"])
-    assert list(tmp_path.rglob("last.ckpt")), "fit writes a checkpoint"
+def test_fit_one_epoch_from_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the config's relative run paths land in the temporary folder
+    main(["fit", "-c", DUAL_TOWER, *SMALL, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"])
+    assert (tmp_path / "runs/synthetic/dual_tower/checkpoints/last.ckpt").is_file(), "fit writes a checkpoint"
     assert list(tmp_path.rglob("config.yaml")), "the resolved config is saved with the run"
 
 
