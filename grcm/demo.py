@@ -22,6 +22,7 @@ COLUMNS = (
     ("MRR@10", "test/mrr@10", "{:.4f}"),
     ("queries/s", "test/queries_per_s", "{:,.0f}"),
     ("index bytes/item", "test/index_bytes_per_item", "{:,.1f}"),
+    ("corpus scored", "test/corpus_fraction_scored", "{:.2%}"),
 )
 
 
@@ -30,13 +31,16 @@ class Stage:
     """One step of the demo.
 
     Attributes:
-        name: row label (or a step name when ``row`` is False).
+        name: row label (or a step name when ``test`` is False).
         config: experiment YAML, relative to the experiments folder.
         fit: train before testing.
         test: run ``trainer.test`` and report a row.
         overrides: extra CLI arguments (dotted overrides).
-        test_from: name of an earlier stage whose trained model is tested with ``overrides`` applied
-            to the model's hyperparameters (an evaluation-only ablation, no retraining).
+        test_from: name of an earlier fitted stage whose best checkpoint is tested instead of training,
+            reloaded with ``hparams`` overriding its hyperparameters (an evaluation-only ablation).
+        hparams: hyperparameter overrides applied when reloading ``test_from``.
+        two_stage: rerank the decoded candidates with the dual tower of stage ``DENSE`` (adds the
+            :class:`~grcm.rerank.two_stage.TwoStageEvaluation` callback; the row shows its metrics).
     """
 
     name: str
@@ -45,32 +49,47 @@ class Stage:
     test: bool = True
     overrides: list[str] = field(default_factory=list)
     test_from: str | None = None
+    hparams: dict = field(default_factory=dict)
+    two_stage: bool = False
 
 
+DENSE = "dual tower (FAISS Flat, exact)"
+ACE = "ACE generative (beam 25)"
 STAGES: tuple[Stage, ...] = (
-    Stage("dual tower (FAISS Flat, exact)", "dual_tower.yaml"),
+    Stage(DENSE, "dual_tower.yaml"),
+    Stage("ACE tokenizer (SID bundle)", "ace_tokenizer.yaml", test=False),
+    Stage(ACE, "ace_retriever.yaml"),
+    Stage("ACE w/o constrained beam search", "ace_retriever.yaml", fit=False, test_from=ACE,
+          hparams={"constrained": False}),
+    Stage("ACE w/o fusion", "ace_retriever_no_fusion.yaml"),
+    Stage("two-stage: ACE recall + dense rerank", "ace_retriever.yaml", fit=False, test_from=ACE, two_stage=True),
 )
 
 
-def _run_stage(stage: Stage, experiments: Path, trained: dict) -> dict[str, float]:
+def _run_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str]) -> dict[str, float]:
     from grcm.cli import GrcmCLI
 
-    args = ["-c", str(experiments / stage.config), *stage.overrides]
-    cli = GrcmCLI(args=args, run=False)
+    cli = GrcmCLI(args=["-c", str(experiments / stage.config), *stage.overrides], run=False)
     model = cli.model
     if stage.test_from is not None:
-        source_model = trained[stage.test_from]
-        model.load_state_dict(source_model.state_dict())
+        model = type(model).load_from_checkpoint(checkpoints[stage.test_from], weights_only=True, **stage.hparams)
     if stage.fit:
         cli.trainer.fit(model, datamodule=cli.datamodule)
-        best = getattr(cli.trainer.checkpoint_callback, "best_model_path", "")
-        if best:
-            model = type(model).load_from_checkpoint(best, weights_only=True)
-    trained[stage.name] = model
+        best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+        checkpoints[stage.name] = best
+        model = type(model).load_from_checkpoint(best, weights_only=True)
     if not stage.test:
         return {}
-    results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)
-    return {key: float(value) for key, value in results[0].items()}
+    if stage.two_stage:
+        from grcm.rerank.two_stage import TwoStageEvaluation
+
+        beam_size = int(getattr(model.hparams, "beam_size", 25))
+        cli.trainer.callbacks.append(TwoStageEvaluation(dense_checkpoint=checkpoints[DENSE], beam_size=beam_size))
+    results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
+    metrics = {key: float(value) for key, value in results.items()}
+    if stage.two_stage:  # the row shows the reranked metrics; stage-1 metrics stay in results.json
+        metrics.update({key.replace("test/two_stage/", "test/"): v for key, v in metrics.items() if "two_stage" in key})
+    return metrics
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
@@ -96,13 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     if not experiments.is_dir():
         raise SystemExit(f"grcm demo: {experiments} not found; run from the repository root or pass --experiments.")
     rows: list[tuple[str, dict[str, float]]] = []
-    trained: dict = {}
+    checkpoints: dict[str, str] = {}
     started = time.perf_counter()
     for stage in STAGES:
         if args.only and not any(word in stage.name for word in args.only):
             continue
         print(f"\n=== grcm demo: {stage.name} ({stage.config}) ===", flush=True)
-        metrics = _run_stage(stage, experiments, trained)
+        metrics = _run_stage(stage, experiments, checkpoints)
         if stage.test:
             rows.append((stage.name, metrics))
     elapsed = time.perf_counter() - started
