@@ -17,6 +17,8 @@ Extra commands (``grcm <command> --help`` for their options):
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -52,10 +54,32 @@ class GrcmCLI(LightningCLI):
             parser_kwargs.setdefault(sub, {}).setdefault("parser_mode", "omegaconf+")
         super().__init__(*args, **kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        """Drop checkpoint hyperparameters the model class cannot take.
+
+        With ``--ckpt_path`` Lightning re-reads the checkpoint's hyperparameters, which record every
+        linked data size, as ``dict_kwargs``; a model class without such an argument would fail.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        extra = getattr(model, "dict_kwargs", None) if model is not None else None
+        if not extra or not getattr(model, "class_path", None):
+            return
+        parameters = inspect.signature(_import(model.class_path).__init__).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return
+        for name in [key for key in extra if key not in parameters]:
+            del extra[name]
+
     def add_arguments_to_parser(self, parser) -> None:
         """Link the DataModule's sizes into the model (skipped for model classes without that argument)."""
         for name in LINKED_SIZES:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+
+def _import(class_path: str):
+    module_name, _, class_name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 EXTRA_COMMANDS: dict[str, Callable[[list[str]], None]] = {}

@@ -1,0 +1,505 @@
+"""Two-stage retrieval: generative recall, then dense rerank of the recalled pool (GRDR).
+
+Stage 1 decodes the top-B semantic IDs of a query with constrained beam search
+and expands them to items (the *candidates*); stage 2 scores only those
+candidates with the dual-tower model (:class:`~grcm.rerank.dual_tower.DualTower`:
+text tower against the item tower's embeddings) and re-ranks them. The dense
+model never touches the rest of the corpus, so the work per query is
+``B x items per SID`` dot products instead of ``N``.
+
+* :func:`rerank_candidates` is the pure, vectorised stage 2: a gathered matmul
+  ``item_embeddings[candidates] @ query`` per query.
+* :class:`TwoStageEvaluation` is a Lightning callback that runs stage 2 behind
+  the generative retriever's validation/test steps and logs item-level metrics
+  (DDP-safe), the stage-1 pool recall, the share of the corpus scored and the
+  end-to-end latency.
+
+Why a callback rather than code inside ``GenerativeRetriever``: the dense model
+is a separate, separately trained network with its own checkpoint. Keeping it
+in a callback leaves the retriever's checkpoint, hyperparameters and training
+loop untouched, and two-stage evaluation is switched on by one entry under
+``trainer.callbacks`` in a config (the one flag), e.g.::
+
+    trainer:
+      callbacks:
+        - class_path: grcm.rerank.two_stage.TwoStageEvaluation
+          init_args: {dense_checkpoint: runs/synthetic/dual_tower/checkpoints/best.ckpt, beam_size: 25}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from grcm.decoding import beams_to_items
+from grcm.metrics import (
+    ItemRetrievalMetrics,
+    candidate_recall,
+    deduplicate_ranked,
+    first_occurrence,
+    ranks_from_scores,
+)
+
+__all__ = [
+    "PerQueryMeans",
+    "TwoStageEvaluation",
+    "count_candidates",
+    "full_dense_ranking",
+    "rerank_candidates",
+]
+
+PAD_ITEM = -1
+DEFAULT_MAX_GATHER_ELEMENTS = 1 << 25  # gathered (queries x candidates x dim) entries per chunk: 128 MiB in float32
+
+
+def _check_rerank_inputs(query_embeddings: Tensor, candidate_items: Tensor, item_embeddings: Tensor) -> None:
+    if not all(isinstance(t, Tensor) for t in (query_embeddings, candidate_items, item_embeddings)):
+        raise TypeError("rerank_candidates takes torch tensors (query_embeddings, candidate_items, item_embeddings)")
+    if query_embeddings.dim() != 2 or item_embeddings.dim() != 2:
+        raise ValueError(
+            f"query_embeddings must be (Q, E) and item_embeddings (N, E); got {tuple(query_embeddings.shape)} "
+            f"and {tuple(item_embeddings.shape)}"
+        )
+    if query_embeddings.shape[1] != item_embeddings.shape[1]:
+        raise ValueError(
+            f"query embeddings are {query_embeddings.shape[1]}-d but item embeddings are "
+            f"{item_embeddings.shape[1]}-d; encode both with the same dual-tower model"
+        )
+    if candidate_items.dim() != 2 or candidate_items.shape[0] != query_embeddings.shape[0]:
+        raise ValueError(
+            f"candidate_items must be (Q, M) with one row per query (Q={query_embeddings.shape[0]}); "
+            f"got shape {tuple(candidate_items.shape)}"
+        )
+    if candidate_items.dtype.is_floating_point or candidate_items.dtype == torch.bool:
+        raise ValueError(f"candidate_items must hold integer item indices, got dtype {candidate_items.dtype}")
+    if candidate_items.numel():
+        low, high = int(candidate_items.min()), int(candidate_items.max())
+        if low < PAD_ITEM or high >= item_embeddings.shape[0]:
+            raise ValueError(
+                f"candidate_items span [{low}, {high}] but item indices must lie in [0, "
+                f"{item_embeddings.shape[0]}) with -1 as padding; the candidates and the item embeddings "
+                "must come from the same corpus"
+            )
+
+
+def rerank_candidates(
+    query_embeddings: Tensor,
+    candidate_items: Tensor,
+    item_embeddings: Tensor,
+    k: int,
+    max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """Score each query's candidates by inner product and return its k best.
+
+    Each query is scored only against its own candidates, through a gathered
+    matmul: ``item_embeddings[candidates]`` (Q, M, E) times the query (Q, E, 1).
+    Queries are processed in chunks so that at most ``max_gather_elements``
+    gathered entries exist at a time.
+
+    Conventions:
+
+    * ``-1`` is padding: it is never scored and never ranked.
+    * A candidate repeated in a row (an item recalled through several SIDs) is
+      scored once; it appears at most once in the output.
+    * Ties: equal scores are ordered by ascending item index, the tie-break of
+      :func:`grcm.metrics.ranks_from_scores`. The result therefore equals
+      ``ranks_from_scores`` over the full score matrix with every
+      non-candidate set to ``-inf``, cut at the number of distinct candidates.
+    * When a query has fewer than ``k`` distinct candidates the row is padded
+      with item ``-1`` and score ``-inf``.
+
+    Args:
+        query_embeddings: (Q, E) float query vectors (e.g. ``DualTower.encode_queries``).
+        candidate_items: (Q, M) integer item indices, ``-1`` = padding, duplicates allowed.
+        item_embeddings: (N, E) float item vectors, row i is item i (e.g. ``DualTower.encode_corpus``).
+        k: number of ranked items returned per query, >= 1.
+        max_gather_elements: memory bound of one chunk, in gathered scalars.
+
+    Returns:
+        ``(ranked, scores)``: LongTensor (Q, k) item indices padded with ``-1``, and
+        FloatTensor (Q, k) their scores (``-inf`` on padding), best first. Both live on
+        ``item_embeddings.device``; scores have the promoted float dtype of the inputs
+        (at least float32).
+    """
+    _check_rerank_inputs(query_embeddings, candidate_items, item_embeddings)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    device = item_embeddings.device
+    dtype = torch.promote_types(torch.promote_types(query_embeddings.dtype, item_embeddings.dtype), torch.float32)
+    distinct = deduplicate_ranked(candidate_items.to(device))  # (Q, M): first occurrences, then -1
+    queries = query_embeddings.to(device=device, dtype=dtype)
+    num_queries, width = distinct.shape
+    dim = item_embeddings.shape[1]
+    scores = torch.full((num_queries, width), float("-inf"), dtype=dtype, device=device)
+    chunk = max(1, int(max_gather_elements) // max(width * dim, 1))
+    for start in range(0, num_queries, chunk):
+        rows = distinct[start : start + chunk]
+        gathered = item_embeddings[rows.clamp(min=0)].to(dtype)  # (q, M, E)
+        chunk_scores = torch.bmm(gathered, queries[start : start + chunk].unsqueeze(2)).squeeze(2)
+        scores[start : start + chunk] = chunk_scores.masked_fill(rows == PAD_ITEM, float("-inf"))
+    if torch.isnan(scores).any():
+        raise ValueError("dense scores contain NaN; the query or item embeddings hold NaN values")
+    # Sort by item index first, then stably by descending score: ties keep ascending item order.
+    by_item = torch.where(distinct == PAD_ITEM, torch.iinfo(torch.long).max, distinct).argsort(dim=1, stable=True)
+    items = distinct.gather(1, by_item)
+    scores = scores.gather(1, by_item)
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    ranked_items, ranked_scores = items.gather(1, order), scores.gather(1, order)
+    if ranked_items.shape[1] < k:
+        pad = k - ranked_items.shape[1]
+        ranked_items = torch.nn.functional.pad(ranked_items, (0, pad), value=PAD_ITEM)
+        ranked_scores = torch.nn.functional.pad(ranked_scores, (0, pad), value=float("-inf"))
+    return ranked_items, ranked_scores
+
+
+def count_candidates(candidate_items: Tensor) -> Tensor:
+    """Distinct candidates per query: (Q, M) item indices with ``-1`` padding -> (Q,) long."""
+    return (deduplicate_ranked(candidate_items) != PAD_ITEM).sum(dim=1)
+
+
+def full_dense_ranking(
+    query_embeddings: Tensor, item_embeddings: Tensor, k: int, max_score_elements: int = 1 << 24
+) -> Tensor:
+    """Exact dense retrieval over the whole corpus, with the project tie-break (reference only).
+
+    Args:
+        query_embeddings: (Q, E) float.
+        item_embeddings: (N, E) float.
+        k: ranked items per query.
+        max_score_elements: queries are scored in chunks of at most this many (query, item) scores.
+
+    Returns:
+        LongTensor (Q, k) item indices, best first (ties: lower item index first).
+    """
+    queries = query_embeddings.to(device=item_embeddings.device, dtype=item_embeddings.dtype)
+    chunk = max(1, int(max_score_elements) // max(item_embeddings.shape[0], 1))
+    ranked = [
+        ranks_from_scores((queries[start : start + chunk] @ item_embeddings.T).float(), k)
+        for start in range(0, queries.shape[0], chunk)
+    ]
+    return torch.cat(ranked) if ranked else torch.zeros(0, k, dtype=torch.long, device=item_embeddings.device)
+
+
+class PerQueryMeans(Metric):
+    """Means of named per-query values over distinct query ids (DDP-safe, like :class:`ItemRetrievalMetrics`).
+
+    Args:
+        names: the value names; :meth:`update` takes one (B,) tensor per name.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, names: Sequence[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.names = list(names)
+        if not self.names or len(set(self.names)) != len(self.names):
+            raise ValueError(f"PerQueryMeans needs distinct value names, got {self.names}")
+        self.add_state("query_ids", default=[], dist_reduce_fx="cat")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, values: Mapping[str, Tensor], query_ids: Tensor) -> None:
+        """Add a batch: ``values[name]`` (B,) per name, ``query_ids`` (B,) dataset-wide ids."""
+        missing = set(self.names) - set(values)
+        if missing:
+            raise ValueError(f"PerQueryMeans.update is missing values {sorted(missing)}")
+        self.query_ids.append(query_ids.to(device=self.device, dtype=torch.long))
+        self.values.append(torch.stack([values[name].float().to(self.device) for name in self.names], dim=1))
+
+    def compute(self) -> dict[str, Tensor]:
+        """Mean of every value over distinct query ids (the first value seen per id); zeros when empty."""
+        if isinstance(self.query_ids, list) and not self.query_ids:
+            return {name: torch.zeros((), device=self.device) for name in self.names}
+        ids = dim_zero_cat(self.query_ids)
+        values = dim_zero_cat(self.values).reshape(-1, len(self.names))[first_occurrence(ids)]
+        return {name: values[:, column].mean() for column, name in enumerate(self.names)}
+
+
+class _Stopwatch:
+    """Wall-clock seconds that wait for queued CUDA work, so GPU timings are real."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+class TwoStageEvaluation(L.Callback):
+    """Generative recall + dense rerank, evaluated behind a generative retriever's val/test steps.
+
+    Per evaluation epoch the dual-tower checkpoint encodes every corpus item once
+    (each DDP rank keeps the full (N, E) table: candidates may be any item). Per
+    batch the callback takes the stage-1 candidates, encodes the queries with
+    the text tower, re-ranks the candidates with :func:`rerank_candidates` and
+    updates DDP-safe metrics (de-duplicated by ``batch["query_index"]``).
+
+    Where the candidates come from, in order:
+
+    1. ``outputs["candidates"]``: LongTensor (B, M), every item recalled by the
+       beams in beam order, ``-1`` padded (``beams_to_items(output, trie, max_items=None)``),
+       returned by the module's ``validation_step`` / ``test_step`` as
+       ``{"candidates": ..., "beam_size": int, "decode_seconds": float}``, used when
+       ``beam_size`` is absent or equals this callback's. ``decode_seconds`` (optional)
+       is the stage-1 time of the batch; without it the time from batch start to batch
+       end is used, an upper bound that also counts anything else the step computes.
+    2. Otherwise (no outputs, or another beam width) the callback decodes itself:
+       ``pl_module.decode(input_ids, attention_mask, beam_size=beam_size)`` and
+       ``pl_module.trie`` (the :class:`~grcm.retriever.module.GenerativeRetriever` API),
+       timed as stage 1. So two-stage evaluation may use a wider beam than the
+       retriever's own generative-only metrics.
+
+    Logged at epoch end, under ``{stage}/two_stage/`` (``stage`` = ``val`` or ``test``):
+    ``recall@k`` and ``mrr@{mrr_k}`` after rerank; ``candidate_recall@{beam_size}``
+    (a gold item is anywhere in the pool, item-level); ``candidates_per_query``
+    (distinct items scored); ``corpus_fraction_scored`` (that over N);
+    ``latency_ms_per_query`` and ``queries_per_s`` (stage 1 + stage 2, this rank's
+    wall clock, averaged over ranks); ``stage1_ms_per_query`` and
+    ``rerank_ms_per_query``; ``stage1_recall@k`` / ``stage1_mrr@k`` (the
+    generative order of the same pool); and, with ``full_dense_reference``,
+    ``full_dense_recall@k`` / ``full_dense_mrr@k`` (the same dense model over all N
+    items, not timed) and ``recall@1_vs_full_dense`` (their ratio).
+
+    Args:
+        dense_checkpoint: path of a :class:`~grcm.rerank.dual_tower.DualTower` checkpoint
+            trained on the same corpus and query vocabulary.
+        beam_size: stage-1 beam width B (GRDR: 20-50 on a full corpus; ACE: 5/25/50).
+        ks: ``recall@k`` cut-offs.
+        mrr_k: ``mrr@k`` cut-off.
+        full_dense_reference: also rank the whole corpus with the dense model (a reference, O(N) per query).
+        max_gather_elements: memory bound of the gathered matmul (see :func:`rerank_candidates`).
+    """
+
+    def __init__(
+        self,
+        dense_checkpoint: str,
+        beam_size: int = 25,
+        ks: Sequence[int] = (1, 5, 10),
+        mrr_k: int = 10,
+        full_dense_reference: bool = True,
+        max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
+    ) -> None:
+        super().__init__()
+        if int(beam_size) < 1:
+            raise ValueError(f"TwoStageEvaluation.beam_size must be >= 1, got {beam_size}")
+        self.dense_checkpoint = str(dense_checkpoint)
+        self.beam_size = int(beam_size)
+        self.ks = tuple(int(k) for k in ks)
+        self.mrr_k = int(mrr_k)
+        self.full_dense_reference = bool(full_dense_reference)
+        self.max_gather_elements = int(max_gather_elements)
+        self.depth = max(*self.ks, self.mrr_k)
+        self.pool_name = f"candidate_recall@{self.beam_size}"
+        self.dense: L.LightningModule | None = None
+        self.item_embeddings: Tensor | None = None
+        self.final_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
+        self.stage1_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
+        self.full_dense_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
+        self.pool_metrics = PerQueryMeans([self.pool_name, "candidates_per_query", "corpus_fraction_scored"])
+        self.clock = _Stopwatch(torch.device("cpu"))
+        self._reset_timers()
+
+    # ------------------------------------------------------------------ set-up
+    def load_dense_model(self) -> L.LightningModule:
+        """The dual-tower model of ``dense_checkpoint`` (loaded once, tensors only, frozen, eval mode)."""
+        if self.dense is None:
+            from grcm.rerank.dual_tower import DualTower
+
+            path = Path(self.dense_checkpoint)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"TwoStageEvaluation.dense_checkpoint: no checkpoint at {path}; train the dual tower first "
+                    "(grcm fit -c experiments/<dataset>/dual_tower.yaml) and point dense_checkpoint at its "
+                    "checkpoint file"
+                )
+            dense = DualTower.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+            self.dense = dense.eval().requires_grad_(False)
+        return self.dense
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.load_dense_model()
+
+    def _reset_timers(self) -> None:
+        self._stage1_seconds = 0.0
+        self._rerank_seconds = 0.0
+        self._timed_queries = 0
+        self._batch_started = 0.0
+
+    def _corpus(self, trainer: L.Trainer) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        corpus = getattr(datamodule, "corpus", None)
+        if corpus is None:
+            raise RuntimeError(
+                "TwoStageEvaluation reads the item features from trainer.datamodule.corpus; evaluate with a "
+                "RetrievalDataModule (trainer.validate/test(model, datamodule=...)), not bare dataloaders"
+            )
+        return corpus
+
+    def _check_compatible(self, trainer: L.Trainer, corpus: Any) -> None:
+        hparams = self.dense.hparams
+        if int(hparams.feature_dim) != int(corpus.feature_dim):
+            raise ValueError(
+                f"the dense checkpoint {self.dense_checkpoint} encodes {hparams.feature_dim}-d item features but "
+                f"corpus {corpus.name!r} has {corpus.feature_dim}-d features; train the dual tower on this corpus"
+            )
+        vocab_size = getattr(trainer.datamodule, "vocab_size", None)
+        if vocab_size is not None and int(hparams.vocab_size) != int(vocab_size):
+            raise ValueError(
+                f"the dense checkpoint {self.dense_checkpoint} reads a {hparams.vocab_size}-token query "
+                f"vocabulary but the data module's has {vocab_size} tokens; train the dual tower with the same "
+                "data.query_vocab as the generative retriever"
+            )
+
+    @torch.no_grad()
+    def _start_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        corpus = self._corpus(trainer)
+        dense = self.load_dense_model().to(pl_module.device)
+        self._check_compatible(trainer, corpus)
+        self.item_embeddings = torch.from_numpy(dense.encode_corpus(corpus.features)).to(pl_module.device)
+        self.clock = _Stopwatch(pl_module.device)
+        for metric in self._metrics():
+            metric.to(pl_module.device)
+            metric.reset()
+        self._reset_timers()
+
+    def _metrics(self) -> list[Metric]:
+        return [self.final_metrics, self.stage1_metrics, self.full_dense_metrics, self.pool_metrics]
+
+    # ------------------------------------------------------------------ per batch
+    def _candidates(
+        self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]
+    ) -> tuple[Tensor, float]:
+        """Stage-1 candidates (B, M) of the batch and the stage-1 seconds they cost."""
+        can_decode = hasattr(pl_module, "decode") and hasattr(pl_module, "trie")
+        if isinstance(outputs, Mapping) and "candidates" in outputs:
+            reported = outputs.get("beam_size")
+            if reported is None or int(reported) == self.beam_size:
+                seconds = outputs.get("decode_seconds")
+                if seconds is None:
+                    seconds = self.clock.now() - self._batch_started
+                return outputs["candidates"], float(seconds)
+            if not can_decode:
+                raise ValueError(
+                    f"the retriever decoded its candidates with beam_size={int(reported)} but "
+                    f"TwoStageEvaluation.beam_size is {self.beam_size} and {type(pl_module).__name__} cannot "
+                    "decode again (no decode/trie); set them equal"
+                )
+        if not can_decode:
+            raise TypeError(
+                f"TwoStageEvaluation needs stage-1 candidates: {type(pl_module).__name__}.validation_step/test_step "
+                "must return {'candidates': LongTensor (B, M)}, or the module must offer "
+                "decode(input_ids, attention_mask, beam_size) and trie like GenerativeRetriever"
+            )
+        start = self.clock.now()
+        output = pl_module.decode(batch["input_ids"], batch["attention_mask"], beam_size=self.beam_size)
+        candidates = beams_to_items(output, pl_module.trie)
+        return candidates, self.clock.now() - start
+
+    @torch.no_grad()
+    def _evaluate_batch(self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]) -> None:
+        candidates, stage1_seconds = self._candidates(pl_module, outputs, batch)
+        items = self.item_embeddings
+        candidates = candidates.to(items.device).long()
+        start = self.clock.now()
+        queries = self.dense.encode_queries(batch["input_ids"], batch["attention_mask"])
+        ranked, _ = rerank_candidates(queries, candidates, items, self.depth, self.max_gather_elements)
+        rerank_seconds = self.clock.now() - start
+        self._stage1_seconds += stage1_seconds
+        self._rerank_seconds += rerank_seconds
+        self._timed_queries += candidates.shape[0]
+
+        gold, query_ids = batch["gold_items"].to(items.device), batch["query_index"]
+        self.final_metrics.update(ranked, gold, query_ids)
+        self.stage1_metrics.update(candidates, gold, query_ids)
+        if self.full_dense_reference:
+            self.full_dense_metrics.update(full_dense_ranking(queries, items, self.depth), gold, query_ids)
+        scored = count_candidates(candidates)
+        self.pool_metrics.update(
+            {
+                self.pool_name: candidate_recall(candidates, gold),
+                "candidates_per_query": scored,
+                "corpus_fraction_scored": scored.float() / items.shape[0],
+            },
+            query_ids,
+        )
+
+    # ------------------------------------------------------------------ epoch end
+    def _log_epoch(self, pl_module: L.LightningModule, stage: str) -> None:
+        prefix = f"{stage}/two_stage/"
+        final = self.final_metrics.compute()
+        values: dict[str, Tensor | float] = dict(final)
+        values.update(self.pool_metrics.compute())
+        values.update({f"stage1_{name}": value for name, value in self.stage1_metrics.compute().items()})
+        if self.full_dense_reference:
+            dense = self.full_dense_metrics.compute()
+            values.update({f"full_dense_{name}": value for name, value in dense.items()})
+            first = f"recall@{self.ks[0]}"
+            values[f"{first}_vs_full_dense"] = final[first] / dense[first].clamp(min=1e-12)
+        queries = max(self._timed_queries, 1)
+        total = self._stage1_seconds + self._rerank_seconds
+        values["latency_ms_per_query"] = 1e3 * total / queries
+        values["queries_per_s"] = self._timed_queries / max(total, 1e-9)
+        values["stage1_ms_per_query"] = 1e3 * self._stage1_seconds / queries
+        values["rerank_ms_per_query"] = 1e3 * self._rerank_seconds / queries
+        for name, value in values.items():
+            value = value if isinstance(value, Tensor) else torch.tensor(value, device=pl_module.device)
+            pl_module.log(prefix + name, value.float(), sync_dist=True, prog_bar=name == f"recall@{self.ks[0]}")
+        for metric in self._metrics():
+            metric.reset()
+        self.item_embeddings = None
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_epoch(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start_epoch(trainer, pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_started = self.clock.now()
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_started = self.clock.now()
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._evaluate_batch(pl_module, outputs, batch)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._evaluate_batch(pl_module, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_epoch(pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log_epoch(pl_module, "test")

@@ -1,0 +1,284 @@
+"""Encoder-decoder transformer that maps a text query to the SID of its item.
+
+Layout (pre-LN throughout: every sub-layer is ``x = x + Dropout(f(LayerNorm(x)))``):
+
+- Encoder: ``sqrt(d) * token embedding + learned position embedding``, then S
+  ``nn.TransformerEncoderLayer(norm_first=True)`` layers. The output of every
+  layer passes its own LayerNorm (pre-LN residual streams are not normalised)
+  and padding positions are zeroed; the S results are kept, because ACE
+  fusion reads all of them (:class:`EncoderOutput`).
+- Decoder input for levels ``0..t``: position 0 is a learned BOS vector,
+  position j >= 1 is ``sqrt(d) * code_embedding[j-1](code_{j-1})``; each level
+  has its own embedding table, and a learned level embedding is added per
+  position. Causal self-attention over the SID prefix, then the cross block
+  chosen by ``fusion`` (see :mod:`grcm.retriever.fusion`), then a feed-forward
+  sub-layer. Position j feeds the level-j output head, whose logits cover only
+  the level-j codes ``[0, sid_vocab_sizes[j])``.
+
+All weight matrices are Xavier-uniform initialised (as in ACE); biases are zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from grcm.retriever.fusion import FUSION_CHOICES, build_cross_block
+
+
+@dataclass
+class EncoderOutput:
+    """All encoder layer outputs of one query batch.
+
+    Attributes:
+        layer_outputs: S tensors (B, T, d), layer 1 first; padding positions are zero.
+        attention_mask: (B, T) bool, True = real token.
+    """
+
+    layer_outputs: tuple[Tensor, ...]
+    attention_mask: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    @property
+    def key_padding_mask(self) -> Tensor:
+        """(B, T) bool, True = padding (the ``nn.MultiheadAttention`` convention)."""
+        return ~self.attention_mask
+
+    def repeat_interleave(self, k: int) -> EncoderOutput:
+        """Repeat every query ``k`` times (row ``b*k + j`` is query b), as beams are laid out."""
+        return EncoderOutput(
+            layer_outputs=tuple(layer.repeat_interleave(k, dim=0) for layer in self.layer_outputs),
+            attention_mask=self.attention_mask.repeat_interleave(k, dim=0),
+        )
+
+
+class FusionDecoderLayer(nn.Module):
+    """Pre-LN decoder layer: causal self-attention, cross block (fusion), feed-forward.
+
+    The cross block's output (for ACE: coarse + fine) is added to the residual
+    stream, and the layer's output is the next layer's input.
+    """
+
+    def __init__(
+        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, fusion: str, num_encoder_layers: int
+    ) -> None:
+        super().__init__()
+        self.self_norm = nn.LayerNorm(d_model)
+        self.self_attention = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
+        self.cross_norm = nn.LayerNorm(d_model)
+        self.cross = build_cross_block(fusion, d_model, num_heads, num_encoder_layers, dropout)
+        self.ffn_norm = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, y: Tensor, enc: EncoderOutput) -> Tensor:
+        """``y`` (B', t, d) decoder states -> (B', t, d).
+
+        ``B'`` is either ``enc.batch_size`` or a multiple ``k * enc.batch_size``
+        with batch-major rows (row ``b*k + j`` reads query b). In the latter case
+        the k rows of a query are folded into the query-length axis for the cross
+        block, which is exact because cross-attention and the fusion gates act
+        on every decoder position independently; the encoder memory is then never
+        copied k times.
+        """
+        rows, length, width = y.shape
+        causal = torch.ones(length, length, dtype=torch.bool, device=y.device).triu(1)
+        h = self.self_norm(y)
+        attended, _ = self.self_attention(h, h, h, attn_mask=causal, need_weights=False)
+        y = y + self.dropout(attended)
+
+        h = self.cross_norm(y)
+        batch = enc.batch_size
+        if rows % batch != 0:
+            raise ValueError(
+                f"decoder batch of {rows} rows is not a multiple of the encoder batch of {batch} queries."
+            )
+        group = rows // batch
+        h = h.reshape(batch, group * length, width)
+        fused = self.cross(h, enc.layer_outputs, enc.key_padding_mask).reshape(rows, length, width)
+        y = y + self.dropout(fused)
+
+        return y + self.dropout(self.ffn(self.ffn_norm(y)))
+
+
+class GenerativeRetrieverModel(nn.Module):
+    """Seq2seq model: query tokens (B, T) -> per-level SID logits.
+
+    Args:
+        vocab_size: size of the query tokenizer's vocabulary.
+        sid_vocab_sizes: codes per SID level, length L (level-l codes lie in ``[0, sid_vocab_sizes[l])``).
+        d_model: width d.
+        num_heads: attention heads.
+        num_encoder_layers: S (ACE Table 3: 1..5, best 3).
+        num_decoder_layers: decoder depth.
+        ffn_dim: hidden width of the feed-forward sub-layers.
+        dropout: dropout everywhere (attention weights, residual branches, FFN).
+        fusion: "ace" (coarse-to-fine fusion of all encoder layers) or "none"
+            (standard cross-attention to the last encoder layer).
+        max_query_len: number of learned query positions; longer queries are rejected.
+        pad_token_id: the query tokenizer's padding id (only used to document inputs;
+            padding is taken from ``attention_mask``).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        sid_vocab_sizes: list[int],
+        d_model: int = 256,
+        num_heads: int = 4,
+        num_encoder_layers: int = 3,
+        num_decoder_layers: int = 3,
+        ffn_dim: int = 1024,
+        dropout: float = 0.1,
+        fusion: str = "ace",
+        max_query_len: int = 64,
+        pad_token_id: int = 0,
+    ) -> None:
+        super().__init__()
+        if fusion not in FUSION_CHOICES:
+            raise ValueError(f"fusion must be one of {FUSION_CHOICES}, got {fusion!r}.")
+        if not sid_vocab_sizes or any(int(v) < 1 for v in sid_vocab_sizes):
+            raise ValueError(f"sid_vocab_sizes must be a non-empty list of positive ints, got {sid_vocab_sizes}.")
+        if d_model % num_heads != 0:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}.")
+        if num_encoder_layers < 1 or num_decoder_layers < 1:
+            raise ValueError("num_encoder_layers and num_decoder_layers must be at least 1.")
+        self.sid_vocab_sizes = [int(v) for v in sid_vocab_sizes]
+        self.num_levels = len(self.sid_vocab_sizes)
+        self.d_model = d_model
+        self.max_query_len = max_query_len
+        self.pad_token_id = pad_token_id
+        self.fusion = fusion
+        self.embed_scale = math.sqrt(d_model)
+
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_query_len, d_model)
+        self.embedding_dropout = nn.Dropout(dropout)
+        self.encoder_layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model, num_heads, ffn_dim, dropout, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(num_encoder_layers)
+        )
+        self.encoder_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_encoder_layers))
+
+        self.bos = nn.Parameter(torch.empty(1, d_model))  # (1, d): 2-d so Xavier init applies
+        self.code_embeddings = nn.ModuleList(nn.Embedding(v, d_model) for v in self.sid_vocab_sizes)
+        self.level_embedding = nn.Embedding(self.num_levels, d_model)
+        self.decoder_layers = nn.ModuleList(
+            FusionDecoderLayer(d_model, num_heads, ffn_dim, dropout, fusion, num_encoder_layers)
+            for _ in range(num_decoder_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.heads = nn.ModuleList(nn.Linear(d_model, v) for v in self.sid_vocab_sizes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-uniform for every matrix (embeddings included), zeros for biases, LayerNorm to identity."""
+        for name, param in self.named_parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+            elif name.endswith("bias"):
+                nn.init.zeros_(param)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    # ----------------------------------------------------------------- encoder
+    def encode(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
+        """Encode queries.
+
+        Args:
+            input_ids: (B, T) long token ids.
+            attention_mask: (B, T) bool, True = real token; every row needs at least one.
+
+        Returns:
+            :class:`EncoderOutput` with S layer outputs (B, T, d).
+        """
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} "
+                f"and {tuple(attention_mask.shape)}."
+            )
+        length = input_ids.shape[1]
+        if length > self.max_query_len:
+            raise ValueError(
+                f"queries of {length} tokens exceed max_query_len={self.max_query_len}; "
+                "raise max_query_len or truncate queries in the data module."
+            )
+        mask = attention_mask.bool()
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every query needs at least one real token (an attention_mask row is all False).")
+        positions = torch.arange(length, device=input_ids.device)
+        x = self.token_embedding(input_ids) * self.embed_scale + self.position_embedding(positions)
+        x = self.embedding_dropout(x)
+        keep = mask.unsqueeze(-1)
+        padding = ~mask
+        outputs = []
+        for layer, norm in zip(self.encoder_layers, self.encoder_norms):
+            x = layer(x, src_key_padding_mask=padding)
+            x = x.masked_fill(~keep, 0.0)
+            outputs.append(norm(x).masked_fill(~keep, 0.0))
+        return EncoderOutput(layer_outputs=tuple(outputs), attention_mask=mask)
+
+    # ----------------------------------------------------------------- decoder
+    def _decoder_inputs(self, sid_prefix: Tensor) -> Tensor:
+        """``sid_prefix`` (B', t) codes of levels 0..t-1 -> decoder inputs (B', t+1, d)."""
+        rows, t = sid_prefix.shape
+        pieces = [self.bos.expand(rows, -1).unsqueeze(1)]
+        for level in range(t):
+            pieces.append(self.code_embeddings[level](sid_prefix[:, level]).unsqueeze(1) * self.embed_scale)
+        x = torch.cat(pieces, dim=1)
+        return x + self.level_embedding.weight[: t + 1]
+
+    def _decode_states(self, enc: EncoderOutput, sid_prefix: Tensor) -> Tensor:
+        """Decoder states (B', t+1, d) after the final LayerNorm."""
+        y = self.embedding_dropout(self._decoder_inputs(sid_prefix))
+        for layer in self.decoder_layers:
+            y = layer(y, enc)
+        return self.decoder_norm(y)
+
+    def decode_logits(self, enc: EncoderOutput, sid_prefix: Tensor) -> Tensor:
+        """Logits of the next SID level given a prefix.
+
+        Args:
+            enc: encoder output for B queries.
+            sid_prefix: (B', t) long codes of levels 0..t-1, 0 <= t < L. ``B'`` equals B
+                (e.g. after ``enc.repeat_interleave(k)``) or ``k * B`` with
+                batch-major rows (row ``b*k + j`` is beam j of query b).
+
+        Returns:
+            (B', V_t) logits over the level-t codes.
+        """
+        if sid_prefix.dim() != 2:
+            raise ValueError(f"sid_prefix must be (B', t); got shape {tuple(sid_prefix.shape)}.")
+        level = sid_prefix.shape[1]
+        if level >= self.num_levels:
+            raise ValueError(f"sid_prefix has {level} levels; a SID has only {self.num_levels} (t must be < L).")
+        states = self._decode_states(enc, sid_prefix.long())
+        return self.heads[level](states[:, -1])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, sids: Tensor) -> list[Tensor]:
+        """Teacher-forced logits for every level in one pass.
+
+        Args:
+            input_ids: (B, T) long; attention_mask: (B, T) bool, True = real token.
+            sids: (B, L) long target SIDs.
+
+        Returns:
+            L tensors; entry l is (B, V_l), the level-l logits given ``sids[:, :l]``.
+        """
+        if sids.dim() != 2 or sids.shape[1] != self.num_levels:
+            raise ValueError(f"sids must be (B, {self.num_levels}); got shape {tuple(sids.shape)}.")
+        enc = self.encode(input_ids, attention_mask)
+        states = self._decode_states(enc, sids[:, :-1].long())
+        return [head(states[:, level]) for level, head in enumerate(self.heads)]

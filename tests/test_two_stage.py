@@ -1,0 +1,347 @@
+"""Two-stage retrieval: candidate rerank against brute force, and the evaluation callback end to end."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from grcm.data.datamodules import SyntheticDataModule
+from grcm.decoding import beams_to_items
+from grcm.metrics import ranks_from_scores
+from grcm.rerank.dual_tower import DualTower
+from grcm.rerank.two_stage import (
+    PerQueryMeans,
+    TwoStageEvaluation,
+    count_candidates,
+    full_dense_ranking,
+    rerank_candidates,
+)
+from grcm.retriever.module import GenerativeRetriever
+from grcm.tokenizers.bundle import SIDBundle
+
+NUM_ITEMS = 120
+FEATURE_DIM = 16
+BEAM = 6
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: one intra-op thread avoids synchronisation overhead on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------- brute-force references
+def brute_force_rerank(queries: np.ndarray, items: np.ndarray, candidates: np.ndarray, k: int):
+    """Full (Q, N) score matrix in numpy, non-candidates masked to -inf, ranked by the reference tie-break.
+
+    The ranking is cut at each query's number of distinct candidates and padded with -1 / -inf.
+    """
+    scores = queries.astype(np.float64) @ items.astype(np.float64).T
+    allowed = np.zeros_like(scores, dtype=bool)
+    for row, cands in enumerate(candidates):
+        allowed[row, cands[cands >= 0]] = True
+    masked = np.where(allowed, scores, -np.inf)
+    ranked = ranks_from_scores(torch.from_numpy(masked), k).numpy()
+    counts = allowed.sum(axis=1)
+    positions = np.arange(k)[None, :]
+    ranked = np.where(positions < counts[:, None], ranked, -1)
+    ranked_scores = np.where(ranked >= 0, np.take_along_axis(masked, np.maximum(ranked, 0), axis=1), -np.inf)
+    return ranked, ranked_scores
+
+
+def python_rerank(query: np.ndarray, items: np.ndarray, row: list[int]) -> list[int]:
+    """One query, plain Python: distinct candidates sorted by (-score, item index)."""
+    distinct = {item for item in row if item >= 0}
+    return sorted(distinct, key=lambda item: (-float(np.dot(query, items[item])), item))
+
+
+def hits(ranked: list[int], gold: int, ks=(1, 5, 10), mrr_k: int = 10) -> dict[str, float]:
+    values = {f"recall@{k}": float(gold in ranked[:k]) for k in ks}
+    position = ranked.index(gold) if gold in ranked else None
+    values[f"mrr@{mrr_k}"] = 1.0 / (position + 1) if position is not None and position < mrr_k else 0.0
+    return values
+
+
+# --------------------------------------------------------------------------- rerank_candidates
+def test_rerank_equals_brute_force_with_ties_shared_candidates_padding_and_duplicates():
+    rng = np.random.default_rng(0)
+    # small integers: every dot product is exact, so ties are real and the tie-break is tested
+    items = rng.integers(-2, 3, size=(40, 6)).astype(np.float32)
+    items[7] = items[3]  # identical items: always tied
+    items[21] = items[3]
+    queries = rng.integers(-2, 3, size=(5, 6)).astype(np.float32)
+    candidates = np.array(
+        [
+            [21, 3, 7, 12, -1, 3, 30, -1],  # tie group {3, 7, 21}, a duplicate, padding in the middle
+            [21, 3, 7, 12, -1, 3, 30, -1],  # the same pool as query 0, another query vector
+            [5, 5, 5, -1, -1, -1, -1, -1],  # one distinct candidate, repeated
+            [-1, -1, -1, -1, -1, -1, -1, -1],  # nothing recalled
+            [39, 0, 12, 30, 7, 18, 25, 33],  # shares 12, 30, 7 with queries 0 and 1
+        ]
+    )
+    for k in (1, 4, 10):
+        ranked, scores = rerank_candidates(
+            torch.from_numpy(queries), torch.from_numpy(candidates), torch.from_numpy(items), k
+        )
+        expected_ranked, expected_scores = brute_force_rerank(queries, items, candidates, k)
+        assert ranked.dtype == torch.long and ranked.shape == (5, k)
+        np.testing.assert_array_equal(ranked.numpy(), expected_ranked)
+        np.testing.assert_array_equal(scores.numpy(), expected_scores.astype(np.float32))
+        for row in range(5):
+            reference = python_rerank(queries[row], items, candidates[row].tolist())[:k]
+            assert ranked[row, : len(reference)].tolist() == reference
+    # the tie group of query 0 comes out in ascending item order wherever it lands
+    ranked, _ = rerank_candidates(torch.from_numpy(queries), torch.from_numpy(candidates), torch.from_numpy(items), 8)
+    group = [item for item in ranked[0].tolist() if item in (3, 7, 21)]
+    assert group == [3, 7, 21]
+    assert (ranked[3] == -1).all() and ranked[2].tolist()[:2] == [5, -1]
+
+
+def test_rerank_random_float_pools_in_chunks_match_brute_force():
+    rng = np.random.default_rng(1)
+    num_items, num_queries, width, dim = 500, 60, 30, 24
+    items = rng.standard_normal((num_items, dim))
+    queries = rng.standard_normal((num_queries, dim))
+    shared_pool = rng.choice(num_items, size=width)
+    candidates = rng.integers(-1, num_items, size=(num_queries, width))
+    candidates[::3] = shared_pool  # every third query recalls the same pool
+    candidates[1::7, 5:9] = candidates[1::7, :4]  # duplicates inside a row
+    expected_ranked, expected_scores = brute_force_rerank(queries, items, candidates, 10)
+    for max_gather in (1 << 25, width * dim * 7, 1):  # one chunk, several chunks, one query per chunk
+        ranked, scores = rerank_candidates(
+            torch.from_numpy(queries), torch.from_numpy(candidates), torch.from_numpy(items), 10, max_gather
+        )
+        assert scores.dtype == torch.float64
+        np.testing.assert_array_equal(ranked.numpy(), expected_ranked)
+        np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=1e-12)
+    # float32 inputs: same ranking, float32 scores
+    ranked32, scores32 = rerank_candidates(
+        torch.from_numpy(queries).float(), torch.from_numpy(candidates), torch.from_numpy(items).float(), 10
+    )
+    assert scores32.dtype == torch.float32
+    np.testing.assert_array_equal(ranked32.numpy(), expected_ranked)
+    np.testing.assert_allclose(scores32.numpy(), expected_scores, rtol=1e-4, atol=1e-4)
+
+
+def test_rerank_rejects_bad_inputs():
+    queries, items = torch.randn(2, 4), torch.randn(10, 4)
+    with pytest.raises(ValueError, match="same corpus"):
+        rerank_candidates(queries, torch.tensor([[1, 10], [0, -1]]), items, 3)
+    with pytest.raises(ValueError, match="same corpus"):
+        rerank_candidates(queries, torch.tensor([[1, -2], [0, -1]]), items, 3)
+    with pytest.raises(ValueError, match="same dual-tower model"):
+        rerank_candidates(torch.randn(2, 5), torch.tensor([[1, 2], [0, -1]]), items, 3)
+    with pytest.raises(ValueError, match="one row per query"):
+        rerank_candidates(queries, torch.tensor([[1, 2]]), items, 3)
+    with pytest.raises(ValueError, match="integer"):
+        rerank_candidates(queries, torch.tensor([[1.0, 2.0], [0.0, 1.0]]), items, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        rerank_candidates(queries, torch.tensor([[1, 2], [0, -1]]), items, 0)
+    items[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        rerank_candidates(queries, torch.tensor([[1, 3], [0, -1]]), items, 3)
+
+
+def test_count_candidates_and_full_dense_ranking():
+    counts = count_candidates(torch.tensor([[4, 4, -1, 2], [-1, -1, -1, -1], [0, 1, 2, 3]]))
+    assert counts.tolist() == [2, 0, 4]
+    queries, items = torch.randn(7, 5), torch.randn(33, 5)
+    expected = torch.from_numpy(
+        np.argsort(-(queries.double() @ items.double().T).numpy(), axis=1, kind="stable")[:, :6]
+    )
+    for chunk in (1 << 24, 33 * 2, 1):
+        assert torch.equal(full_dense_ranking(queries, items, 6, max_score_elements=chunk), expected)
+
+
+def test_per_query_means_count_each_query_once():
+    metric = PerQueryMeans(["a", "b"])
+    metric.update({"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([2.0, 4.0])}, torch.tensor([10, 11]))
+    # a repeated query (DDP padding) with a different value must not count again
+    metric.update({"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([6.0, 9.0])}, torch.tensor([11, 12]))
+    result = metric.compute()
+    assert result["a"].item() == pytest.approx((1 + 0 + 1) / 3)
+    assert result["b"].item() == pytest.approx((2 + 4 + 9) / 3)
+    with pytest.raises(ValueError, match="missing"):
+        metric.update({"a": torch.tensor([1.0])}, torch.tensor([1]))
+
+
+# --------------------------------------------------------------------------- the callback
+@pytest.fixture(scope="module")
+def datamodule() -> SyntheticDataModule:
+    dm = SyntheticDataModule(num_items=NUM_ITEMS, feature_dim=FEATURE_DIM, batch_size=32, eval_batch_size=48)
+    dm.setup()
+    return dm
+
+
+def _trainer(tmp_path, **overrides) -> L.Trainer:
+    args = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+    )
+    args.update(overrides)
+    return L.Trainer(**args)
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory, datamodule) -> str:
+    """A real DualTower checkpoint: a few training steps, saved by the trainer."""
+    torch.manual_seed(0)
+    model = DualTower(
+        vocab_size=datamodule.vocab_size, feature_dim=FEATURE_DIM, embed_dim=16, text_layers=1, text_width=16,
+        text_heads=2, text_ffn=32, warmup_steps=1, lr=3e-3,
+    )
+    root = tmp_path_factory.mktemp("dense")
+    trainer = _trainer(root, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    trainer.fit(model, datamodule=datamodule)
+    path = root / "dense.ckpt"
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+def _dense_inputs(dense_checkpoint: str, datamodule) -> tuple[list[np.ndarray], np.ndarray, list[dict]]:
+    """Query embeddings per val batch, item embeddings, and the val batches (recomputed independently)."""
+    dense = DualTower.load_from_checkpoint(dense_checkpoint, weights_only=True).eval()
+    batches = list(datamodule.val_dataloader())
+    with torch.no_grad():
+        queries = [dense.encode_queries(b["input_ids"], b["attention_mask"]).numpy() for b in batches]
+    return queries, dense.encode_corpus(datamodule.corpus.features), batches
+
+
+def _expected_metrics(queries, items, batches, candidates_per_batch) -> dict[str, float]:
+    """Mean metrics over all val queries from plain-Python per-query reranking (no torch ranking code)."""
+    rows: dict[str, list[float]] = {}
+    for query_block, batch, candidates in zip(queries, batches, candidates_per_batch):
+        for query, gold, row in zip(query_block, batch["gold_items"][:, 0].tolist(), candidates.tolist()):
+            reranked = python_rerank(query, items, row)
+            stage1 = list(dict.fromkeys(item for item in row if item >= 0))
+            full = sorted(range(len(items)), key=lambda item: (-float(np.dot(query, items[item])), item))
+            values = hits(reranked, gold)
+            values.update({f"stage1_{k}": v for k, v in hits(stage1, gold).items()})
+            values.update({f"full_dense_{k}": v for k, v in hits(full, gold).items()})
+            values[f"candidate_recall@{BEAM}"] = float(gold in stage1)
+            values["candidates_per_query"] = float(len(stage1))
+            values["corpus_fraction_scored"] = len(stage1) / len(items)
+            for name, value in values.items():
+                rows.setdefault(name, []).append(value)
+    return {name: float(np.mean(values)) for name, values in rows.items()}
+
+
+class FakeRetriever(L.LightningModule):
+    """Stands in for a generative retriever: returns fixed pseudo-random candidate pools per query."""
+
+    def __init__(self, num_items: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.num_items = num_items
+        self.pools: list[torch.Tensor] = []
+
+    def pool(self, query_index: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for query, item in zip(query_index.tolist(), gold.tolist()):
+            generator = torch.Generator().manual_seed(query // 2)  # pairs of queries share a pool
+            row = torch.randint(-1, self.num_items, (15,), generator=generator)
+            row[3] = row[1]  # a duplicate
+            if query % 3:
+                row[(query // 3) % 8] = item  # gold recalled for two thirds of the queries
+            rows.append(row)
+        return torch.stack(rows)
+
+    def validation_step(self, batch, batch_idx):
+        candidates = self.pool(batch["query_index"], batch["gold_items"][:, 0])
+        self.pools.append(candidates)
+        return {"candidates": candidates, "beam_size": BEAM, "decode_seconds": 0.5}
+
+
+def test_callback_on_retriever_outputs_matches_independent_computation(tmp_path, datamodule, dense_checkpoint):
+    module = FakeRetriever(NUM_ITEMS)
+    callback = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM)
+    trainer = _trainer(tmp_path, callbacks=[callback])
+    logged = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+
+    queries, items, batches = _dense_inputs(dense_checkpoint, datamodule)
+    expected = _expected_metrics(queries, items, batches, module.pools)
+    assert 0 < expected["recall@1"] < expected[f"candidate_recall@{BEAM}"] < 1  # a non-trivial case
+    for name, value in expected.items():
+        assert logged[f"val/two_stage/{name}"] == pytest.approx(value, abs=1e-6), name
+    assert logged["val/two_stage/recall@1_vs_full_dense"] == pytest.approx(
+        expected["recall@1"] / expected["full_dense_recall@1"], rel=1e-6
+    )
+    # stage-1 time comes from the outputs: 0.5 s per batch
+    num_queries = sum(len(b["query_index"]) for b in batches)
+    stage1_ms = 1e3 * 0.5 * len(batches) / num_queries
+    assert logged["val/two_stage/stage1_ms_per_query"] == pytest.approx(stage1_ms, rel=1e-6)
+    assert logged["val/two_stage/latency_ms_per_query"] > stage1_ms
+    assert logged["val/two_stage/queries_per_s"] == pytest.approx(
+        1e3 / logged["val/two_stage/latency_ms_per_query"], rel=1e-4
+    )
+
+    mismatched = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM + 1)
+    with pytest.raises(ValueError, match="beam_size"):
+        _trainer(tmp_path, callbacks=[mismatched]).validate(module, datamodule=datamodule, verbose=False)
+
+
+class RetrieverWithOutputs(GenerativeRetriever):
+    """A generative retriever whose validation step also returns its candidate pool at ``report_beam``."""
+
+    report_beam = BEAM
+    decode_calls = 0
+
+    def decode(self, *args, **kwargs):
+        self.decode_calls += 1
+        return super().decode(*args, **kwargs)
+
+    def validation_step(self, batch, batch_idx):
+        super().validation_step(batch, batch_idx)
+        output = self.decode(batch["input_ids"], batch["attention_mask"], beam_size=self.report_beam)
+        return {"candidates": beams_to_items(output, self.trie), "beam_size": self.report_beam}
+
+
+@pytest.mark.parametrize(
+    "retriever_class, report_beam",
+    [(GenerativeRetriever, None), (RetrieverWithOutputs, BEAM), (RetrieverWithOutputs, BEAM + 2)],
+    ids=["callback-decodes", "reuses-outputs", "other-beam-decodes-again"],
+)
+def test_callback_with_the_generative_retriever(
+    tmp_path, datamodule, dense_checkpoint, retriever_class, report_beam
+):
+    index = torch.arange(NUM_ITEMS)
+    codes = torch.stack([index % 5, (index // 5) % 4, (index // 20) % 3], dim=1)  # every SID holds 2 items
+    bundle = SIDBundle(item_ids=datamodule.corpus.item_ids, codes=codes, vocab_sizes=[5, 4, 3])
+    bundle_dir = str(bundle.save(tmp_path / "bundle"))
+    torch.manual_seed(0)
+    retriever = retriever_class(
+        bundle_dir=bundle_dir, vocab_size=datamodule.vocab_size, pad_token_id=datamodule.pad_token_id,
+        d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, beam_size=BEAM,
+    )
+    retriever.report_beam = report_beam
+    callback = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM)
+    logged = _trainer(tmp_path, callbacks=[callback]).validate(retriever, datamodule=datamodule, verbose=False)[0]
+
+    queries, items, batches = _dense_inputs(dense_checkpoint, datamodule)
+    if report_beam is not None:  # the step decodes twice; the callback decodes only when the beam differs
+        assert retriever.decode_calls == len(batches) * (2 if report_beam == BEAM else 3)
+    retriever.eval()
+    with torch.no_grad():
+        pools = [
+            beams_to_items(retriever.decode(b["input_ids"], b["attention_mask"], beam_size=BEAM), retriever.trie)
+            for b in batches
+        ]
+    assert all(((pool >= 0).sum(1) == 2 * BEAM).all() for pool in pools)  # B beams x 2 items per SID
+    expected = _expected_metrics(queries, items, batches, pools)
+    for name, value in expected.items():
+        assert logged[f"val/two_stage/{name}"] == pytest.approx(value, abs=1e-6), name
+    assert logged["val/two_stage/corpus_fraction_scored"] == pytest.approx(2 * BEAM / NUM_ITEMS)
+    # the pool's generative order is the retriever's own ranking
+    for k in (1, 5, 10):
+        assert logged[f"val/two_stage/stage1_recall@{k}"] == pytest.approx(logged[f"val/recall@{k}"], abs=1e-6)
+
+
+def test_callback_reports_a_missing_checkpoint(tmp_path, datamodule):
+    callback = TwoStageEvaluation(str(tmp_path / "nowhere.ckpt"))
+    with pytest.raises(FileNotFoundError, match="dense_checkpoint"):
+        _trainer(tmp_path, callbacks=[callback]).validate(FakeRetriever(NUM_ITEMS), datamodule=datamodule)
