@@ -29,7 +29,9 @@ lint: install
 	$(BIN)/ruff check grcm tests benchmarks
 
 bench: install
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/decode_throughput.py --threads 1 --out benchmarks/results/decode_throughput.json
+	$(BIN)/python benchmarks/sid_tokenizer.py --threads 1 --out benchmarks/results/sid_tokenizer.json
+	$(BIN)/python benchmarks/efficiency.py --out benchmarks/results/efficiency.json --plot benchmarks/results/efficiency.png
 
 clean:
 	rm -rf runs benchmarks/results .pytest_cache .ruff_cache

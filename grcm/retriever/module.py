@@ -26,7 +26,13 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from grcm.decoding import SIDTrie, beams_to_items, beams_to_scored_items, constrained_beam_search
+from grcm.decoding import (
+    SIDTrie,
+    beams_to_items,
+    beams_to_scored_items,
+    constrained_beam_search,
+    sid_table_nbytes,
+)
 from grcm.decoding.beam import BeamSearchOutput
 from grcm.metrics import ItemRetrievalMetrics
 from grcm.retriever.model import GenerativeRetrieverModel
@@ -344,6 +350,13 @@ class GenerativeRetriever(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
+        self.log("test/index_bytes_per_item", self.index_bytes_per_item())
+
+    def index_bytes_per_item(self) -> float:
+        """Bytes per item of the generative index: the trie plus the item -> SID table in narrow dtypes."""
+        codes = self.sid_codes
+        table = sid_table_nbytes(codes, self.model.sid_vocab_sizes)
+        return (self.trie.nbytes() + table) / max(codes.shape[0], 1)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """``{"query_index": (B,), "items": (B, M), "scores": (B, M)}`` ranked items with beam scores."""
