@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import statistics
@@ -486,9 +487,10 @@ def plot(report: dict, path: Path) -> None:
     sizes = [entry["num_items"] for entry in report["sizes"]]
     single_thread = report["settings"]["threads"] == 1
     throughput_key = "queries_per_cpu_s" if single_thread else "queries_per_s"
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.4))
+    styles = {"generative_beam50_rerank": ":^"}
     for name, label in METHODS.items():
-        style = "-o" if name.startswith("generative") else "--s"
+        style = styles.get(name, "-o" if name.startswith("generative") else "--s")
         for axis, key in ((left, throughput_key), (right, "index_bytes_per_item")):
             points = [(n, e["methods"][name][key]) for n, e in zip(sizes, report["sizes"])]
             points = [(n, value) for n, value in points if value is not None]  # skipped builds leave gaps
@@ -500,14 +502,15 @@ def plot(report: dict, path: Path) -> None:
               title="Index size per item")
     for axis in (left, right):
         axis.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8)
+    handles, labels = left.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
     machine = report["machine"]
     figure.suptitle(
         f"{machine['cpu']}, {report['settings']['threads']} thread(s) for queries; "
         f"torch {machine['torch']}, faiss {machine['faiss']}",
         fontsize=9,
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
     plt.close(figure)
@@ -520,6 +523,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--plot", type=Path, default=RESULTS / "efficiency.png", help="PNG plot")
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and models: a smoke run in seconds")
+    parser.add_argument("--plot-only", action="store_true", help="redraw --plot from an existing --out report")
     parser.add_argument("--queries", type=int, default=100, help="concurrent queries per batch (ACE Fig. 4: 100)")
     parser.add_argument("--repeats", type=int, default=3, help="timed batches per method")
     parser.add_argument("--warmup", type=int, default=1, help="untimed batches per method first")
@@ -539,7 +543,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ivf-train-size", type=int, default=10_000)
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--pq-m", type=int, default=32, help="PQ sub-quantisers (bytes per PQ code)")
-    parser.add_argument("--build-budget-s", type=float, default=300.0,
+    parser.add_argument("--build-budget-s", type=float, default=600.0,
                         help="skip an HNSW build whose time, extrapolated from a smaller size, exceeds this")
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--hnsw-ef-construction", type=int, default=40)
@@ -563,6 +567,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.plot_only:
+        report = json.loads(args.out.read_text())
+        plot(report, args.plot)
+        print(f"wrote {args.plot}")
+        return report
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     faiss_default_blas_threshold = faiss.cvar.distance_compute_blas_threshold

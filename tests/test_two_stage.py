@@ -279,6 +279,7 @@ def test_callback_on_retriever_outputs_matches_independent_computation(tmp_path,
     assert logged["val/two_stage/queries_per_s"] == pytest.approx(
         1e3 / logged["val/two_stage/latency_ms_per_query"], rel=1e-4
     )
+    assert logged["val/two_stage/index_bytes_per_item"] == items.shape[1] * 4  # float32 rerank table only
 
     mismatched = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM + 1)
     with pytest.raises(ValueError, match="beam_size"):
@@ -336,6 +337,9 @@ def test_callback_with_the_generative_retriever(
     for name, value in expected.items():
         assert logged[f"val/two_stage/{name}"] == pytest.approx(value, abs=1e-6), name
     assert logged["val/two_stage/corpus_fraction_scored"] == pytest.approx(2 * BEAM / NUM_ITEMS)
+    assert logged["val/two_stage/index_bytes_per_item"] == pytest.approx(
+        items.shape[1] * 4 + retriever.index_bytes_per_item()
+    )
     # the pool's generative order is the retriever's own ranking
     for k in (1, 5, 10):
         assert logged[f"val/two_stage/stage1_recall@{k}"] == pytest.approx(logged[f"val/recall@{k}"], abs=1e-6)

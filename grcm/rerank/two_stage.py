@@ -47,6 +47,7 @@ from grcm.metrics import (
     first_occurrence,
     ranks_from_scores,
 )
+from grcm.rerank.dual_tower import DualTower
 
 __all__ = [
     "PerQueryMeans",
@@ -267,7 +268,10 @@ class TwoStageEvaluation(L.Callback):
     ``latency_ms_per_query`` and ``queries_per_s`` (stage 1 + stage 2, this rank's
     wall clock, averaged over ranks); ``stage1_ms_per_query`` and
     ``rerank_ms_per_query``; ``stage1_recall@k`` / ``stage1_mrr@k`` (the
-    generative order of the same pool); and, with ``full_dense_reference``,
+    generative order of the same pool); ``rerank_table_bytes_per_item`` (the item
+    embeddings the rerank reads) and ``index_bytes_per_item`` (that plus
+    ``pl_module.index_bytes_per_item()`` when the module has it: the whole two-stage
+    index); and, with ``full_dense_reference``,
     ``full_dense_recall@k`` / ``full_dense_mrr@k`` (the same dense model over all N
     items, not timed) and ``recall@1_vs_full_dense`` (their ratio).
 
@@ -301,7 +305,7 @@ class TwoStageEvaluation(L.Callback):
         self.max_gather_elements = int(max_gather_elements)
         self.depth = max(*self.ks, self.mrr_k)
         self.pool_name = f"candidate_recall@{self.beam_size}"
-        self.dense: L.LightningModule | None = None
+        self.dense: DualTower | None = None
         self.item_embeddings: Tensor | None = None
         self.final_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.stage1_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
@@ -311,11 +315,9 @@ class TwoStageEvaluation(L.Callback):
         self._reset_timers()
 
     # ------------------------------------------------------------------ set-up
-    def load_dense_model(self) -> L.LightningModule:
+    def load_dense_model(self) -> DualTower:
         """The dual-tower model of ``dense_checkpoint`` (loaded once, tensors only, frozen, eval mode)."""
         if self.dense is None:
-            from grcm.rerank.dual_tower import DualTower
-
             path = Path(self.dense_checkpoint)
             if not path.is_file():
                 raise FileNotFoundError(
@@ -452,6 +454,12 @@ class TwoStageEvaluation(L.Callback):
         values["queries_per_s"] = self._timed_queries / max(total, 1e-9)
         values["stage1_ms_per_query"] = 1e3 * self._stage1_seconds / queries
         values["rerank_ms_per_query"] = 1e3 * self._rerank_seconds / queries
+        items = self.item_embeddings
+        values["rerank_table_bytes_per_item"] = float(items.shape[1] * items.element_size())
+        generative_bytes = getattr(pl_module, "index_bytes_per_item", None)
+        values["index_bytes_per_item"] = values["rerank_table_bytes_per_item"] + (
+            float(generative_bytes()) if callable(generative_bytes) else 0.0
+        )
         for name, value in values.items():
             value = value if isinstance(value, Tensor) else torch.tensor(value, device=pl_module.device)
             pl_module.log(prefix + name, value.float(), sync_dist=True, prog_bar=name == f"recall@{self.ks[0]}")

@@ -145,7 +145,9 @@ class GenerativeRetriever(L.LightningModule):
             if sid_vocab_sizes is not None and list(sid_vocab_sizes) != bundle.vocab_sizes:
                 raise BundleError(
                     f"model.sid_vocab_sizes={list(sid_vocab_sizes)} disagrees with the SID bundle at {bundle_dir} "
-                    f"(vocab_sizes={bundle.vocab_sizes}); leave sid_vocab_sizes unset, it is read from the bundle."
+                    f"(vocab_sizes={bundle.vocab_sizes}); leave sid_vocab_sizes unset, it is read from the bundle. "
+                    "(A checkpoint records the sizes of the bundle it was trained on: if that bundle has been "
+                    "rebuilt since, restore the checkpoint with bundle_dir pointing elsewhere; it carries its own.)"
                 )
             return bundle
         if sid_vocab_sizes is None:
