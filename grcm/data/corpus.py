@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from grcm.errors import GrcmError
 from grcm.io import atomic_path, write_json_atomic
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
 
-class CorpusError(ValueError):
+class CorpusError(GrcmError, ValueError):
     """A corpus on disk or in memory breaks the schema; the message says where and how to fix it."""
 
 

@@ -28,6 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from grcm.errors import GrcmError
 from grcm.io import atomic_directory
 
 BUNDLE_FORMAT = "grcm-sid-bundle"
@@ -38,7 +39,7 @@ CODES_FILE = "codes.safetensors"
 CODEBOOKS_FILE = "codebooks.safetensors"
 
 
-class BundleError(ValueError):
+class BundleError(GrcmError, ValueError):
     """A SID bundle is missing, corrupt, of another format version, or does not match its features."""
 
 
