@@ -3,6 +3,7 @@
 from grcm.decoding.beam import (
     BeamConstraint,
     BeamSearchOutput,
+    DecodingError,
     RankedItems,
     StepFn,
     TrieConstraint,
@@ -17,6 +18,7 @@ from grcm.decoding.trie import SIDTrie, TrieLevel, sid_table_dtype, sid_table_nb
 __all__ = [
     "BeamConstraint",
     "BeamSearchOutput",
+    "DecodingError",
     "RankedItems",
     "SIDTrie",
     "StepFn",

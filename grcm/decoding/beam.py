@@ -20,7 +20,9 @@ candidates of a query.
 
 The loop runs over the ``L`` levels only. Every step is a handful of tensor
 operations on ``(B*K, V_t)`` blocks on the model's device, with no Python loop
-over queries or beams and no host synchronisation.
+over queries or beams and no host synchronisation; one check at the end raises
+:class:`DecodingError` if NaN logits reached the scores (they would otherwise
+leave every beam empty without a word).
 """
 
 from __future__ import annotations
@@ -33,13 +35,24 @@ import torch
 from torch import Tensor
 
 from grcm.decoding.trie import SIDTrie
+from grcm.errors import GrcmError
 
 StepFn = Callable[[Tensor], Tensor]
 """``step_fn(prefix: LongTensor (B*K, t)) -> FloatTensor (B*K, V_t)`` logits for level ``t``.
 
 Rows are batch-major: row ``b * K + k`` is beam ``k`` of query ``b``. Beams
 with score ``-inf`` are passed too (with in-range codes) so shapes stay static.
+
+A stateful step function (one that caches per-beam state, such as
+:class:`grcm.retriever.incremental.IncrementalStep`) may also define
+``reorder(rows: LongTensor (B*K,))``: after every level but the last, the
+search calls it with the parent row of every new beam row, so that the state
+follows the beams (new row ``r`` continues old row ``rows[r]``).
 """
+
+
+class DecodingError(GrcmError, FloatingPointError):
+    """The model produced NaN logits while decoding (e.g. a diverged or corrupted checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +133,8 @@ def beam_search(
         device: where the search tensors live (the logits' device); defaults to CPU.
 
     ``step_fn`` is called once per level with all ``B*K`` rows, including beams whose
-    score is ``-inf``, so its shapes never change.
+    score is ``-inf``, so its shapes never change. If it has a ``reorder`` method, that
+    is called with the kept beams' parent rows after every level but the last.
 
     Returns:
         :class:`BeamSearchOutput` with ``sequences (B, K, L)`` and ``scores (B, K)``.
@@ -138,6 +152,7 @@ def beam_search(
     scores[:, 0] = 0.0
     prefix = torch.zeros(num_rows, 0, dtype=torch.long, device=device)
     states = constraint.initial_state(num_rows, device) if constraint is not None else row_base.new_zeros(0)
+    reorder = getattr(step_fn, "reorder", None)
     for level, size in enumerate(vocab_sizes):
         logits = step_fn(prefix)
         if logits.shape != (num_rows, size):
@@ -156,7 +171,16 @@ def beam_search(
         prefix = torch.cat([prefix[rows], codes[:, None]], dim=1)
         if constraint is not None:
             states = constraint.advance(states[rows], codes, level)
+        if reorder is not None and level + 1 < len(vocab_sizes):
+            reorder(rows)
 
+    nan_queries = int(torch.isnan(scores).any(dim=1).sum())
+    if nan_queries:
+        raise DecodingError(
+            f"beam_search: the model's logits contain NaN for {nan_queries} of {num_queries} queries, so their "
+            "beams have no valid score; the model weights hold NaN/inf (diverged training or a corrupted "
+            "checkpoint): check the training loss, lower the learning rate, or load another checkpoint."
+        )
     live = scores > float("-inf")
     sequences = prefix.reshape(num_queries, num_beams, -1).masked_fill(~live[..., None], -1)
     return BeamSearchOutput(sequences=sequences, scores=scores)

@@ -22,6 +22,13 @@ How the result enters the decoder layer: the fused output ``G + L`` takes the
 place of the cross-attention sub-layer output, i.e. the decoder layer computes
 ``y = y + Dropout(block(LayerNorm(y), E))`` (pre-LN residual), and that ``y``
 (after the feed-forward sub-layer) is the input of the next decoder layer.
+
+Incremental decoding: the encoder memory does not change while a query's SID
+is decoded, so every block splits into ``project_memory(encoder_layers)``
+(once per query batch: ACE's merge ``Z = W[E_1..E_S] + b`` and the keys and
+values of every cross-attention, a tuple of (B, h, T, d/h) tensors) and
+``forward_cached(y, memory, attn_mask)`` (per step: queries, attention, gates).
+Both give what ``forward`` gives, in evaluation mode (no dropout).
 """
 
 from __future__ import annotations
@@ -29,9 +36,54 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 FUSION_CHOICES = ("ace", "none")
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, T, d) -> (B, h, T, d/h)."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, h, T, d/h) -> (B, T, d)."""
+    return x.transpose(1, 2).flatten(-2)
+
+
+def _in_projection(attention: nn.MultiheadAttention, part: int) -> tuple[Tensor, Tensor | None]:
+    """Weight and bias of the query (0), key (1) or value (2) projection of ``attention``."""
+    width = attention.embed_dim
+    rows = slice(part * width, (part + 1) * width)
+    bias = attention.in_proj_bias
+    return attention.in_proj_weight[rows], None if bias is None else bias[rows]
+
+
+def project_keys_values(attention: nn.MultiheadAttention, memory: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values of ``memory`` (B, T, d) under ``attention``'s projections, each (B, h, T, d/h)."""
+    keys = F.linear(memory, *_in_projection(attention, 1))
+    values = F.linear(memory, *_in_projection(attention, 2))
+    return split_heads(keys, attention.num_heads), split_heads(values, attention.num_heads)
+
+
+def attend_projected(
+    attention: nn.MultiheadAttention, y: Tensor, keys: Tensor, values: Tensor, attn_mask: Tensor | None
+) -> Tensor:
+    """``attention(y, memory, memory)`` from projected keys and values, without dropout.
+
+    Args:
+        attention: the ``nn.MultiheadAttention`` whose query and output projections apply.
+        y: (B, Q, d) queries.
+        keys, values: (B, h, T, d/h) from :func:`project_keys_values`.
+        attn_mask: (B, 1, 1, T) bool, True = attend (real token), or None.
+
+    Returns:
+        (B, Q, d).
+    """
+    queries = split_heads(F.linear(y, *_in_projection(attention, 0)), attention.num_heads)
+    attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=attn_mask)
+    return attention.out_proj(merge_heads(attended))
 
 
 def _check_layers(encoder_layers: Sequence[Tensor], expected: int, block: str) -> None:
@@ -64,6 +116,16 @@ class StandardCrossAttention(nn.Module):
         out, _ = self.attention(y, memory, memory, key_padding_mask=key_padding_mask, need_weights=False)
         return out
 
+    def project_memory(self, encoder_layers: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """S tensors (B, T, d) -> keys and values of ``E_S``, each (B, h, T, d/h)."""
+        _check_layers(encoder_layers, self.num_encoder_layers, type(self).__name__)
+        return project_keys_values(self.attention, encoder_layers[-1])
+
+    def forward_cached(self, y: Tensor, memory: Sequence[Tensor], attn_mask: Tensor | None) -> Tensor:
+        """``y`` (B, Q, d), ``memory`` from :meth:`project_memory`, mask (B, 1, 1, T) True=attend -> (B, Q, d)."""
+        keys, values = memory
+        return attend_projected(self.attention, y, keys, values, attn_mask)
+
 
 class CoarseFusion(nn.Module):
     """ACE coarse fusion over all encoder layers at once.
@@ -86,6 +148,17 @@ class CoarseFusion(nn.Module):
         merged = self.merge(torch.cat(list(encoder_layers), dim=-1))
         attended, _ = self.attention(y, merged, merged, key_padding_mask=key_padding_mask, need_weights=False)
         return torch.sigmoid(attended) / self.num_encoder_layers
+
+    def project_memory(self, encoder_layers: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """S tensors (B, T, d) -> keys and values of ``Z = W[E_1..E_S] + b``, each (B, h, T, d/h)."""
+        _check_layers(encoder_layers, self.num_encoder_layers, type(self).__name__)
+        merged = self.merge(torch.cat(list(encoder_layers), dim=-1))
+        return project_keys_values(self.attention, merged)
+
+    def forward_cached(self, y: Tensor, memory: Sequence[Tensor], attn_mask: Tensor | None) -> Tensor:
+        """``y`` (B, Q, d), ``memory`` from :meth:`project_memory`, mask (B, 1, 1, T) True=attend -> (B, Q, d)."""
+        keys, values = memory
+        return torch.sigmoid(attend_projected(self.attention, y, keys, values, attn_mask)) / self.num_encoder_layers
 
 
 class FineFusion(nn.Module):
@@ -128,6 +201,22 @@ class FineFusion(nn.Module):
             return fused, torch.stack(gates)
         return fused
 
+    def project_memory(self, encoder_layers: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """S tensors (B, T, d) -> 2S tensors (B, h, T, d/h): keys and values of ``E_i`` under ``Attn_i``."""
+        _check_layers(encoder_layers, self.num_encoder_layers, type(self).__name__)
+        projected: list[Tensor] = []
+        for attention, memory in zip(self.attentions, encoder_layers):
+            projected.extend(project_keys_values(attention, memory))
+        return tuple(projected)
+
+    def forward_cached(self, y: Tensor, memory: Sequence[Tensor], attn_mask: Tensor | None) -> Tensor:
+        """``y`` (B, Q, d), ``memory`` from :meth:`project_memory`, mask (B, 1, 1, T) True=attend -> (B, Q, d)."""
+        fused = torch.zeros_like(y)
+        for index, (attention, gate) in enumerate(zip(self.attentions, self.gates)):
+            attended = attend_projected(attention, y, memory[2 * index], memory[2 * index + 1], attn_mask)
+            fused = fused + torch.sigmoid(gate(torch.cat([y, attended], dim=-1))) * attended
+        return fused
+
 
 class CoarseToFineFusion(nn.Module):
     """ACE coarse-to-fine fusion (``fusion="ace"``): ``CoarseFusion + FineFusion``."""
@@ -140,6 +229,14 @@ class CoarseToFineFusion(nn.Module):
     def forward(self, y: Tensor, encoder_layers: Sequence[Tensor], key_padding_mask: Tensor | None) -> Tensor:
         """``y`` (B, Q, d), S tensors (B, T, d), mask (B, T) True=pad -> (B, Q, d)."""
         return self.coarse(y, encoder_layers, key_padding_mask) + self.fine(y, encoder_layers, key_padding_mask)
+
+    def project_memory(self, encoder_layers: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """S tensors (B, T, d) -> 2 + 2S tensors (B, h, T, d/h): the coarse block's, then the fine block's."""
+        return self.coarse.project_memory(encoder_layers) + self.fine.project_memory(encoder_layers)
+
+    def forward_cached(self, y: Tensor, memory: Sequence[Tensor], attn_mask: Tensor | None) -> Tensor:
+        """``y`` (B, Q, d), ``memory`` from :meth:`project_memory`, mask (B, 1, 1, T) True=attend -> (B, Q, d)."""
+        return self.coarse.forward_cached(y, memory[:2], attn_mask) + self.fine.forward_cached(y, memory[2:], attn_mask)
 
 
 def build_cross_block(

@@ -16,6 +16,21 @@ Layout (pre-LN throughout: every sub-layer is ``x = x + Dropout(f(LayerNorm(x)))
   the level-j codes ``[0, sid_vocab_sizes[j])``.
 
 All weight matrices are Xavier-uniform initialised (as in ACE); biases are zero.
+
+Two decoding paths give the same logits in evaluation mode:
+
+- :meth:`GenerativeRetrieverModel.decode_logits` recomputes the decoder over
+  the whole prefix at every level (the reference; training uses the same
+  teacher-forced pass);
+- :meth:`GenerativeRetrieverModel.project_memory` once per query batch, then
+  :meth:`GenerativeRetrieverModel.decode_step` once per level: only the newest
+  position is computed, attending to the cached self-attention keys/values of
+  the earlier positions (:data:`DecoderCache`) and to the pre-projected encoder
+  memory (:class:`DecoderMemory`). :class:`grcm.retriever.incremental.IncrementalStep`
+  drives it inside a beam search.
+
+Codes enter the decoder only through ``code_embeddings[l]`` and leave it only
+through ``heads[l]``, in both paths.
 """
 
 from __future__ import annotations
@@ -24,9 +39,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from grcm.retriever.fusion import FUSION_CHOICES, build_cross_block
+from grcm.retriever.fusion import FUSION_CHOICES, build_cross_block, merge_heads, split_heads
+
+DecoderCache = tuple[tuple[Tensor, Tensor], ...]
+"""Self-attention keys and values of the decoded positions: per decoder layer, two (R, h, t, d/h) tensors."""
 
 
 @dataclass
@@ -56,6 +75,23 @@ class EncoderOutput:
             layer_outputs=tuple(layer.repeat_interleave(k, dim=0) for layer in self.layer_outputs),
             attention_mask=self.attention_mask.repeat_interleave(k, dim=0),
         )
+
+
+@dataclass
+class DecoderMemory:
+    """Encoder memory of B queries projected for every decoder layer's cross block (incremental decoding).
+
+    Attributes:
+        layers: per decoder layer, the cross block's ``project_memory`` output (tensors (B, h, T, d/h)).
+        attn_mask: (B, 1, 1, T) bool, True = real token (the ``scaled_dot_product_attention`` convention).
+    """
+
+    layers: tuple[tuple[Tensor, ...], ...]
+    attn_mask: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.attn_mask.shape[0]
 
 
 class FusionDecoderLayer(nn.Module):
@@ -107,6 +143,42 @@ class FusionDecoderLayer(nn.Module):
         y = y + self.dropout(fused)
 
         return y + self.dropout(self.ffn(self.ffn_norm(y)))
+
+    def step(
+        self,
+        y: Tensor,
+        past_keys: Tensor | None,
+        past_values: Tensor | None,
+        memory: tuple[Tensor, ...],
+        attn_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The newest decoder position only, as :meth:`forward` computes it in evaluation mode.
+
+        Args:
+            y: (R, 1, d) this layer's input at the newest position; ``R = G * B`` batch-major rows.
+            past_keys, past_values: (R, h, t, d/h) self-attention keys/values of the t earlier
+                positions, or None when this is the first position.
+            memory: ``self.cross.project_memory`` of the B queries.
+            attn_mask: (B, 1, 1, T) bool, True = real query token.
+
+        Returns:
+            (R, 1, d) output, and keys/values (R, h, t + 1, d/h) including the newest position.
+        """
+        attention = self.self_attention
+        h = self.self_norm(y)
+        queries, keys, values = F.linear(h, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+        keys, values = split_heads(keys, attention.num_heads), split_heads(values, attention.num_heads)
+        if past_keys is not None:
+            keys, values = torch.cat([past_keys, keys], dim=2), torch.cat([past_values, values], dim=2)
+        # the newest position may attend to every cached one: the causal mask holds by construction
+        attended = F.scaled_dot_product_attention(split_heads(queries, attention.num_heads), keys, values)
+        y = y + attention.out_proj(merge_heads(attended))
+
+        rows, _, width = y.shape
+        batch = attn_mask.shape[0]
+        h = self.cross_norm(y).reshape(batch, rows // batch, width)
+        y = y + self.cross.forward_cached(h, memory, attn_mask).reshape(rows, 1, width)
+        return y + self.ffn(self.ffn_norm(y)), keys, values
 
 
 class GenerativeRetrieverModel(nn.Module):
@@ -266,6 +338,42 @@ class GenerativeRetrieverModel(nn.Module):
             raise ValueError(f"sid_prefix has {level} levels; a SID has only {self.num_levels} (t must be < L).")
         states = self._decode_states(enc, sid_prefix.long())
         return self.heads[level](states[:, -1])
+
+    # ------------------------------------------------------- incremental decoder
+    def project_memory(self, enc: EncoderOutput) -> DecoderMemory:
+        """Project the encoder memory for every decoder layer's cross block, once per query batch."""
+        layers = tuple(layer.cross.project_memory(enc.layer_outputs) for layer in self.decoder_layers)
+        return DecoderMemory(layers=layers, attn_mask=enc.attention_mask[:, None, None, :])
+
+    def decode_step(
+        self, memory: DecoderMemory, codes: Tensor, cache: DecoderCache | None
+    ) -> tuple[Tensor, DecoderCache]:
+        """Logits of the next SID level from the newest prefix position and the cache of the earlier ones.
+
+        Equal (up to float rounding) to :meth:`decode_logits` on the whole prefix, in evaluation mode.
+
+        Args:
+            memory: :meth:`project_memory` of B queries.
+            codes: (R, 1) long code of the previous level for every row, or (R, 0) at level 0;
+                ``R = G * B`` batch-major rows (row ``b*G + j`` reads query b).
+            cache: the :data:`DecoderCache` of the t earlier positions; None at level 0.
+
+        Returns:
+            (R, V_t) logits over the level-t codes and the cache extended by the newest position.
+        """
+        level = 0 if cache is None else cache[0][0].shape[2]
+        rows = codes.shape[0]
+        if level == 0:
+            y = self.bos.expand(rows, -1)
+        else:
+            y = self.code_embeddings[level - 1](codes[:, -1]) * self.embed_scale
+        y = (y + self.level_embedding.weight[level]).unsqueeze(1)
+        new_cache = []
+        for index, (layer, layer_memory) in enumerate(zip(self.decoder_layers, memory.layers)):
+            past = (None, None) if cache is None else cache[index]
+            y, keys, values = layer.step(y, *past, layer_memory, memory.attn_mask)
+            new_cache.append((keys, values))
+        return self.heads[level](self.decoder_norm(y[:, 0])), tuple(new_cache)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, sids: Tensor) -> list[Tensor]:
         """Teacher-forced logits for every level in one pass.

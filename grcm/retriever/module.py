@@ -15,10 +15,11 @@ directory (:attr:`GenerativeRetriever.sid_bundle` rebuilds it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,19 @@ from grcm.decoding import (
     sid_table_nbytes,
 )
 from grcm.decoding.beam import BeamSearchOutput
+from grcm.errors import GrcmError
 from grcm.metrics import ItemRetrievalMetrics
+from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
 from grcm.retriever.model import GenerativeRetrieverModel
 from grcm.retriever.rdrop import sid_loss
 from grcm.retriever.schedule import warmup_cosine_restarts
 from grcm.tokenizers.bundle import BundleError, SIDBundle
 
 CHECKPOINT_KEY = "sid_bundle"
+
+
+class RetrieverConfigError(GrcmError, ValueError):
+    """A GenerativeRetriever argument that cannot work (names the argument and the fix)."""
 
 
 def _plain(value: Any) -> Any:
@@ -73,8 +80,18 @@ class GenerativeRetriever(L.LightningModule):
         restart_mult: period growth after each restart (``T_mult``).
         min_lr: lowest learning rate of each cosine period.
         weight_decay: Adam weight decay.
-        eval_max_items: ranked items kept per query (default: the largest metric cut-off).
+        eval_max_items: ranked items kept per query (default: the largest metric cut-off; fewer
+            than that cut-off is an error, since ``recall@k`` would silently count only the first items).
         ks, mrr_k: reported cut-offs (``recall@k`` and ``mrr@mrr_k``).
+        incremental_decoding: decode with the KV cache (:mod:`grcm.retriever.incremental`);
+            False recomputes the decoder over the whole prefix every level (same beams, slower).
+        compile_decoder: ``torch.compile`` the incremental decode step (speed only).
+        decode_precision: "32", or on CUDA "16" / "bf16" autocast while decoding (speed only).
+        cuda_graphs: replay the incremental decode step as CUDA graphs (CUDA only; speed only).
+
+    :meth:`decode` and :meth:`retrieve` always run in evaluation mode under
+    ``torch.inference_mode`` (the training flag is restored afterwards), also
+    when called outside a Lightning loop.
     """
 
     def __init__(
@@ -104,12 +121,32 @@ class GenerativeRetriever(L.LightningModule):
         eval_max_items: int | None = None,
         ks: Sequence[int] = (1, 5, 10),
         mrr_k: int = 10,
+        incremental_decoding: bool = True,
+        compile_decoder: bool = False,
+        decode_precision: str = "32",
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if rdrop_omega < 0:
-            raise ValueError(f"rdrop_omega must be >= 0, got {rdrop_omega}.")
+            raise RetrieverConfigError(f"model.rdrop_omega must be >= 0, got {rdrop_omega}.")
         if beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {beam_size}.")
+            raise RetrieverConfigError(f"model.beam_size must be >= 1, got {beam_size}.")
+        largest_cutoff = max(*ks, mrr_k)
+        if eval_max_items is not None and eval_max_items < largest_cutoff:
+            raise RetrieverConfigError(
+                f"model.eval_max_items={eval_max_items} is below the largest reported cut-off {largest_cutoff} "
+                f"(ks={list(ks)}, mrr_k={mrr_k}): recall@{largest_cutoff} would count only {eval_max_items} items. "
+                f"Set eval_max_items >= {largest_cutoff} or leave it unset."
+            )
+        if decode_precision not in PRECISIONS:
+            raise RetrieverConfigError(
+                f"model.decode_precision must be one of {list(PRECISIONS)}, got {decode_precision!r}."
+            )
+        if (compile_decoder or cuda_graphs) and not incremental_decoding:
+            raise RetrieverConfigError(
+                "model.compile_decoder and model.cuda_graphs speed up incremental decoding; "
+                "set model.incremental_decoding=true or unset them."
+            )
         self.save_hyperparameters()
         bundle = self._read_bundle(bundle_dir, sid_vocab_sizes)
         if bundle is not None:
@@ -132,6 +169,8 @@ class GenerativeRetriever(L.LightningModule):
         self.register_buffer("sid_codes", codes.clone())
         self._bundle_extras: dict[str, Any] = self._extras_of(bundle) if bundle is not None else {}
         self._trie: SIDTrie | None = None
+        # a state dict loaded into the module may replace sid_codes: the trie must follow
+        self.register_load_state_dict_post_hook(GenerativeRetriever._forget_trie)
         self.val_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self._decode_seconds = 0.0
@@ -194,6 +233,10 @@ class GenerativeRetriever(L.LightningModule):
                 f"GenerativeRetriever has no SID codes: bundle_dir={self.hparams.bundle_dir!r} was not found "
                 "and no checkpoint was loaded; point model.bundle_dir at the tokenizer's bundle."
             )
+
+    @staticmethod
+    def _forget_trie(module: GenerativeRetriever, incompatible_keys: Any) -> None:
+        module._trie = None
 
     @property
     def trie(self) -> SIDTrie:
@@ -294,24 +337,63 @@ class GenerativeRetriever(L.LightningModule):
             return int(self.hparams.eval_max_items)
         return max(*self.hparams.ks, self.hparams.mrr_k)
 
-    @torch.no_grad()
-    def decode(self, input_ids: Tensor, attention_mask: Tensor, beam_size: int | None = None) -> BeamSearchOutput:
-        """Beam search over SIDs: queries (B, T) -> beams (B, K, L) and scores (B, K)."""
-        enc = self.model.encode(input_ids, attention_mask)
-        return constrained_beam_search(
-            lambda prefix: self.model.decode_logits(enc, prefix),
-            batch_size=input_ids.shape[0],
-            beam_size=beam_size or self.hparams.beam_size,
-            trie=self.trie,
-            vocab_sizes=self.model.sid_vocab_sizes,
-            constrained=self.hparams.constrained,
-        )
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Evaluation mode (no dropout) and ``torch.inference_mode``; restores the training flag."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)
 
-    @torch.no_grad()
+    def decode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        beam_size: int | None = None,
+        incremental: bool | None = None,
+    ) -> BeamSearchOutput:
+        """Beam search over SIDs: queries (B, T) -> beams (B, K, L) and scores (B, K).
+
+        Args:
+            input_ids, attention_mask: (B, T) query tokens and mask (True = real token).
+            beam_size: K; None uses ``hparams.beam_size``.
+            incremental: KV-cached decoding; None uses ``hparams.incremental_decoding``. False
+                recomputes the full prefix each level (the reference: same beams and scores).
+        """
+        if beam_size is None:
+            beam_size = self.hparams.beam_size
+        elif int(beam_size) < 1:
+            raise RetrieverConfigError(f"decode: beam_size must be >= 1 (or None for the default), got {beam_size}.")
+        hparams = self.hparams
+        incremental = hparams.get("incremental_decoding", True) if incremental is None else incremental
+        trie = self.trie  # built outside inference mode: it outlives this call
+        with self._inference(), decode_precision(hparams.get("decode_precision", "32"), input_ids.device):
+            enc = self.model.encode(input_ids, attention_mask)
+            step_fn = make_step_fn(
+                self.model,
+                enc,
+                int(beam_size),
+                incremental=incremental,
+                compile=bool(incremental and hparams.get("compile_decoder", False)),
+                cuda_graphs=bool(incremental and hparams.get("cuda_graphs", False)),
+            )
+            return constrained_beam_search(
+                step_fn,
+                batch_size=input_ids.shape[0],
+                beam_size=int(beam_size),
+                trie=trie,
+                vocab_sizes=self.model.sid_vocab_sizes,
+                constrained=hparams.constrained,
+            )
+
     def retrieve(self, input_ids: Tensor, attention_mask: Tensor, max_items: int | None = None) -> Tensor:
-        """Ranked items (B, M) padded with -1 for queries (B, T)."""
+        """Ranked items (B, M) padded with -1 for queries (B, T) (evaluation mode, inference mode)."""
         output = self.decode(input_ids, attention_mask)
-        return beams_to_items(output, self.trie, max_items or self.eval_max_items)
+        with torch.inference_mode():
+            return beams_to_items(output, self.trie, max_items or self.eval_max_items)
 
     def _evaluate(self, batch: dict[str, Tensor], metrics: ItemRetrievalMetrics, stage: str) -> None:
         start = time.perf_counter()
