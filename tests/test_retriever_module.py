@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from grcm.data.datamodules import SyntheticDataModule
-from grcm.decoding import beams_to_items
-from grcm.retriever.module import GenerativeRetriever
+from grcm.decoding import DecodingError, beams_to_items
+from grcm.retriever.module import GenerativeRetriever, RetrieverConfigError
 from grcm.retriever.schedule import warmup_cosine_restarts
 from grcm.tokenizers.bundle import BundleError, SIDBundle
 
@@ -223,3 +223,76 @@ def test_schedule_warms_up_linearly_then_restarts_cosine_periods():
     for s in range(14):
         expected.append(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * (s % 6) / 6)))
     assert seen == pytest.approx(expected, rel=1e-6)
+
+
+# ------------------------------------------------------------ decoding paths and review fixes
+def test_incremental_decoding_equals_full_recomputation(trained, datamodule):
+    batch = next(iter(datamodule.val_dataloader()))
+    for beam_size in (1, 5, NUM_ITEMS):
+        full = trained.decode(batch["input_ids"], batch["attention_mask"], beam_size=beam_size, incremental=False)
+        cached = trained.decode(batch["input_ids"], batch["attention_mask"], beam_size=beam_size)
+        assert torch.equal(full.sequences, cached.sequences)
+        torch.testing.assert_close(full.scores, cached.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_a_state_dict_with_other_codes_rebuilds_the_trie(tmp_path, trained, datamodule):
+    shuffled = _codes(NUM_ITEMS)[torch.randperm(NUM_ITEMS, generator=torch.Generator().manual_seed(0))]
+    other_dir = str(
+        SIDBundle(item_ids=datamodule.corpus.item_ids, codes=shuffled, vocab_sizes=SID_VOCABS).save(tmp_path / "b")
+    )
+    other = _retriever(other_dir, datamodule)
+    other.load_state_dict({**trained.state_dict(), "sid_codes": shuffled})
+    module = _retriever(other_dir, datamodule)  # same shapes; its trie is built before the load
+    module.load_state_dict(trained.state_dict())
+    batch = next(iter(datamodule.val_dataloader()))
+    before = module.retrieve(batch["input_ids"], batch["attention_mask"])  # builds the trie of _codes
+    module.load_state_dict(other.state_dict())
+    after = module.retrieve(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(after, other.retrieve(batch["input_ids"], batch["attention_mask"]))
+    assert not torch.equal(before, after)  # same network, new item -> SID table: other items
+
+
+def test_eval_max_items_below_the_largest_cutoff_is_an_error(bundle_dir, datamodule):
+    with pytest.raises(RetrieverConfigError, match="eval_max_items=5 is below the largest reported cut-off 10"):
+        _retriever(bundle_dir, datamodule, eval_max_items=5)
+    assert _retriever(bundle_dir, datamodule, eval_max_items=10).eval_max_items == 10
+
+
+def test_decode_rejects_a_beam_size_below_one(trained, datamodule):
+    batch = next(iter(datamodule.val_dataloader()))
+    with pytest.raises(RetrieverConfigError, match="beam_size must be >= 1.*got 0"):
+        trained.decode(batch["input_ids"], batch["attention_mask"], beam_size=0)
+
+
+def test_decode_and_retrieve_outside_lightning_run_without_dropout(bundle_dir, datamodule, trained):
+    module = _retriever(bundle_dir, datamodule, dropout=0.5)
+    module.load_state_dict(trained.state_dict())
+    batch = next(iter(datamodule.val_dataloader()))
+    module.train()
+    first = module.retrieve(batch["input_ids"], batch["attention_mask"])
+    second = module.decode(batch["input_ids"], batch["attention_mask"], incremental=False)
+    assert module.training and module.model.training  # the caller's mode is restored
+    assert first.is_inference() and second.scores.is_inference()
+    module.eval()
+    torch.testing.assert_close(first, module.retrieve(batch["input_ids"], batch["attention_mask"]))
+    torch.testing.assert_close(
+        second.scores, module.decode(batch["input_ids"], batch["attention_mask"], incremental=False).scores
+    )
+
+
+def test_nan_logits_raise_instead_of_returning_empty_results(bundle_dir, datamodule, trained):
+    module = _retriever(bundle_dir, datamodule)
+    module.load_state_dict(trained.state_dict())
+    with torch.no_grad():
+        module.model.heads[1].bias[0] = float("nan")
+    batch = next(iter(datamodule.val_dataloader()))
+    for incremental in (True, False):
+        with pytest.raises(DecodingError, match=r"logits contain NaN for \d+ of \d+ queries"):
+            module.decode(batch["input_ids"], batch["attention_mask"], incremental=incremental)
+
+
+def test_speed_options_need_incremental_decoding_and_a_known_precision(bundle_dir, datamodule):
+    with pytest.raises(RetrieverConfigError, match="incremental_decoding=true"):
+        _retriever(bundle_dir, datamodule, incremental_decoding=False, compile_decoder=True)
+    with pytest.raises(RetrieverConfigError, match="decode_precision must be one of"):
+        _retriever(bundle_dir, datamodule, decode_precision="8")

@@ -132,3 +132,19 @@ def test_plot_coarse_tokens_writes_a_png(datamodule, tmp_path: Path):
             assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="do not match"):
         plot_coarse_tokens(tmp_path / "sids", features * 2, tmp_path / "bad.png")
+
+
+def test_docs_cite_the_papers_identifier_size_and_length_tables():
+    """ACE's Table 4 varies the identifier size (codebook size), Table 5 the identifier length."""
+    import grcm.tokenizers.module as tokenizer_module
+
+    root = Path(__file__).resolve().parents[1]
+    texts = {
+        "grcm/tokenizers/module.py": tokenizer_module.__doc__,
+        "experiments/synthetic/ace_tokenizer.yaml": (root / "experiments/synthetic/ace_tokenizer.yaml").read_text(),
+    }
+    for name, text in texts.items():
+        flat = " ".join(text.split())
+        assert "identifier size, Table 4" in flat or "identifier size (Table 4)" in flat, name
+        assert "identifier length, Table 5" in flat or "identifier length (Table 5)" in flat, name
+        assert "length, Table 4" not in flat and "length (Table 4)" not in flat, name

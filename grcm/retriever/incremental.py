@@ -42,19 +42,27 @@ DecodeStep = Callable[[DecoderMemory, Tensor, "DecoderCache | None"], tuple[Tens
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def compiled_decode_step(model: GenerativeRetrieverModel, cuda_graphs: bool = False) -> DecodeStep:
-    """``torch.compile`` of ``model.decode_step``, built once per model and mode and then reused.
+def compiled_decode_step(
+    model: GenerativeRetrieverModel, cuda_graphs: bool = False, backend: str = "inductor"
+) -> DecodeStep:
+    """``torch.compile`` of ``model.decode_step``, built once per model, mode and backend, then reused.
 
     Args:
         model: the network (its weights are read at call time; compiling does not copy them).
         cuda_graphs: compile in ``reduce-overhead`` mode, which captures the step as CUDA graphs and
             replays them (CUDA only; one graph per SID level and batch shape).
+        backend: ``torch.compile`` backend; "inductor" generates fused kernels, "eager" only
+            traces (quick to build, no speed-up: for tests).
     """
     mode = "reduce-overhead" if cuda_graphs else "default"
     per_model = _COMPILED.setdefault(model, {})
-    if mode not in per_model:
-        per_model[mode] = torch.compile(model.decode_step, mode=mode, dynamic=False)
-    return per_model[mode]
+    key = (mode, backend)
+    if key not in per_model:
+        if backend == "inductor":
+            per_model[key] = torch.compile(model.decode_step, mode=mode, dynamic=False)
+        else:
+            per_model[key] = torch.compile(model.decode_step, backend=backend, dynamic=False)
+    return per_model[key]
 
 
 class IncrementalStep:
@@ -136,6 +144,7 @@ def make_step_fn(
     incremental: bool = True,
     compile: bool = False,
     cuda_graphs: bool = False,
+    compile_backend: str = "inductor",
 ) -> StepFn:
     """The step function a beam search over ``model`` uses.
 
@@ -147,6 +156,7 @@ def make_step_fn(
             every level (the reference).
         compile: ``torch.compile`` the incremental step.
         cuda_graphs: replay the incremental step as CUDA graphs (CUDA only; implies compiling).
+        compile_backend: ``torch.compile`` backend for ``compile`` (see :func:`compiled_decode_step`).
     """
     if not incremental:
         if compile or cuda_graphs:
@@ -157,7 +167,7 @@ def make_step_fn(
             f"cuda_graphs needs the model on a CUDA device, it is on {enc.attention_mask.device}; "
             "unset cuda_graphs."
         )
-    step = compiled_decode_step(model, cuda_graphs) if (compile or cuda_graphs) else None
+    step = compiled_decode_step(model, cuda_graphs, compile_backend) if (compile or cuda_graphs) else None
     return IncrementalStep(model, enc, beam_size, step=step, mark_cuda_graph_steps=cuda_graphs)
 
 

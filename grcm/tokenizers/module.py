@@ -10,8 +10,8 @@ SID = (k, v_1, ..., v_M, u):
 
 Ablations of the ACE paper are flags: ``coarse_token=False`` (RQ-VAE on the raw
 embedding, Table 2 "w/o K-Means token"), ``fine_tokens="hierarchical_kmeans"``
-("w/o RQ-VAE tokens"), ``num_fine_levels`` (identifier length, Table 4) and
-``codebook_size`` (Table 5).
+("w/o RQ-VAE tokens"), ``codebook_size`` (identifier size, Table 4) and
+``num_fine_levels`` (identifier length, Table 5).
 
 Training: K-Means (coarse centroids and codebook initialisation) runs once
 when fitting starts, over ``trainer.datamodule.corpus.features``; RQ-VAE steps
