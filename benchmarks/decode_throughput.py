@@ -3,7 +3,9 @@
 One run measures, for tries of 10k, 100k and 1M items and beams 5 and 50:
 
 * queries/s of :func:`grcm.decoding.constrained_beam_search` with a fixed random
-  decoder as ``step_fn`` (100 queries per batch, as in ACE Fig. 4);
+  :class:`GenerativeRetrieverModel` decoder, decoded incrementally (KV cache,
+  :class:`grcm.retriever.incremental.IncrementalStep`), over a random encoder
+  memory (100 queries per batch, as in ACE Fig. 4);
 * the share of decode time spent on trie masking, timed two ways: the trie
   operations alone (``valid_mask`` + ``advance``, timed inside the search), and
   the difference to the same search without any constraint;
@@ -43,12 +45,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from grcm.decoding import SIDTrie, TrieConstraint, beam_search
 from grcm.decoding.trie import sid_table_nbytes
 from grcm.io import write_json_atomic
+from grcm.retriever.incremental import IncrementalStep
+from grcm.retriever.model import EncoderOutput, GenerativeRetrieverModel
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_throughput.json"
 
@@ -74,88 +77,29 @@ def skewed_ace_codes(num_items: int, seed: int = 0, vocab: int = 128, zipf: floa
 
 
 # --------------------------------------------------------------------- decoder
-class RandomSIDDecoder(nn.Module):
-    """Fixed random pre-LN transformer decoder over SID levels, cross-attending to encoder tokens.
+def random_decoder(vocab_sizes: Sequence[int], dim: int, layers: int, seed: int = 0) -> GenerativeRetrieverModel:
+    """:class:`GenerativeRetrieverModel` with fixed random weights, standard cross-attention (``fusion="none"``).
 
-    Cross-attention keys/values are projected once per query (:meth:`prepare`)
-    and broadcast over the beams, as a real incremental decoder would.
+    Its output heads are re-drawn with a larger spread (std ``2/sqrt(d)``) so that the logits are
+    peaked like a trained model's, not near-uniform.
     """
-
-    def __init__(
-        self,
-        vocab_sizes: Sequence[int],
-        dim: int = 256,
-        layers: int = 2,
-        heads: int = 4,
-        ffn_dim: int = 1024,
-        seed: int = 0,
-    ) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.vocab_sizes = [int(v) for v in vocab_sizes]
-        self.dim, self.heads = dim, heads
-        self.offsets = [1 + sum(self.vocab_sizes[:level]) for level in range(len(self.vocab_sizes))]
-        self.embedding = nn.Embedding(1 + sum(self.vocab_sizes), dim)  # token 0 starts the SID
-        self.position = nn.Parameter(torch.randn(len(self.vocab_sizes) + 1, dim) * 0.1)
-        self.blocks = nn.ModuleList(_DecoderBlock(dim, heads, ffn_dim) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        self.level_heads = nn.ModuleList(nn.Linear(dim, v) for v in self.vocab_sizes)
-        for head in self.level_heads:
-            nn.init.normal_(head.weight, std=2.0 / math.sqrt(dim))
-        self.register_buffer("offset_table", torch.tensor(self.offsets), persistent=False)
-
-    def prepare(self, memory: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """``memory (B, S, d)`` -> per layer cross keys and values ``(B, 1, h, S, d/h)``."""
-        return [block.cross_keys_values(memory) for block in self.blocks]
-
-    def step(self, cross: list[tuple[Tensor, Tensor]], beam_size: int, prefix: Tensor) -> Tensor:
-        """``prefix (B*K, t)`` -> level-``t`` logits ``(B*K, V_t)``."""
-        rows, level = prefix.shape
-        start = torch.zeros(rows, 1, dtype=torch.long, device=prefix.device)
-        tokens = torch.cat([start, prefix + self.offset_table[:level]], dim=1)
-        hidden = self.embedding(tokens) + self.position[: level + 1]
-        for block, keys_values in zip(self.blocks, cross):
-            hidden = block(hidden, keys_values, beam_size)
-        return self.level_heads[level](self.norm(hidden[:, -1]))
+    torch.manual_seed(seed)
+    model = GenerativeRetrieverModel(
+        vocab_size=2, sid_vocab_sizes=list(vocab_sizes), d_model=dim, num_heads=4, num_encoder_layers=1,
+        num_decoder_layers=layers, ffn_dim=4 * dim, dropout=0.0, fusion="none",
+    )
+    with torch.no_grad():
+        for head in model.heads:
+            torch.nn.init.normal_(head.weight, std=2.0 / math.sqrt(dim))
+    return model.eval()
 
 
-class _DecoderBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, ffn_dim: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.self_norm, self.cross_norm, self.ffn_norm = (
-            nn.LayerNorm(dim),
-            nn.LayerNorm(dim),
-            nn.LayerNorm(dim),
-        )
-        self.qkv, self.self_out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.cross_q, self.cross_kv, self.cross_out = (
-            nn.Linear(dim, dim),
-            nn.Linear(dim, 2 * dim),
-            nn.Linear(dim, dim),
-        )
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(), nn.Linear(ffn_dim, dim))
-
-    def _split(self, x: Tensor) -> Tensor:  # (..., T, d) -> (..., h, T, d/h)
-        return x.unflatten(-1, (self.heads, -1)).transpose(-3, -2)
-
-    def cross_keys_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        keys, values = self.cross_kv(memory).chunk(2, dim=-1)
-        return self._split(keys).unsqueeze(1), self._split(values).unsqueeze(1)
-
-    def forward(self, x: Tensor, keys_values: tuple[Tensor, Tensor], beam_size: int) -> Tensor:
-        q, k, v = (self._split(t) for t in self.qkv(self.self_norm(x)).chunk(3, dim=-1))
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.self_out(attended.transpose(1, 2).flatten(-2))
-        rows, length, dim = x.shape
-        query = self._split(self.cross_q(self.cross_norm(x))).reshape(
-            rows // beam_size, beam_size, self.heads, length, -1
-        )
-        keys, values = keys_values  # (B, 1, h, S, d/h): broadcast over the beams
-        weights = torch.softmax(query @ keys.transpose(-1, -2) / math.sqrt(query.shape[-1]), dim=-1)
-        crossed = (weights @ values).reshape(rows, self.heads, length, -1).transpose(1, 2).flatten(-2)
-        x = x + self.cross_out(crossed)
-        return x + self.ffn(self.ffn_norm(x))
+def random_memory(batch_size: int, tokens: int, dim: int, seed: int, device: torch.device) -> EncoderOutput:
+    """Encoder output of ``batch_size`` queries: random (B, tokens, d) memory, every token real."""
+    generator = torch.Generator().manual_seed(seed)
+    memory = torch.randn(batch_size, tokens, dim, generator=generator).to(device)
+    return EncoderOutput(layer_outputs=(memory,), attention_mask=torch.ones(batch_size, tokens, dtype=torch.bool,
+                                                                             device=device))
 
 
 # ---------------------------------------------------------------- constraints
@@ -240,7 +184,7 @@ def dict_trie(codes: np.ndarray) -> dict:
 
 # --------------------------------------------------------------------- timing
 def measure(
-    model: RandomSIDDecoder,
+    model: GenerativeRetrieverModel,
     trie: SIDTrie,
     callback_root: dict,
     beam_size: int,
@@ -260,35 +204,34 @@ def measure(
     use_cpu_time = device.type == "cpu"
 
     def model_step_fn(batch: int):
-        generator = torch.Generator().manual_seed(1000 + batch)
-        memory = torch.randn(batch_size, memory_tokens, dim, generator=generator).to(device)
-        with torch.no_grad():
-            cross = model.prepare(memory)
-        return lambda prefix: _no_grad(model.step, cross, beam_size, prefix)
+        """A fresh incremental step function per search (it holds the beams' cache)."""
+        enc = random_memory(batch_size, memory_tokens, dim, 1000 + batch, device)
+        return lambda: IncrementalStep(model, enc, beam_size)
 
     generator = torch.Generator().manual_seed(7)
     free_logits = [torch.randn(rows, v, generator=generator).to(device) for v in vocab_sizes]
 
     def free_step_fn(batch: int):
-        return lambda prefix: free_logits[prefix.shape[1]]
+        return lambda: (lambda prefix: free_logits[prefix.shape[1]])
 
     queries = batch_size * batches
     result: dict = {"beam_size": beam_size, "queries": queries, "batch_size": batch_size}
-    beam_search(
-        model_step_fn(-1), batch_size, beam_size, vocab_sizes, TrieConstraint(trie), device
-    )  # warm-up
+    with torch.inference_mode():
+        beam_search(
+            model_step_fn(-1)(), batch_size, beam_size, vocab_sizes, TrieConstraint(trie), device
+        )  # warm-up
     for label, step_fn_for_batch in (("", model_step_fn), ("free_model_", free_step_fn)):
         trie_ops = TimedTrieConstraint(trie)
         callback = CallbackConstraint(callback_root, beam_size, vocab_sizes, device)
         clocks = {name: Stopwatch(device) for name in ("trie", "unconstrained", "callback")}
         same_beams = True
         for batch in range(batches):
-            step_fn = step_fn_for_batch(batch)
+            new_step_fn = step_fn_for_batch(batch)
             outputs = {}
             for name, constraint in (("trie", trie_ops), ("unconstrained", None), ("callback", callback)):
-                with clocks[name].running():
+                with clocks[name].running(), torch.inference_mode():
                     outputs[name] = beam_search(
-                        step_fn, batch_size, beam_size, vocab_sizes, constraint, device
+                        new_step_fn(), batch_size, beam_size, vocab_sizes, constraint, device
                     )
             same_beams &= torch.equal(outputs["trie"].sequences, outputs["callback"].sequences)
             same_beams &= torch.equal(outputs["trie"].scores, outputs["callback"].scores)
@@ -316,11 +259,6 @@ def measure(
         )
     result["timing_basis_for_shares"] = "process CPU time" if use_cpu_time else "wall time"
     return result
-
-
-def _no_grad(fn, *args):
-    with torch.no_grad():
-        return fn(*args)
 
 
 # ------------------------------------------------------------------------ main
@@ -381,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "sids": "random ACE-shaped codes: 3 levels x 128, Zipf(0.5) per level re-permuted per parent, "
         "plus a unique token (vocab = max collisions)",
         "decoder": {
-            "kind": "random pre-LN transformer decoder",
+            "kind": "GenerativeRetrieverModel decoder (random weights, fusion 'none'), incremental decoding",
             "dim": args.dim,
             "layers": args.layers,
             "heads": 4,
@@ -397,13 +335,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         trie = SIDTrie.from_codes(codes, vocab_sizes).to(device)
         build_s = time.perf_counter() - build_start
         callback_root = dict_trie(codes)
-        model = (
-            RandomSIDDecoder(
-                vocab_sizes, dim=args.dim, layers=args.layers, ffn_dim=4 * args.dim, seed=args.seed
-            )
-            .to(device)
-            .eval()
-        )
+        model = random_decoder(vocab_sizes, dim=args.dim, layers=args.layers, seed=args.seed).to(device)
         trie_info = {
             "num_items": num_items,
             "vocab_sizes": vocab_sizes,
