@@ -31,7 +31,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/decode_throughput.py --threads 1 --out benchmarks/results/decode_throughput.json
 	$(BIN)/python benchmarks/sid_tokenizer.py --threads 1 --out benchmarks/results/sid_tokenizer.json
-	$(BIN)/python benchmarks/efficiency.py --out benchmarks/results/efficiency.json --plot benchmarks/results/efficiency.png
+	$(BIN)/python benchmarks/efficiency.py --small-d-model 128 --out benchmarks/results/efficiency.json --plot benchmarks/results/efficiency.png
 
 clean:
 	rm -rf runs benchmarks/results .pytest_cache .ruff_cache
