@@ -385,7 +385,7 @@ def measure_size(
     def generative(
         beam: int, keep_pool: bool, incremental: bool = True, network: GenerativeRetrieverModel = model
     ) -> Callable[[], Tensor]:
-        name = f"generative_beam{beam}" + ("" if incremental else "_full")
+        name = f"generative{'' if network is model else '_small'}_beam{beam}" + ("" if incremental else "_full")
 
         def run() -> Tensor:
             enc = network.encode(input_ids, attention_mask)
