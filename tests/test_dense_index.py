@@ -159,6 +159,8 @@ def test_auto_sizes():
         {"kind": "ivf_flat", "nlist": 8, "nprobe": 2},
         {"kind": "ivf_pq", "nlist": 4, "pq_m": 8, "pq_bits": 5, "train_size": 400},
         {"kind": "hnsw", "hnsw_m": 8, "ef_search": 16, "metric": "l2"},
+        {"kind": "sq8"},
+        {"kind": "pq", "pq_m": 4, "pq_bits": 4},
     ],
 )
 def test_save_load_round_trip(tmp_path, random_data, overrides):
@@ -183,6 +185,50 @@ def test_pq_is_smaller_than_flat(clustered_data):
     pq = DenseIndex.build(items, DenseIndexConfig(kind="ivf_pq", pq_m=8, pq_bits=6, **THREADS))
     assert flat.bytes_per_item == pytest.approx(4 * 32, rel=0.01)
     assert pq.bytes_per_item < flat.bytes_per_item / 3
+
+
+def test_reconstruct_of_flat_and_ivf_flat_gives_the_features(random_data):
+    items, _ = random_data
+    ids = np.array([5, 0, 599, 5])
+    for overrides in ({"kind": "flat"}, {"kind": "ivf_flat", "nlist": 4}, {"kind": "hnsw", "hnsw_m": 8}):
+        index = DenseIndex.build(items, DenseIndexConfig(**overrides, **THREADS))
+        np.testing.assert_array_equal(index.reconstruct(ids), items[ids])
+        np.testing.assert_array_equal(index.reconstruct(torch.from_numpy(ids)), items[ids])
+        assert index.code_bytes_per_item == 4 * 16 + (1 if overrides["kind"] == "ivf_flat" else 0)
+    assert index.reconstruct(np.zeros(0, np.int64)).shape == (0, 16)
+    with pytest.raises(ValueError, match=r"span \[-1, 5\]"):
+        index.reconstruct(np.array([5, -1]))
+    with pytest.raises(ValueError, match="same corpus"):
+        index.reconstruct(np.array([600]))
+
+
+def test_sq8_store_reconstructs_within_one_quantisation_step(random_data):
+    items, _ = random_data
+    index = DenseIndex.build(items, DenseIndexConfig(kind="sq8", **THREADS))
+    decoded = index.reconstruct(np.arange(600))
+    step = (items.max(axis=0) - items.min(axis=0)) / 255  # the trained per-dimension range over 255 levels
+    assert (np.abs(decoded - items) <= step[None, :]).all()
+    assert not np.array_equal(decoded, items)  # really quantised
+    assert index.code_bytes_per_item == 16
+    assert index.bytes_per_item == pytest.approx(16, abs=0.5)  # codes plus the 2 x 16 float range
+
+
+def test_pq_store_reconstruct_equals_numpy_decoding_of_its_codes(clustered_data):
+    import faiss
+
+    items, _ = clustered_data
+    index = DenseIndex.build(items, DenseIndexConfig(kind="pq", pq_m=8, pq_bits=8, **THREADS))
+    assert index.config.factory_string() == "PQ8x8" and index.code_bytes_per_item == 8
+    pq_index = faiss.downcast_index(index.index)
+    centroids = faiss.vector_to_array(pq_index.pq.centroids).reshape(8, 256, 4)  # (M, 2^bits, D / M)
+    codes = faiss.vector_to_array(pq_index.codes).reshape(3000, 8)  # one byte per sub-quantiser
+    expected = np.concatenate([centroids[m, codes[:, m]] for m in range(8)], axis=1)
+    np.testing.assert_array_equal(index.reconstruct(np.arange(3000)), expected)
+    # the serialised store is the codes plus the codebooks (8 x 256 x 4 floats) plus a small header
+    assert index.bytes_per_item == pytest.approx(8 + 8 * 256 * 4 * 4 / 3000, abs=0.1)
+    small = DenseIndex.build(items, DenseIndexConfig(kind="pq", pq_m=16, pq_bits=4, **THREADS))
+    assert small.code_bytes_per_item == 8 and small.bytes_per_item < index.bytes_per_item
+    assert DenseIndex.build(items, DenseIndexConfig(kind="pq", **THREADS)).config.pq_m == auto_pq_m(32)
 
 
 # ---------------------------------------------------------------- errors
@@ -243,6 +289,10 @@ def test_build_and_config_errors(random_data):
         DenseIndex.build(items[:100], DenseIndexConfig(kind="ivf_pq", nlist=2, **THREADS))
     with pytest.raises(ValueError, match="no GPU HNSW"):
         DenseIndexConfig(kind="hnsw", use_gpu=True)
+    with pytest.raises(ValueError, match="no GPU PQ"):
+        DenseIndexConfig(kind="pq", use_gpu=True)
+    with pytest.raises(ValueError, match="pq with pq_bits=8 needs at least 256"):
+        DenseIndex.build(items[:100], DenseIndexConfig(kind="pq", **THREADS))
     with pytest.raises(ValueError, match="at least one row"):
         DenseIndex.build(np.zeros((0, 16), np.float32))
 

@@ -1,11 +1,18 @@
 """Dense nearest-neighbour index over item features: a thin wrapper over FAISS.
 
-One API for four FAISS index families, chosen by :class:`DenseIndexConfig`:
+One API for six FAISS index families, chosen by :class:`DenseIndexConfig`:
 
 * ``flat``     exact search (``IndexFlat``), the reference;
 * ``ivf_flat`` inverted lists over K-Means cells, full vectors (``IndexIVFFlat``);
 * ``ivf_pq``   inverted lists with product-quantised codes (``IndexIVFPQ``), the compact one;
-* ``hnsw``     graph search over full vectors (``IndexHNSWFlat``), CPU only.
+* ``hnsw``     graph search over full vectors (``IndexHNSWFlat``), CPU only;
+* ``sq8``      every vector as 8-bit scalar-quantised codes, scanned exhaustively
+  (``IndexScalarQuantizer``), CPU only;
+* ``pq``       every vector as product-quantised codes, scanned exhaustively (``IndexPQ``), CPU only.
+
+``sq8`` and ``pq`` are compact *stores* rather than fast searchers: the two-stage
+reranker keeps its item embeddings in them and scores candidates from the
+decoded vectors (:meth:`DenseIndex.reconstruct`).
 
 Scores returned by :meth:`DenseIndex.search` are always "higher is better":
 the inner product for ``metric="ip"``, the cosine for ``metric="cosine"``
@@ -36,11 +43,14 @@ from grcm.io import atomic_path, write_json_atomic
 __all__ = ["DenseIndex", "DenseIndexConfig", "auto_nlist", "auto_pq_m", "gpu_available", "sidecar_path"]
 
 FORMAT_VERSION = 1
-INDEX_KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+INDEX_KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw", "sq8", "pq")
+PQ_KINDS = ("ivf_pq", "pq")
+CPU_ONLY_KINDS = ("hnsw", "sq8", "pq")
 METRICS = ("ip", "l2", "cosine")
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that K-Means is under-trained
 MAX_POINTS_PER_CENTROID = 256  # FAISS K-Means subsamples to this many points per centroid anyway
 GPU_MAX_K = 2048  # largest k FAISS GPU indexes search for
+SQ_TRAIN_ROWS = 262_144  # sq8 learns each dimension's min/max: a large sample, clipping stays rare
 ADD_CHUNK_ROWS = 65_536  # rows converted to float32 at a time, so memmaps are never copied whole
 
 
@@ -71,25 +81,29 @@ class DenseIndexConfig:
     """How to build a :class:`DenseIndex`.
 
     Args:
-        kind: ``"flat"`` (exact), ``"ivf_flat"``, ``"ivf_pq"`` or ``"hnsw"``.
+        kind: ``"flat"`` (exact), ``"ivf_flat"``, ``"ivf_pq"``, ``"hnsw"``, ``"sq8"`` or ``"pq"``.
         metric: ``"ip"`` (inner product), ``"cosine"`` (inner product of L2-normalised
             vectors) or ``"l2"`` (squared Euclidean distance).
         nlist: IVF cells; ``None`` picks :func:`auto_nlist` of the training-set size.
         nprobe: IVF cells visited per query (clamped to ``nlist``); more is slower and more exact.
-        pq_m: PQ sub-quantisers (must divide the feature dimension); ``None`` picks :func:`auto_pq_m`.
-        pq_bits: bits per PQ sub-quantiser code (8 is the usual choice and the one GPUs support).
+        pq_m: PQ sub-quantisers of ``ivf_pq``/``pq`` (must divide the feature dimension); ``None`` picks
+            :func:`auto_pq_m`.
+        pq_bits: bits per PQ sub-quantiser code (8 is the usual choice and the one GPUs support; 4 keeps
+            the codebooks small, ``pq_m * 2**pq_bits * dim / pq_m`` floats, when the corpus is small).
         hnsw_m: HNSW graph degree.
         ef_search: HNSW candidate-list size at search time.
         ef_construction: HNSW candidate-list size at build time.
-        use_gpu: ``"auto"`` (GPU when available, never for HNSW), ``True`` (fail without one) or ``False``.
+        use_gpu: ``"auto"`` (GPU when available, never for ``hnsw``/``sq8``/``pq``), ``True`` (fail without
+            one) or ``False``.
         gpu_device: CUDA device number for GPU indexes.
-        train_size: vectors sampled (without replacement, with ``seed``) to train IVF/PQ;
-            ``None`` samples as many as FAISS' K-Means would use (256 per centroid).
+        train_size: vectors sampled (without replacement, with ``seed``) to train IVF/PQ/SQ;
+            ``None`` samples as many as FAISS' K-Means would use (256 per centroid), and for
+            ``sq8`` (whose per-dimension ranges clip every vector outside the sample's) up to 262,144.
         num_threads: OpenMP threads FAISS may use while building and searching; ``None`` keeps FAISS' default.
         seed: seed of the training sample.
     """
 
-    kind: Literal["flat", "ivf_flat", "ivf_pq", "hnsw"] = "flat"
+    kind: Literal["flat", "ivf_flat", "ivf_pq", "hnsw", "sq8", "pq"] = "flat"
     metric: Literal["ip", "l2", "cosine"] = "ip"
     nlist: int | None = None
     nprobe: int = 16
@@ -126,9 +140,10 @@ class DenseIndexConfig:
                 raise ValueError(f"DenseIndexConfig.{name} must be >= 1, got {value}")
         if not 1 <= self.pq_bits <= 16:
             raise ValueError(f"DenseIndexConfig.pq_bits must be in [1, 16], got {self.pq_bits}")
-        if self.kind == "hnsw" and self.use_gpu is True:
+        if self.kind in CPU_ONLY_KINDS and self.use_gpu is True:
             raise ValueError(
-                "FAISS has no GPU HNSW index; set use_gpu to false or 'auto', or pick kind ivf_flat"
+                f"FAISS has no GPU {self.kind.upper()} index here; set use_gpu to false or 'auto', or pick kind "
+                "flat, ivf_flat or ivf_pq"
             )
 
     @property
@@ -151,7 +166,7 @@ class DenseIndexConfig:
                     "lower nlist (or leave it unset), raise train_size, or use kind='flat'"
                 )
             resolved = replace(resolved, nlist=nlist)
-        if self.kind == "ivf_pq":
+        if self.kind in PQ_KINDS:
             pq_m = self.pq_m or auto_pq_m(dim)
             if dim % pq_m:
                 raise ValueError(
@@ -159,7 +174,7 @@ class DenseIndexConfig:
                 )
             if num_train < 2**self.pq_bits:
                 raise ValueError(
-                    f"ivf_pq with pq_bits={self.pq_bits} needs at least {2**self.pq_bits} training vectors, "
+                    f"{self.kind} with pq_bits={self.pq_bits} needs at least {2**self.pq_bits} training vectors, "
                     f"got {num_train}; lower pq_bits or use kind='flat'"
                 )
             resolved = replace(resolved, pq_m=pq_m)
@@ -171,6 +186,12 @@ class DenseIndexConfig:
             return "Flat"
         if self.kind == "hnsw":
             return f"HNSW{self.hnsw_m}"
+        if self.kind == "sq8":
+            return "SQ8"
+        if self.kind == "pq":
+            if self.pq_m is None:
+                raise ValueError("call DenseIndexConfig.resolve(num_items, dim) before factory_string()")
+            return f"PQ{self.pq_m}x{self.pq_bits}"
         if self.nlist is None or (self.kind == "ivf_pq" and self.pq_m is None):
             raise ValueError("call DenseIndexConfig.resolve(num_items, dim) before factory_string()")
         if self.kind == "ivf_flat":
@@ -186,7 +207,7 @@ class DenseIndexConfig:
                     "install the 'gpu' extra in place of faiss-cpu, or set use_gpu to 'auto' or false"
                 )
             return True
-        return self.use_gpu == "auto" and self.kind != "hnsw" and gpu_available()
+        return self.use_gpu == "auto" and self.kind not in CPU_ONLY_KINDS and gpu_available()
 
 
 def _as_matrix(array: Any, name: str) -> np.ndarray:
@@ -283,7 +304,7 @@ class DenseIndex:
         index = faiss.index_factory(dim, config.factory_string(), config.faiss_metric)
         if config.kind == "hnsw":
             index.hnsw.efConstruction = config.ef_construction
-        if config.kind == "ivf_pq":
+        if config.kind in PQ_KINDS:
             # Polysemous code ordering only serves Hamming-distance filtering, which search
             # never uses, and it multiplies training time by ~20.
             index.do_polysemous_training = False
@@ -304,8 +325,10 @@ class DenseIndex:
         num_items = features.shape[0]
         if config.train_size is not None:
             size = min(num_items, config.train_size)
+        elif config.kind == "sq8":
+            size = min(num_items, SQ_TRAIN_ROWS)
         else:
-            centroids = max(config.nlist or 1, 2**config.pq_bits if config.kind == "ivf_pq" else 1)
+            centroids = max(config.nlist or 1, 2**config.pq_bits if config.kind in PQ_KINDS else 1)
             size = min(num_items, MAX_POINTS_PER_CENTROID * centroids)
         if size == num_items:
             return _float32_rows(features, "features", 0, normalize)
@@ -379,7 +402,46 @@ class DenseIndex:
         scores = np.where(labels < 0, -np.inf, scores).astype(np.float32)
         return scores, labels.astype(np.int64)
 
+    def reconstruct(self, item_indices: Any) -> np.ndarray:
+        """The stored vectors of some items, decoded from the index's codes.
+
+        Exact for ``flat`` (and ``hnsw``/``ivf_flat``); the quantised approximation for
+        ``sq8``, ``pq`` and ``ivf_pq``. With ``metric="cosine"`` the vectors are the
+        L2-normalised ones that were indexed.
+
+        Args:
+            item_indices: (M,) integer item indices in ``[0, num_items)``; repeats allowed.
+
+        Returns:
+            float32 (M, dim) array, row j is the vector of ``item_indices[j]``.
+        """
+        if hasattr(item_indices, "detach"):
+            item_indices = item_indices.detach().cpu().numpy()
+        ids = np.ascontiguousarray(np.asarray(item_indices).reshape(-1), dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_items):
+            raise ValueError(
+                f"item indices span [{ids.min()}, {ids.max()}] but the index holds items [0, {self.num_items}); "
+                "the indices and the index must come from the same corpus"
+            )
+        index = self._cpu_index()
+        if self.config.kind in ("ivf_flat", "ivf_pq"):
+            faiss.extract_index_ivf(index).make_direct_map()  # id -> (list, offset); no-op once built
+        if ids.size == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with _faiss_threads(self.config.num_threads):
+            return index.reconstruct_batch(ids)
+
     # ------------------------------------------------------------------ size, save, load
+
+    @property
+    def code_bytes_per_item(self) -> int:
+        """Bytes of one item's stored code: ``4 * dim`` for flat, ``dim`` for sq8,
+        ``ceil(pq_m * pq_bits / 8)`` for pq (IVF kinds add the cell number). Codebooks,
+        inverted-list ids and HNSW links are not counted; :attr:`bytes_per_item` counts them."""
+        index = self._cpu_index()
+        if self.config.kind == "hnsw":
+            index = faiss.downcast_index(index.storage)
+        return int(index.sa_code_size())
 
     def _cpu_index(self) -> Any:
         return faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
