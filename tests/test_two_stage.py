@@ -9,14 +9,18 @@ import torch
 
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import beams_to_items
+from grcm.errors import GrcmError
 from grcm.metrics import ranks_from_scores
 from grcm.rerank.dual_tower import DualTower
+from grcm.rerank.index import DenseIndex, DenseIndexConfig
 from grcm.rerank.two_stage import (
     PerQueryMeans,
     TwoStageEvaluation,
+    build_rerank_store,
     count_candidates,
     full_dense_ranking,
     rerank_candidates,
+    rerank_from_store,
 )
 from grcm.retriever.module import GenerativeRetriever
 from grcm.tokenizers.bundle import SIDBundle
@@ -147,6 +151,74 @@ def test_rerank_rejects_bad_inputs():
         rerank_candidates(queries, torch.tensor([[1, 3], [0, -1]]), items, 3)
 
 
+# --------------------------------------------------------------------------- rerank_from_store
+def _tied_pools():
+    rng = np.random.default_rng(0)
+    items = rng.integers(-2, 3, size=(40, 6)).astype(np.float32)
+    items[7] = items[3]
+    queries = rng.integers(-2, 3, size=(4, 6)).astype(np.float32)
+    candidates = np.array(
+        [[21, 3, 7, 12, -1, 3, 30, -1], [5, 5, 5, -1, -1, -1, -1, -1], [-1] * 8, [39, 0, 12, 30, 7, 18, 25, 33]]
+    )
+    return torch.from_numpy(items), torch.from_numpy(queries), torch.from_numpy(candidates)
+
+
+def test_flat_store_gives_exactly_the_rerank_of_the_embedding_table():
+    items, queries, candidates = _tied_pools()
+    store = build_rerank_store(items)
+    assert store.config.kind == "flat" and not store.on_gpu
+    for k in (1, 5, 10):
+        expected = rerank_candidates(queries, candidates, items, k)
+        got = rerank_from_store(queries, candidates, store, k)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    rng = np.random.default_rng(3)
+    items = torch.from_numpy(rng.standard_normal((300, 24)).astype(np.float32))
+    queries = torch.from_numpy(rng.standard_normal((50, 24)).astype(np.float32))
+    candidates = torch.from_numpy(rng.integers(-1, 300, size=(50, 30)))
+    store = build_rerank_store(items, DenseIndexConfig(kind="flat"))
+    for chunk in (1 << 25, 30 * 24 * 4):
+        expected = rerank_candidates(queries, candidates, items, 10, chunk)
+        got = rerank_from_store(queries, candidates, store, 10, chunk)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # a batch that recalled nothing
+    ranked, scores = rerank_from_store(queries[:2], torch.full((2, 5), -1), store, 3)
+    assert (ranked == -1).all() and torch.isinf(scores).all()
+
+
+@pytest.mark.parametrize("config", [{"kind": "sq8"}, {"kind": "pq", "pq_m": 6, "pq_bits": 4}, {"kind": "pq"}])
+def test_compressed_store_scores_equal_numpy_on_the_reconstructed_vectors(config):
+    rng = np.random.default_rng(4)
+    items = rng.standard_normal((400, 24)).astype(np.float32)
+    queries = rng.standard_normal((40, 24)).astype(np.float32)
+    candidates = rng.integers(-1, 400, size=(40, 25))
+    candidates[::4] = candidates[0]
+    store = build_rerank_store(items, DenseIndexConfig(**config, num_threads=1))
+    decoded = store.reconstruct(np.arange(400))
+    assert np.abs(decoded - items).max() > 1e-3  # really compressed
+    ranked, scores = rerank_from_store(torch.from_numpy(queries), torch.from_numpy(candidates), store, 10)
+    expected_ranked, expected_scores = brute_force_rerank(queries, decoded, candidates, 10)
+    np.testing.assert_array_equal(ranked.numpy(), expected_ranked)
+    np.testing.assert_allclose(scores.numpy(), expected_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_rerank_from_store_and_store_config_reject_bad_inputs():
+    items, queries, candidates = _tied_pools()
+    store = build_rerank_store(items)
+    with pytest.raises(ValueError, match="same corpus"):
+        rerank_from_store(queries, torch.tensor([[1, 40]] * 4), store, 3)
+    with pytest.raises(ValueError, match="same dual-tower model"):
+        rerank_from_store(torch.randn(4, 5), candidates, store, 3)
+    with pytest.raises(ValueError, match="integer"):
+        rerank_from_store(queries, candidates.float(), store, 3)
+    with pytest.raises(GrcmError, match="rerank store is one of"):
+        build_rerank_store(items, DenseIndexConfig(kind="hnsw"))
+    with pytest.raises(GrcmError, match="rerank store is one of"):
+        TwoStageEvaluation("x.ckpt", rerank_store={"kind": "ivf_pq"})
+    with pytest.raises(GrcmError, match="beam_size must be >= 1"):
+        TwoStageEvaluation("x.ckpt", beam_size=0)
+    assert TwoStageEvaluation("x.ckpt", rerank_store={"kind": "pq", "pq_m": 4}).rerank_store_config.pq_m == 4
+
+
 def test_count_candidates_and_full_dense_ranking():
     counts = count_candidates(torch.tensor([[4, 4, -1, 2], [-1, -1, -1, -1], [0, 1, 2, 3]]))
     assert counts.tolist() == [2, 0, 4]
@@ -212,12 +284,17 @@ def _dense_inputs(dense_checkpoint: str, datamodule) -> tuple[list[np.ndarray], 
     return queries, dense.encode_corpus(datamodule.corpus.features), batches
 
 
-def _expected_metrics(queries, items, batches, candidates_per_batch) -> dict[str, float]:
-    """Mean metrics over all val queries from plain-Python per-query reranking (no torch ranking code)."""
+def _expected_metrics(queries, items, batches, candidates_per_batch, rerank_items=None) -> dict[str, float]:
+    """Mean metrics over all val queries from plain-Python per-query reranking (no torch ranking code).
+
+    ``rerank_items`` (default ``items``) are the vectors the rerank scores, e.g. the decoded
+    vectors of a compressed store; the full-dense reference always uses ``items``.
+    """
+    rerank_items = items if rerank_items is None else rerank_items
     rows: dict[str, list[float]] = {}
     for query_block, batch, candidates in zip(queries, batches, candidates_per_batch):
         for query, gold, row in zip(query_block, batch["gold_items"][:, 0].tolist(), candidates.tolist()):
-            reranked = python_rerank(query, items, row)
+            reranked = python_rerank(query, rerank_items, row)
             stage1 = list(dict.fromkeys(item for item in row if item >= 0))
             full = sorted(range(len(items)), key=lambda item: (-float(np.dot(query, items[item])), item))
             values = hits(reranked, gold)
@@ -279,53 +356,93 @@ def test_callback_on_retriever_outputs_matches_independent_computation(tmp_path,
     assert logged["val/two_stage/queries_per_s"] == pytest.approx(
         1e3 / logged["val/two_stage/latency_ms_per_query"], rel=1e-4
     )
-    assert logged["val/two_stage/index_bytes_per_item"] == items.shape[1] * 4  # float32 rerank table only
+    # a flat store: float32 codes plus a small header; the module has no generative index
+    flat_bytes = DenseIndex.build(items).bytes_per_item
+    assert items.shape[1] * 4 < flat_bytes < items.shape[1] * 4 + 1
+    assert logged["val/two_stage/rerank_store_code_bytes_per_item"] == items.shape[1] * 4
+    assert logged["val/two_stage/rerank_store_bytes_per_item"] == pytest.approx(flat_bytes)
+    assert logged["val/two_stage/index_bytes_per_item"] == pytest.approx(flat_bytes)
+    assert logged["val/two_stage/beam_size"] == BEAM
 
     mismatched = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM + 1)
-    with pytest.raises(ValueError, match="beam_size"):
+    with pytest.raises(GrcmError, match=f"set model.init_args.beam_size={BEAM + 1}"):
         _trainer(tmp_path, callbacks=[mismatched]).validate(module, datamodule=datamodule, verbose=False)
 
 
-class RetrieverWithOutputs(GenerativeRetriever):
-    """A generative retriever whose validation step also returns its candidate pool at ``report_beam``."""
+@pytest.mark.parametrize("config", [{"kind": "sq8"}, {"kind": "pq", "pq_m": 4, "pq_bits": 4}])
+def test_callback_with_a_compressed_store_matches_independent_computation(
+    tmp_path, datamodule, dense_checkpoint, config
+):
+    module = FakeRetriever(NUM_ITEMS)
+    callback = TwoStageEvaluation(dense_checkpoint, rerank_store={**config, "num_threads": 1})
+    logged = _trainer(tmp_path, callbacks=[callback]).validate(module, datamodule=datamodule, verbose=False)[0]
 
-    report_beam = BEAM
-    decode_calls = 0
+    queries, items, batches = _dense_inputs(dense_checkpoint, datamodule)
+    store = DenseIndex.build(items, DenseIndexConfig(**config, num_threads=1, use_gpu=False))
+    decoded = store.reconstruct(np.arange(NUM_ITEMS))
+    assert np.array_equal(decoded, DenseIndex.build(items, store.config).reconstruct(np.arange(NUM_ITEMS)))
+    expected = _expected_metrics(queries, items, batches, module.pools, rerank_items=decoded)
+    for name, value in expected.items():
+        assert logged[f"val/two_stage/{name}"] == pytest.approx(value, abs=1e-6), name
+    assert logged["val/two_stage/rerank_store_bytes_per_item"] == pytest.approx(store.bytes_per_item)
+    code_bytes = items.shape[1] if config["kind"] == "sq8" else 2  # 16 dims x 1 byte; 4 x 4 bits
+    assert logged["val/two_stage/rerank_store_code_bytes_per_item"] == code_bytes
+    assert logged["val/two_stage/index_bytes_per_item"] < items.shape[1] * 4 / 3
+
+
+class CountingRetriever(GenerativeRetriever):
+    """The generative retriever, counting its decode calls and keeping what its steps return."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decode_calls = 0
+        self.step_outputs: list[dict] = []
 
     def decode(self, *args, **kwargs):
         self.decode_calls += 1
         return super().decode(*args, **kwargs)
 
     def validation_step(self, batch, batch_idx):
+        output = super().validation_step(batch, batch_idx)
+        self.step_outputs.append(output)
+        return output
+
+
+class RetrieverWithoutOutputs(CountingRetriever):
+    """A retriever whose steps return nothing: the callback has to decode itself."""
+
+    def validation_step(self, batch, batch_idx):
         super().validation_step(batch, batch_idx)
-        output = self.decode(batch["input_ids"], batch["attention_mask"], beam_size=self.report_beam)
-        return {"candidates": beams_to_items(output, self.trie), "beam_size": self.report_beam}
 
 
-@pytest.mark.parametrize(
-    "retriever_class, report_beam",
-    [(GenerativeRetriever, None), (RetrieverWithOutputs, BEAM), (RetrieverWithOutputs, BEAM + 2)],
-    ids=["callback-decodes", "reuses-outputs", "other-beam-decodes-again"],
-)
-def test_callback_with_the_generative_retriever(
-    tmp_path, datamodule, dense_checkpoint, retriever_class, report_beam
-):
+def _retriever(tmp_path, datamodule, retriever_class, beam_size=BEAM):
     index = torch.arange(NUM_ITEMS)
     codes = torch.stack([index % 5, (index // 5) % 4, (index // 20) % 3], dim=1)  # every SID holds 2 items
     bundle = SIDBundle(item_ids=datamodule.corpus.item_ids, codes=codes, vocab_sizes=[5, 4, 3])
     bundle_dir = str(bundle.save(tmp_path / "bundle"))
     torch.manual_seed(0)
-    retriever = retriever_class(
+    return retriever_class(
         bundle_dir=bundle_dir, vocab_size=datamodule.vocab_size, pad_token_id=datamodule.pad_token_id,
-        d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, beam_size=BEAM,
+        d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32, beam_size=beam_size,
     )
-    retriever.report_beam = report_beam
-    callback = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM)
+
+
+@pytest.mark.parametrize(
+    "retriever_class, callback_beam",
+    [(CountingRetriever, BEAM), (CountingRetriever, None), (RetrieverWithoutOutputs, BEAM)],
+    ids=["decode-once", "beam-from-the-retriever", "module-without-outputs"],
+)
+def test_callback_with_the_generative_retriever(
+    tmp_path, datamodule, dense_checkpoint, retriever_class, callback_beam
+):
+    retriever = _retriever(tmp_path, datamodule, retriever_class)
+    callback = TwoStageEvaluation(dense_checkpoint, beam_size=callback_beam)
     logged = _trainer(tmp_path, callbacks=[callback]).validate(retriever, datamodule=datamodule, verbose=False)[0]
 
     queries, items, batches = _dense_inputs(dense_checkpoint, datamodule)
-    if report_beam is not None:  # the step decodes twice; the callback decodes only when the beam differs
-        assert retriever.decode_calls == len(batches) * (2 if report_beam == BEAM else 3)
+    # decode once: the step's own decode serves the callback; only a module without outputs is decoded again
+    assert retriever.decode_calls == len(batches) * (2 if retriever_class is RetrieverWithoutOutputs else 1)
+    assert logged["val/two_stage/beam_size"] == BEAM
     retriever.eval()
     with torch.no_grad():
         pools = [
@@ -333,16 +450,28 @@ def test_callback_with_the_generative_retriever(
             for b in batches
         ]
     assert all(((pool >= 0).sum(1) == 2 * BEAM).all() for pool in pools)  # B beams x 2 items per SID
+    for output, pool in zip(retriever.step_outputs, pools):  # the step returned the pool of its one decode
+        assert output["beam_size"] == BEAM and output["decode_seconds"] > 0
+        assert torch.equal(output["candidates"], pool)
     expected = _expected_metrics(queries, items, batches, pools)
     for name, value in expected.items():
         assert logged[f"val/two_stage/{name}"] == pytest.approx(value, abs=1e-6), name
     assert logged["val/two_stage/corpus_fraction_scored"] == pytest.approx(2 * BEAM / NUM_ITEMS)
+    # the two-stage index: SID table + trie + the (flat) rerank store
     assert logged["val/two_stage/index_bytes_per_item"] == pytest.approx(
-        items.shape[1] * 4 + retriever.index_bytes_per_item()
+        DenseIndex.build(items).bytes_per_item + retriever.index_bytes_per_item()
     )
     # the pool's generative order is the retriever's own ranking
     for k in (1, 5, 10):
         assert logged[f"val/two_stage/stage1_recall@{k}"] == pytest.approx(logged[f"val/recall@{k}"], abs=1e-6)
+
+
+def test_callback_refuses_a_beam_other_than_the_retrievers(tmp_path, datamodule, dense_checkpoint):
+    retriever = _retriever(tmp_path, datamodule, CountingRetriever)
+    callback = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM + 2)
+    with pytest.raises(GrcmError, match=f"decoded its candidates with beam_size={BEAM}"):
+        _trainer(tmp_path, callbacks=[callback]).validate(retriever, datamodule=datamodule, verbose=False)
+    assert retriever.decode_calls == 1  # refused at the first batch, without decoding a second time
 
 
 def test_callback_reports_a_missing_checkpoint(tmp_path, datamodule):

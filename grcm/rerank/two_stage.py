@@ -9,10 +9,16 @@ model never touches the rest of the corpus, so the work per query is
 
 * :func:`rerank_candidates` is the pure, vectorised stage 2: a gathered matmul
   ``item_embeddings[candidates] @ query`` per query.
+* :func:`rerank_from_store` is the same over a compact *rerank store*: the item
+  embeddings live in a FAISS index (:class:`~grcm.rerank.index.DenseIndex` of
+  kind ``flat``, ``sq8`` or ``pq``) and only the candidates are decoded from it
+  (``reconstruct``) and scored. Two-stage storage is then the SID table + trie +
+  the compressed store.
 * :class:`TwoStageEvaluation` is a Lightning callback that runs stage 2 behind
-  the generative retriever's validation/test steps and logs item-level metrics
-  (DDP-safe), the stage-1 pool recall, the share of the corpus scored and the
-  end-to-end latency.
+  the generative retriever's validation/test steps, on the candidates those
+  steps already decoded, and logs item-level metrics (DDP-safe), the stage-1
+  pool recall, the share of the corpus scored, the end-to-end latency and the
+  bytes per item of the two-stage index.
 
 Why a callback rather than code inside ``GenerativeRetriever``: the dense model
 is a separate, separately trained network with its own checkpoint. Keeping it
@@ -23,13 +29,16 @@ loop untouched, and two-stage evaluation is switched on by one entry under
     trainer:
       callbacks:
         - class_path: grcm.rerank.two_stage.TwoStageEvaluation
-          init_args: {dense_checkpoint: runs/synthetic/dual_tower/checkpoints/best.ckpt, beam_size: 25}
+          init_args:
+            dense_checkpoint: runs/synthetic/dual_tower/checkpoints/best.ckpt
+            rerank_store: {kind: pq, pq_m: 64, pq_bits: 4}   # or {kind: flat} / {kind: sq8}
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +49,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from grcm.decoding import beams_to_items
+from grcm.errors import GrcmError
 from grcm.metrics import (
     ItemRetrievalMetrics,
     candidate_recall,
@@ -48,13 +58,16 @@ from grcm.metrics import (
     ranks_from_scores,
 )
 from grcm.rerank.dual_tower import DualTower
+from grcm.rerank.index import DenseIndex, DenseIndexConfig
 
 __all__ = [
     "PerQueryMeans",
     "TwoStageEvaluation",
+    "build_rerank_store",
     "count_candidates",
     "full_dense_ranking",
     "rerank_candidates",
+    "rerank_from_store",
 ]
 
 PAD_ITEM = -1
@@ -162,6 +175,81 @@ def rerank_candidates(
     return ranked_items, ranked_scores
 
 
+def rerank_from_store(
+    query_embeddings: Tensor,
+    candidate_items: Tensor,
+    store: DenseIndex,
+    k: int,
+    max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """:func:`rerank_candidates` with the item embeddings held in a FAISS index.
+
+    Only the distinct candidates of the batch are decoded from the store
+    (``store.reconstruct``: exact for ``flat``, the quantised vectors for ``sq8``
+    and ``pq``) and scored by inner product with the queries; the rest of the
+    corpus is never decoded. Conventions (padding, duplicates, ties by ascending
+    item index, ``-1``/``-inf`` padding of short rows) are those of
+    :func:`rerank_candidates`, so a ``flat`` store gives exactly its result.
+
+    Args:
+        query_embeddings: (Q, E) float query vectors.
+        candidate_items: (Q, M) integer item indices, ``-1`` = padding, duplicates allowed.
+        store: index over the (N, E) item embeddings, row i = item i.
+        k: ranked items returned per query, >= 1.
+        max_gather_elements: memory bound of one chunk (see :func:`rerank_candidates`).
+
+    Returns:
+        ``(ranked, scores)``: LongTensor (Q, k) item indices padded with ``-1`` and
+        float (Q, k) scores, on ``query_embeddings.device``.
+    """
+    if not isinstance(store, DenseIndex):
+        raise TypeError(f"store must be a DenseIndex, got {type(store).__name__}")
+    if query_embeddings.dim() == 2 and query_embeddings.shape[1] != store.dim:
+        raise ValueError(
+            f"query embeddings are {query_embeddings.shape[1]}-d but the rerank store holds {store.dim}-d "
+            "vectors; build the store from the same dual-tower model"
+        )
+    device = query_embeddings.device
+    candidates = candidate_items.to(device)
+    if candidates.dtype.is_floating_point or candidates.dtype == torch.bool:
+        raise ValueError(f"candidate_items must hold integer item indices, got dtype {candidates.dtype}")
+    candidates = candidates.long()
+    distinct = torch.unique(candidates[candidates != PAD_ITEM])  # (U,) ascending: local order = item order
+    if distinct.numel() and (int(distinct[0]) < 0 or int(distinct[-1]) >= store.num_items):
+        raise ValueError(
+            f"candidate_items span [{int(distinct[0])}, {int(distinct[-1])}] but the rerank store holds items "
+            f"[0, {store.num_items}) with -1 as padding; the candidates and the store must come from the same corpus"
+        )
+    if distinct.numel() == 0:  # nothing recalled: an all-padding table of one row keeps the shapes
+        vectors = torch.zeros(1, store.dim, device=device)
+        local = torch.full_like(candidates, PAD_ITEM)
+    else:
+        vectors = torch.from_numpy(store.reconstruct(distinct.cpu().numpy())).to(device)  # (U, E)
+        local = torch.searchsorted(distinct, candidates.clamp(min=0).contiguous())
+        local = torch.where(candidates == PAD_ITEM, PAD_ITEM, local)
+    ranked_local, scores = rerank_candidates(query_embeddings, local, vectors, k, max_gather_elements)
+    if distinct.numel() == 0:
+        return ranked_local, scores
+    ranked = torch.where(ranked_local == PAD_ITEM, PAD_ITEM, distinct[ranked_local.clamp(min=0)])
+    return ranked, scores
+
+
+def build_rerank_store(item_embeddings: Any, config: DenseIndexConfig | None = None) -> DenseIndex:
+    """The compact rerank store: a CPU :class:`DenseIndex` over (N, E) item embeddings.
+
+    ``config`` picks the kind (``flat``, ``sq8``, ``pq``; default ``flat``). The store is
+    always built on CPU (FAISS has no GPU ``sq8``/``pq`` flat-code index); the vectors
+    decoded from it move to the evaluation device.
+    """
+    config = config or DenseIndexConfig()
+    if config.kind not in ("flat", "sq8", "pq"):
+        raise GrcmError(
+            f"TwoStageEvaluation.rerank_store.kind={config.kind!r}: a rerank store is one of 'flat', 'sq8' or "
+            "'pq' (every item's code kept, decoded by id); the IVF and HNSW kinds are for search"
+        )
+    return DenseIndex.build(item_embeddings, replace(config, use_gpu=False))
+
+
 def count_candidates(candidate_items: Tensor) -> Tensor:
     """Distinct candidates per query: (Q, M) item indices with ``-1`` padding -> (Q,) long."""
     return (deduplicate_ranked(candidate_items) != PAD_ITEM).sum(dim=1)
@@ -241,44 +329,52 @@ class TwoStageEvaluation(L.Callback):
     """Generative recall + dense rerank, evaluated behind a generative retriever's val/test steps.
 
     Per evaluation epoch the dual-tower checkpoint encodes every corpus item once
-    (each DDP rank keeps the full (N, E) table: candidates may be any item). Per
-    batch the callback takes the stage-1 candidates, encodes the queries with
-    the text tower, re-ranks the candidates with :func:`rerank_candidates` and
-    updates DDP-safe metrics (de-duplicated by ``batch["query_index"]``).
+    and the embeddings are put in the rerank store, a FAISS index of kind
+    ``rerank_store.kind`` (:func:`build_rerank_store`; each DDP rank keeps the
+    whole store: candidates may be any item). Per batch the callback takes the
+    stage-1 candidates, encodes the queries with the text tower, re-ranks the
+    candidates with :func:`rerank_from_store` and updates DDP-safe metrics
+    (de-duplicated by ``batch["query_index"]``).
 
-    Where the candidates come from, in order:
-
-    1. ``outputs["candidates"]``: LongTensor (B, M), every item recalled by the
-       beams in beam order, ``-1`` padded (``beams_to_items(output, trie, max_items=None)``),
-       returned by the module's ``validation_step`` / ``test_step`` as
-       ``{"candidates": ..., "beam_size": int, "decode_seconds": float}``, used when
-       ``beam_size`` is absent or equals this callback's. ``decode_seconds`` (optional)
-       is the stage-1 time of the batch; without it the time from batch start to batch
-       end is used, an upper bound that also counts anything else the step computes.
-    2. Otherwise (no outputs, or another beam width) the callback decodes itself:
-       ``pl_module.decode(input_ids, attention_mask, beam_size=beam_size)`` and
-       ``pl_module.trie`` (the :class:`~grcm.retriever.module.GenerativeRetriever` API),
-       timed as stage 1. So two-stage evaluation may use a wider beam than the
-       retriever's own generative-only metrics.
+    Decode once: the candidates are the ones the module's ``validation_step`` /
+    ``test_step`` already decoded, returned as ``{"candidates": LongTensor (B, M),
+    "beam_size": int, "decode_seconds": float}`` (every item recalled by the beams
+    in beam order, ``-1`` padded; :class:`~grcm.retriever.module.GenerativeRetriever`
+    does this). ``decode_seconds`` (optional) is the stage-1 time of the batch;
+    without it the time from batch start to batch end is used, an upper bound.
+    When this callback's ``beam_size`` differs from the step's, evaluation stops
+    with a :class:`~grcm.errors.GrcmError`: the top beams of a wider search are
+    not the beams of a narrower one, so neither result can be derived from the
+    other; set the retriever's ``beam_size`` (``model.init_args.beam_size``) to
+    the two-stage beam, or leave this callback's ``beam_size`` unset to follow it.
+    Only a module whose steps return no candidates is decoded by the callback
+    (``pl_module.decode(input_ids, attention_mask, beam_size=...)`` and ``pl_module.trie``).
 
     Logged at epoch end, under ``{stage}/two_stage/`` (``stage`` = ``val`` or ``test``):
-    ``recall@k`` and ``mrr@{mrr_k}`` after rerank; ``candidate_recall@{beam_size}``
+    ``recall@k`` and ``mrr@{mrr_k}`` after rerank; ``beam_size``; ``candidate_recall@{beam_size}``
     (a gold item is anywhere in the pool, item-level); ``candidates_per_query``
     (distinct items scored); ``corpus_fraction_scored`` (that over N);
     ``latency_ms_per_query`` and ``queries_per_s`` (stage 1 + stage 2, this rank's
     wall clock, averaged over ranks); ``stage1_ms_per_query`` and
     ``rerank_ms_per_query``; ``stage1_recall@k`` / ``stage1_mrr@k`` (the
-    generative order of the same pool); ``rerank_table_bytes_per_item`` (the item
-    embeddings the rerank reads) and ``index_bytes_per_item`` (that plus
-    ``pl_module.index_bytes_per_item()`` when the module has it: the whole two-stage
-    index); and, with ``full_dense_reference``,
-    ``full_dense_recall@k`` / ``full_dense_mrr@k`` (the same dense model over all N
-    items, not timed) and ``recall@1_vs_full_dense`` (their ratio).
+    generative order of the same pool); ``rerank_store_bytes_per_item`` (the serialised
+    store over N: codes plus codebooks/header), ``rerank_store_code_bytes_per_item``
+    (one item's code alone, what the store costs per item as N grows) and
+    ``index_bytes_per_item`` (the store plus ``pl_module.index_bytes_per_item()``
+    when the module has it: SID table + trie + store, the whole two-stage index);
+    and, with ``full_dense_reference``, ``full_dense_recall@k`` / ``full_dense_mrr@k``
+    (the same dense model with exact float32 embeddings over all N items, not timed)
+    and ``recall@1_vs_full_dense`` (their ratio).
 
     Args:
         dense_checkpoint: path of a :class:`~grcm.rerank.dual_tower.DualTower` checkpoint
             trained on the same corpus and query vocabulary.
-        beam_size: stage-1 beam width B (GRDR: 20-50 on a full corpus; ACE: 5/25/50).
+        beam_size: stage-1 beam width B (GRDR: 20-50 on a full corpus; ACE: 5/25/50); it must
+            equal the retriever's ``beam_size``. ``None`` (default) takes the retriever's.
+        rerank_store: FAISS index holding the item embeddings, a
+            :class:`~grcm.rerank.index.DenseIndexConfig` (or its dict) of kind ``flat``
+            (float32, exact; the default), ``sq8`` (8-bit scalar quantiser, 1/4 of flat)
+            or ``pq`` (product quantiser with ``pq_m`` sub-quantisers of ``pq_bits`` bits).
         ks: ``recall@k`` cut-offs.
         mrr_k: ``mrr@k`` cut-off.
         full_dense_reference: also rank the whole corpus with the dense model (a reference, O(N) per query).
@@ -288,29 +384,39 @@ class TwoStageEvaluation(L.Callback):
     def __init__(
         self,
         dense_checkpoint: str,
-        beam_size: int = 25,
+        beam_size: int | None = None,
+        rerank_store: DenseIndexConfig | Mapping[str, Any] | None = None,
         ks: Sequence[int] = (1, 5, 10),
         mrr_k: int = 10,
         full_dense_reference: bool = True,
         max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
     ) -> None:
         super().__init__()
-        if int(beam_size) < 1:
-            raise ValueError(f"TwoStageEvaluation.beam_size must be >= 1, got {beam_size}")
+        if beam_size is not None and int(beam_size) < 1:
+            raise GrcmError(f"TwoStageEvaluation.beam_size must be >= 1 (or unset), got {beam_size}")
+        if isinstance(rerank_store, Mapping):
+            rerank_store = DenseIndexConfig(**rerank_store)
+        self.rerank_store_config = rerank_store or DenseIndexConfig()
+        if self.rerank_store_config.kind not in ("flat", "sq8", "pq"):
+            raise GrcmError(
+                f"TwoStageEvaluation.rerank_store.kind={self.rerank_store_config.kind!r}: a rerank store is "
+                "one of 'flat', 'sq8' or 'pq'"
+            )
         self.dense_checkpoint = str(dense_checkpoint)
-        self.beam_size = int(beam_size)
+        self.beam_size = None if beam_size is None else int(beam_size)
         self.ks = tuple(int(k) for k in ks)
         self.mrr_k = int(mrr_k)
         self.full_dense_reference = bool(full_dense_reference)
         self.max_gather_elements = int(max_gather_elements)
         self.depth = max(*self.ks, self.mrr_k)
-        self.pool_name = f"candidate_recall@{self.beam_size}"
         self.dense: DualTower | None = None
-        self.item_embeddings: Tensor | None = None
+        self.item_embeddings: Tensor | None = None  # float32 (N, E), kept only for the full-dense reference
+        self.store: DenseIndex | None = None
+        self._epoch_beam: int | None = None  # the beam of this epoch's candidates
         self.final_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.stage1_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.full_dense_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
-        self.pool_metrics = PerQueryMeans([self.pool_name, "candidates_per_query", "corpus_fraction_scored"])
+        self.pool_metrics = PerQueryMeans(["candidate_recall", "candidates_per_query", "corpus_fraction_scored"])
         self.clock = _Stopwatch(torch.device("cpu"))
         self._reset_timers()
 
@@ -368,7 +474,10 @@ class TwoStageEvaluation(L.Callback):
         corpus = self._corpus(trainer)
         dense = self.load_dense_model().to(pl_module.device)
         self._check_compatible(trainer, corpus)
-        self.item_embeddings = torch.from_numpy(dense.encode_corpus(corpus.features)).to(pl_module.device)
+        embeddings = dense.encode_corpus(corpus.features)  # (N, E) float32
+        self.store = build_rerank_store(embeddings, self.rerank_store_config)
+        self.item_embeddings = torch.from_numpy(embeddings).to(pl_module.device) if self.full_dense_reference else None
+        self._epoch_beam = None
         self.clock = _Stopwatch(pl_module.device)
         for metric in self._metrics():
             metric.to(pl_module.device)
@@ -381,57 +490,76 @@ class TwoStageEvaluation(L.Callback):
     # ------------------------------------------------------------------ per batch
     def _candidates(
         self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]
-    ) -> tuple[Tensor, float]:
-        """Stage-1 candidates (B, M) of the batch and the stage-1 seconds they cost."""
-        can_decode = hasattr(pl_module, "decode") and hasattr(pl_module, "trie")
+    ) -> tuple[Tensor, float, int]:
+        """Stage-1 candidates (B, M) of the batch, the stage-1 seconds they cost and their beam size."""
         if isinstance(outputs, Mapping) and "candidates" in outputs:
             reported = outputs.get("beam_size")
-            if reported is None or int(reported) == self.beam_size:
-                seconds = outputs.get("decode_seconds")
-                if seconds is None:
-                    seconds = self.clock.now() - self._batch_started
-                return outputs["candidates"], float(seconds)
-            if not can_decode:
-                raise ValueError(
-                    f"the retriever decoded its candidates with beam_size={int(reported)} but "
-                    f"TwoStageEvaluation.beam_size is {self.beam_size} and {type(pl_module).__name__} cannot "
-                    "decode again (no decode/trie); set them equal"
+            reported = None if reported is None else int(reported)
+            if self.beam_size is not None and reported is not None and reported != self.beam_size:
+                raise GrcmError(
+                    f"TwoStageEvaluation.beam_size={self.beam_size} but {type(pl_module).__name__} decoded its "
+                    f"candidates with beam_size={reported}; the candidates are decoded once, by the retriever, "
+                    f"so set model.init_args.beam_size={self.beam_size} (or leave the callback's beam_size unset "
+                    "to follow the retriever)"
                 )
+            beam = reported if reported is not None else self.beam_size
+            if beam is None:
+                raise GrcmError(
+                    f"{type(pl_module).__name__} returned candidates without their beam_size; set "
+                    "TwoStageEvaluation.beam_size"
+                )
+            seconds = outputs.get("decode_seconds")
+            if seconds is None:
+                seconds = self.clock.now() - self._batch_started
+            return outputs["candidates"], float(seconds), beam
+        can_decode = hasattr(pl_module, "decode") and hasattr(pl_module, "trie")
         if not can_decode:
             raise TypeError(
                 f"TwoStageEvaluation needs stage-1 candidates: {type(pl_module).__name__}.validation_step/test_step "
                 "must return {'candidates': LongTensor (B, M)}, or the module must offer "
                 "decode(input_ids, attention_mask, beam_size) and trie like GenerativeRetriever"
             )
+        beam = self.beam_size or getattr(getattr(pl_module, "hparams", {}), "beam_size", None)
+        if beam is None:
+            raise GrcmError(
+                f"set TwoStageEvaluation.beam_size: {type(pl_module).__name__} has no beam_size hyperparameter"
+            )
         start = self.clock.now()
-        output = pl_module.decode(batch["input_ids"], batch["attention_mask"], beam_size=self.beam_size)
+        output = pl_module.decode(batch["input_ids"], batch["attention_mask"], beam_size=int(beam))
         candidates = beams_to_items(output, pl_module.trie)
-        return candidates, self.clock.now() - start
+        return candidates, self.clock.now() - start, int(beam)
 
     @torch.no_grad()
     def _evaluate_batch(self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]) -> None:
-        candidates, stage1_seconds = self._candidates(pl_module, outputs, batch)
-        items = self.item_embeddings
-        candidates = candidates.to(items.device).long()
+        candidates, stage1_seconds, beam = self._candidates(pl_module, outputs, batch)
+        if self._epoch_beam is not None and beam != self._epoch_beam:
+            raise GrcmError(
+                f"{type(pl_module).__name__} decoded batches of one epoch with beam sizes {self._epoch_beam} and "
+                f"{beam}; two-stage metrics need one beam size per epoch"
+            )
+        self._epoch_beam = beam
+        device = pl_module.device
+        candidates = candidates.to(device).long()
         start = self.clock.now()
         queries = self.dense.encode_queries(batch["input_ids"], batch["attention_mask"])
-        ranked, _ = rerank_candidates(queries, candidates, items, self.depth, self.max_gather_elements)
+        ranked, _ = rerank_from_store(queries, candidates, self.store, self.depth, self.max_gather_elements)
         rerank_seconds = self.clock.now() - start
         self._stage1_seconds += stage1_seconds
         self._rerank_seconds += rerank_seconds
         self._timed_queries += candidates.shape[0]
 
-        gold, query_ids = batch["gold_items"].to(items.device), batch["query_index"]
+        gold, query_ids = batch["gold_items"].to(device), batch["query_index"]
         self.final_metrics.update(ranked, gold, query_ids)
         self.stage1_metrics.update(candidates, gold, query_ids)
         if self.full_dense_reference:
-            self.full_dense_metrics.update(full_dense_ranking(queries, items, self.depth), gold, query_ids)
+            full = full_dense_ranking(queries, self.item_embeddings, self.depth)
+            self.full_dense_metrics.update(full, gold, query_ids)
         scored = count_candidates(candidates)
         self.pool_metrics.update(
             {
-                self.pool_name: candidate_recall(candidates, gold),
+                "candidate_recall": candidate_recall(candidates, gold),
                 "candidates_per_query": scored,
-                "corpus_fraction_scored": scored.float() / items.shape[0],
+                "corpus_fraction_scored": scored.float() / self.store.num_items,
             },
             query_ids,
         )
@@ -441,7 +569,11 @@ class TwoStageEvaluation(L.Callback):
         prefix = f"{stage}/two_stage/"
         final = self.final_metrics.compute()
         values: dict[str, Tensor | float] = dict(final)
-        values.update(self.pool_metrics.compute())
+        pool = self.pool_metrics.compute()
+        beam = self._epoch_beam if self._epoch_beam is not None else (self.beam_size or 0)
+        values[f"candidate_recall@{beam}"] = pool.pop("candidate_recall")
+        values.update(pool)
+        values["beam_size"] = float(beam)
         values.update({f"stage1_{name}": value for name, value in self.stage1_metrics.compute().items()})
         if self.full_dense_reference:
             dense = self.full_dense_metrics.compute()
@@ -454,10 +586,10 @@ class TwoStageEvaluation(L.Callback):
         values["queries_per_s"] = self._timed_queries / max(total, 1e-9)
         values["stage1_ms_per_query"] = 1e3 * self._stage1_seconds / queries
         values["rerank_ms_per_query"] = 1e3 * self._rerank_seconds / queries
-        items = self.item_embeddings
-        values["rerank_table_bytes_per_item"] = float(items.shape[1] * items.element_size())
+        values["rerank_store_bytes_per_item"] = float(self.store.bytes_per_item)
+        values["rerank_store_code_bytes_per_item"] = float(self.store.code_bytes_per_item)
         generative_bytes = getattr(pl_module, "index_bytes_per_item", None)
-        values["index_bytes_per_item"] = values["rerank_table_bytes_per_item"] + (
+        values["index_bytes_per_item"] = values["rerank_store_bytes_per_item"] + (
             float(generative_bytes()) if callable(generative_bytes) else 0.0
         )
         for name, value in values.items():
@@ -466,6 +598,7 @@ class TwoStageEvaluation(L.Callback):
         for metric in self._metrics():
             metric.reset()
         self.item_embeddings = None
+        self.store = None
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

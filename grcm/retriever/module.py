@@ -395,11 +395,20 @@ class GenerativeRetriever(L.LightningModule):
         with torch.inference_mode():
             return beams_to_items(output, self.trie, max_items or self.eval_max_items)
 
-    def _evaluate(self, batch: dict[str, Tensor], metrics: ItemRetrievalMetrics, stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Tensor], metrics: ItemRetrievalMetrics, stage: str) -> dict[str, Any]:
+        """Decode the batch once, update the metrics and return what was decoded.
+
+        Returns:
+            ``{"candidates": (B, M) every item the beams recall, in beam order, -1 padded;
+            "beam_size": int; "decode_seconds": float}``, the stage-1 pool that
+            :class:`~grcm.rerank.two_stage.TwoStageEvaluation` reranks without decoding again.
+        """
         start = time.perf_counter()
         output = self.decode(batch["input_ids"], batch["attention_mask"])
         ranked = beams_to_items(output, self.trie, self.eval_max_items)
-        self._decode_seconds += time.perf_counter() - start
+        candidates = beams_to_items(output, self.trie)
+        decode_seconds = time.perf_counter() - start
+        self._decode_seconds += decode_seconds
         self._decoded_queries += ranked.shape[0]
         metrics.update(ranked, batch["gold_items"], batch["query_index"])
         batch_size = ranked.shape[0]
@@ -411,6 +420,7 @@ class GenerativeRetriever(L.LightningModule):
             logits = self.model(batch["input_ids"], batch["attention_mask"], targets)
             loss, _ = sid_loss(logits, None, targets, 0.0)
             self.log(f"{stage}/ce", loss, batch_size=batch_size)
+        return {"candidates": candidates, "beam_size": int(self.hparams.beam_size), "decode_seconds": decode_seconds}
 
     def on_validation_epoch_start(self) -> None:
         self._decode_seconds, self._decoded_queries = 0.0, 0
@@ -418,11 +428,11 @@ class GenerativeRetriever(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._decode_seconds, self._decoded_queries = 0.0, 0
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self._evaluate(batch, self.val_metrics, "val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        return self._evaluate(batch, self.test_metrics, "test")
 
     def _log_metrics(self, metrics: ItemRetrievalMetrics, stage: str) -> None:
         self.log_dict({f"{stage}/{name}": value for name, value in metrics.compute().items()}, prog_bar=True)
