@@ -31,7 +31,7 @@ loop untouched, and two-stage evaluation is switched on by one entry under
         - class_path: grcm.rerank.two_stage.TwoStageEvaluation
           init_args:
             dense_checkpoint: runs/synthetic/dual_tower/checkpoints/best.ckpt
-            rerank_store: {kind: pq, pq_m: 64, pq_bits: 4}   # or {kind: flat} / {kind: sq8}
+            rerank_store: {kind: pq, pq_m: 128, pq_bits: 4}   # or {kind: flat} / {kind: sq8}
 """
 
 from __future__ import annotations
@@ -350,7 +350,9 @@ class TwoStageEvaluation(L.Callback):
     Only a module whose steps return no candidates is decoded by the callback
     (``pl_module.decode(input_ids, attention_mask, beam_size=...)`` and ``pl_module.trie``).
 
-    Logged at epoch end, under ``{stage}/two_stage/`` (``stage`` = ``val`` or ``test``):
+    Logged at epoch end, under ``{stage}/{name}/`` (``stage`` = ``val`` or ``test``, ``name``
+    = ``two_stage`` unless set; several callbacks with different names and stores compare
+    the stores on one decode):
     ``recall@k`` and ``mrr@{mrr_k}`` after rerank; ``beam_size``; ``candidate_recall@{beam_size}``
     (a gold item is anywhere in the pool, item-level); ``candidates_per_query``
     (distinct items scored); ``corpus_fraction_scored`` (that over N);
@@ -378,6 +380,7 @@ class TwoStageEvaluation(L.Callback):
         ks: ``recall@k`` cut-offs.
         mrr_k: ``mrr@k`` cut-off.
         full_dense_reference: also rank the whole corpus with the dense model (a reference, O(N) per query).
+        name: the metric namespace, ``{stage}/{name}/...``.
         max_gather_elements: memory bound of the gathered matmul (see :func:`rerank_candidates`).
     """
 
@@ -390,8 +393,12 @@ class TwoStageEvaluation(L.Callback):
         mrr_k: int = 10,
         full_dense_reference: bool = True,
         max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
+        name: str = "two_stage",
     ) -> None:
         super().__init__()
+        if not name or "/" in name:
+            raise GrcmError(f"TwoStageEvaluation.name must be a non-empty word without '/', got {name!r}")
+        self.name = name
         if beam_size is not None and int(beam_size) < 1:
             raise GrcmError(f"TwoStageEvaluation.beam_size must be >= 1 (or unset), got {beam_size}")
         if isinstance(rerank_store, Mapping):
@@ -419,6 +426,10 @@ class TwoStageEvaluation(L.Callback):
         self.pool_metrics = PerQueryMeans(["candidate_recall", "candidates_per_query", "corpus_fraction_scored"])
         self.clock = _Stopwatch(torch.device("cpu"))
         self._reset_timers()
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
 
     # ------------------------------------------------------------------ set-up
     def load_dense_model(self) -> DualTower:
@@ -566,7 +577,7 @@ class TwoStageEvaluation(L.Callback):
 
     # ------------------------------------------------------------------ epoch end
     def _log_epoch(self, pl_module: L.LightningModule, stage: str) -> None:
-        prefix = f"{stage}/two_stage/"
+        prefix = f"{stage}/{self.name}/"
         final = self.final_metrics.compute()
         values: dict[str, Tensor | float] = dict(final)
         pool = self.pool_metrics.compute()
