@@ -374,8 +374,12 @@ def test_callback_with_a_compressed_store_matches_independent_computation(
     tmp_path, datamodule, dense_checkpoint, config
 ):
     module = FakeRetriever(NUM_ITEMS)
-    callback = TwoStageEvaluation(dense_checkpoint, rerank_store={**config, "num_threads": 1})
-    logged = _trainer(tmp_path, callbacks=[callback]).validate(module, datamodule=datamodule, verbose=False)[0]
+    # two stores side by side on the same candidates, each under its own name
+    callbacks = [
+        TwoStageEvaluation(dense_checkpoint, rerank_store={**config, "num_threads": 1}),
+        TwoStageEvaluation(dense_checkpoint, name="two_stage_flat"),
+    ]
+    logged = _trainer(tmp_path, callbacks=callbacks).validate(module, datamodule=datamodule, verbose=False)[0]
 
     queries, items, batches = _dense_inputs(dense_checkpoint, datamodule)
     store = DenseIndex.build(items, DenseIndexConfig(**config, num_threads=1, use_gpu=False))
@@ -384,6 +388,8 @@ def test_callback_with_a_compressed_store_matches_independent_computation(
     expected = _expected_metrics(queries, items, batches, module.pools, rerank_items=decoded)
     for name, value in expected.items():
         assert logged[f"val/two_stage/{name}"] == pytest.approx(value, abs=1e-6), name
+    for name, value in _expected_metrics(queries, items, batches, module.pools).items():
+        assert logged[f"val/two_stage_flat/{name}"] == pytest.approx(value, abs=1e-6), name
     assert logged["val/two_stage/rerank_store_bytes_per_item"] == pytest.approx(store.bytes_per_item)
     code_bytes = items.shape[1] if config["kind"] == "sq8" else 2  # 16 dims x 1 byte; 4 x 4 bits
     assert logged["val/two_stage/rerank_store_code_bytes_per_item"] == code_bytes
