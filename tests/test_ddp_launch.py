@@ -28,6 +28,7 @@ import torch.distributed as dist
 from grcm.cli import main
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.rerank.dual_tower import DualTower
+from grcm.rerank.index import DenseIndex
 from grcm.rerank.two_stage import TwoStageEvaluation
 from grcm.retriever.module import GenerativeRetriever
 from grcm.tokenizers.bundle import SIDBundle
@@ -51,6 +52,7 @@ DUAL_TOWER = [
     "-c", str(EXPERIMENTS / "dual_tower.yaml"), *DATA, *QUIET, "--model.init_args.embed_dim=16",
     "--model.init_args.text_width=16", "--model.init_args.text_layers=1", "--model.init_args.text_ffn=32",
     "--model.init_args.warmup_steps=2", "--model.init_args.dropout=0.0",
+    "--model.init_args.index_path=runs/synthetic/dual_tower/index.faiss",
 ]
 RETRIEVER = [
     "-c", str(EXPERIMENTS / "ace_retriever.yaml"), *DATA, *QUIET, "--data.init_args.batch_size=16",
@@ -154,6 +156,13 @@ def test_dual_tower_ddp_eval_equals_one_process_and_training_matches(ddp_runs, t
     ddp = _metrics(run)
     model = DualTower.load_from_checkpoint(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     single_eval = _validate(model)
+    # the FAISS index rank 0 wrote is the index of the final item tower
+    index = DenseIndex.load(run / "index.faiss")
+    data = SyntheticDataModule(num_items=97, feature_dim=32)
+    data.setup()
+    items = model.eval().encode_corpus(data.corpus.features)
+    assert index.num_items == 97
+    assert index.search(items[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]  # each item finds itself
     for name in ("val/recall@1", "val/recall@5", "val/recall@10", "val/mrr@10"):
         assert ddp[name] == pytest.approx(single_eval[name], abs=1e-6), name
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DistributedSampler
 
+from grcm.checkpoint import ModelCheckpoint
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.resume import ResumableSampler
 from grcm.retriever.module import GenerativeRetriever
@@ -46,10 +46,13 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def _fit(make_model, make_data, root: Path, *, max_epochs: int, every: int, kill: int | None = None, resume=False):
+def _fit(make_model, make_data, root: Path, *, max_epochs: int, every: int, kill: int | None = None, resume=False,
+         monitor: str = "val/recall@1", mode: str = "max"):
+    """Fit with the configs' checkpointing: best by a validation metric, last.ckpt every ``every`` steps."""
     L.seed_everything(0, verbose=False)
     model, data = make_model(), make_data()
-    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_last=True, save_top_k=-1)
+    checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_last=True, monitor=monitor,
+                                 mode=mode, filename="best")
     callbacks = [checkpoint] + ([KillAt(kill)] if kill is not None else [])
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
@@ -100,7 +103,7 @@ def _retriever_parts(bundle_dir: str):
         return GenerativeRetriever(
             bundle_dir=bundle_dir, vocab_size=30522, d_model=16, num_heads=2, num_encoder_layers=1,
             num_decoder_layers=1, ffn_dim=32, beam_size=4, lr=3e-3, rdrop_omega=0.15, dropout=0.1,
-            warmup_epochs=0.5, restart_period=1.0,  # 8 steps/epoch: warm-up steps 0-3, restarts at 12 and 20
+            warmup_epochs=0.5, restart_period=1.0,  # 8 steps/epoch: warm-up steps 0-3, cosine restart at step 12
         )
 
     return make_model, make_data
@@ -109,11 +112,11 @@ def _retriever_parts(bundle_dir: str):
 @pytest.mark.parametrize("kill_step", [2, 14], ids=["in-warmup", "in-second-cosine-period"])
 def test_retriever_resumes_exactly(tmp_path, bundle_dir, kill_step):
     make_model, make_data = _retriever_parts(bundle_dir)
-    straight, straight_trainer = _fit(make_model, make_data, tmp_path / "straight", max_epochs=3, every=100)
-    _fit(make_model, make_data, tmp_path / "killed", max_epochs=3, every=kill_step, kill=kill_step)
-    resumed, resumed_trainer = _fit(make_model, make_data, tmp_path / "killed", max_epochs=3, every=100, resume=True)
+    straight, straight_trainer = _fit(make_model, make_data, tmp_path / "straight", max_epochs=2, every=100)
+    _fit(make_model, make_data, tmp_path / "killed", max_epochs=2, every=kill_step, kill=kill_step)
+    resumed, resumed_trainer = _fit(make_model, make_data, tmp_path / "killed", max_epochs=2, every=100, resume=True)
 
-    assert straight_trainer.global_step == resumed_trainer.global_step == 24
+    assert straight_trainer.global_step == resumed_trainer.global_step == 16
     _assert_same_state(straight, resumed)
     lr = [t.optimizers[0].param_groups[0]["lr"] for t in (straight_trainer, resumed_trainer)]
     assert lr[0] == lr[1]
@@ -147,10 +150,12 @@ def test_tokenizer_resumes_exactly_in_warmup_with_dead_code_restarts(tmp_path):
             health_pairs=200, bundle_dir=str(root / "bundle"),
         )
 
-    straight, straight_trainer = _fit(make_model(tmp_path / "a"), make_data, tmp_path / "a", max_epochs=3, every=100)
-    _fit(make_model(tmp_path / "b"), make_data, tmp_path / "b", max_epochs=3, every=4, kill=4)  # epoch 1, batch 1
+    recon = dict(monitor="val/recon", mode="min")
+    straight, straight_trainer = _fit(make_model(tmp_path / "a"), make_data, tmp_path / "a", max_epochs=3, every=100,
+                                      **recon)
+    _fit(make_model(tmp_path / "b"), make_data, tmp_path / "b", max_epochs=3, every=4, kill=4, **recon)  # epoch 1
     resumed, resumed_trainer = _fit(make_model(tmp_path / "b"), make_data, tmp_path / "b", max_epochs=3, every=100,
-                                    resume=True)
+                                    resume=True, **recon)
 
     _assert_same_state(straight, resumed)
     restarted = [float(straight_trainer.logged_metrics.get(f"sid/level{i}_restarted", 0)) for i in (1, 2)]

@@ -42,6 +42,8 @@ class DualTower(L.LightningModule):
         gather_negatives: under DDP, contrast each query against the items of every rank's batch
             (all-gather with gradients), so N processes with batch B train the same loss as one
             process with batch N*B; False keeps each rank's negatives local.
+        index_path: when fitting ends, rank 0 builds the configured FAISS index over the final item
+            embeddings and writes it here (atomically, with its ``.json`` sidecar); None: do not write.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class DualTower(L.LightningModule):
         mrr_k: int = 10,
         eval_item_batch_size: int = 4096,
         gather_negatives: bool = True,
+        index_path: str | None = None,
     ):
         super().__init__()
         # hparams hold plain types only, so checkpoints load with weights_only=True
@@ -153,6 +156,15 @@ class DualTower(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self.build_index()
+
+    def on_fit_end(self) -> None:
+        """Rank 0 writes the FAISS index of the trained item tower to ``index_path`` (atomically)."""
+        if self.hparams.index_path is None or not self.trainer.is_global_zero:
+            return
+        was_training = self.training
+        self.eval()
+        self.build_index().save(self.hparams.index_path)
+        self.train(was_training)
 
     def on_test_epoch_start(self) -> None:
         self.build_index()
