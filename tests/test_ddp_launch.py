@@ -2,10 +2,12 @@
 
 One tiny pipeline (97 items, so the last evaluation shard is padded with a repeated query):
 
-1. ``torchrun --standalone --nproc_per_node=2 -m grcm fit`` the dual tower,
-2. ``torchrun ... -m grcm fit`` the ACE tokenizer (K-Means init + dead-code restarts),
-3. ``python -m grcm fit --trainer.strategy=ddp --trainer.devices=2`` (Lightning launches the second
-   process) the generative retriever on that bundle, evaluated two-stage with the dual tower.
+1. ``python -m grcm fit --trainer.strategy=ddp --trainer.devices=2`` (Lightning launches the second
+   process) the dual tower,
+2. ``torchrun --standalone --nproc_per_node=2 -m grcm fit`` the ACE tokenizer (K-Means init + dead-code
+   restarts),
+3. the README's ``torchrun`` command for the generative retriever on that bundle, with tiny sizes
+   appended, evaluated two-stage with the dual tower.
 
 Every run carries :class:`grcm.ddp.ReplicaConsistencyCheck`, which compares the two replicas' parameters,
 buffers and optimizer state at every epoch start and at the end. The tests then compare with one process.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -96,14 +99,25 @@ def _metrics(run_dir: Path) -> dict[str, float]:
     return last
 
 
+def _readme_torchrun() -> list[str]:
+    """The README's torchrun command for the retriever, as written (torchrun run as ``python -m torch.distributed.run``)."""
+    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()]
+    (command,) = [line for line in lines if line.startswith("torchrun ") and "ace_retriever" in line]
+    argv = shlex.split(command)
+    config = argv.index("-c") + 1
+    argv[config] = str(ROOT / argv[config])  # the README runs from the project root
+    return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    _launch(_torchrun("fit", *DUAL_TOWER, *DDP, "--data.init_args.batch_size=16", *_replica_check("dual.json")), root)
+    lightning_launcher = [sys.executable, "-m", "grcm", "fit"]
+    _launch([*lightning_launcher, *DUAL_TOWER, *DDP, "--data.init_args.batch_size=16", *_replica_check("dual.json")],
+            root)
     _launch(_torchrun("fit", *TOKENIZER, *DDP, *_replica_check("tokenizer.json")), root)
-    _launch(
-        [sys.executable, "-m", "grcm", "fit", *RETRIEVER, *DDP, *_replica_check("retriever.json"), *TWO_STAGE], root
-    )
+    # the README's command, with tiny sizes appended (later overrides win)
+    _launch([*_readme_torchrun(), *RETRIEVER, *_replica_check("retriever.json"), *TWO_STAGE], root)
     return root
 
 
@@ -134,12 +148,13 @@ def test_tokenizer_kmeans_and_restarts_identical_on_both_ranks(ddp_runs, tmp_pat
 
     # one process, same config: identical K-Means initialisation, close final quality
     monkeypatch.chdir(tmp_path)
-    main(["fit", *TOKENIZER, *_replica_check("single.json")])
+    main(["fit", *TOKENIZER, "--data.init_args.batch_size=32", *_replica_check("single.json")])  # global batch
     single = json.loads((tmp_path / "single.json").read_text())
     assert single[0]["fingerprint"] == records[0]["fingerprint"], "K-Means init under DDP differs from one process"
     single_metrics = _metrics(tmp_path / "runs/synthetic/ace_tokenizer")
-    assert metrics["val/recon"] == pytest.approx(single_metrics["val/recon"], rel=0.15)
-    assert abs(metrics["sid/collision_rate"] - single_metrics["sid/collision_rate"]) <= 0.1
+    # same global batch (2 x 16 vs 32) and the same samples per step: equal up to float summation order
+    assert metrics["val/recon"] == pytest.approx(single_metrics["val/recon"], rel=0.02)
+    assert abs(metrics["sid/collision_rate"] - single_metrics["sid/collision_rate"]) <= 0.03
 
 
 def _validate(model: L.LightningModule, callbacks=()) -> dict[str, float]:
@@ -166,12 +181,14 @@ def test_dual_tower_ddp_eval_equals_one_process_and_training_matches(ddp_runs, t
     for name in ("val/recall@1", "val/recall@5", "val/recall@10", "val/mrr@10"):
         assert ddp[name] == pytest.approx(single_eval[name], abs=1e-6), name
 
-    # one process with the global batch (2 x 16): DDP gathers negatives, so it trains the same loss
+    # one process with the global batch (2 x 16): DDP gathers negatives, so it trains the same loss on the
+    # same samples per step (the DDP shards interleave one permutation); equal up to float summation order
     monkeypatch.chdir(tmp_path)
     main(["fit", *DUAL_TOWER, "--data.init_args.batch_size=32"])
     single = _metrics(tmp_path / "runs/synthetic/dual_tower")
     for name in ("val/recall@1", "val/recall@5", "val/recall@10"):
-        assert abs(ddp[name] - single[name]) <= 0.05, (name, ddp[name], single[name])
+        assert abs(ddp[name] - single[name]) <= 0.02, (name, ddp[name], single[name])
+    assert ddp["train/loss"] == pytest.approx(single["train/loss"], rel=0.01)
 
 
 def test_retriever_and_two_stage_ddp_eval_equal_one_process(ddp_runs):
