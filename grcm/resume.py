@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["ResumableSampler", "gather_rng_states", "rng_state", "set_rng_state"]
+__all__ = ["ResumableDataLoader", "ResumableSampler", "gather_rng_states", "rng_state", "set_rng_state"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -70,6 +70,20 @@ class ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())
         done = int(self.batches_done()) if self.batches_done is not None else 0
         return iter(indices[done * self.batch_size :])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler`, marked resumable for Lightning.
+
+    Its position needs no state of its own (the sampler asks the fit loop), so ``state_dict`` is
+    empty; having the methods tells Lightning the loader resumes mid-epoch correctly.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None
 
 
 def rng_state() -> dict[str, Any]:

@@ -57,8 +57,8 @@ DUAL_TOWER = [
     "--model.init_args.warmup_steps=2", "--model.init_args.dropout=0.0",
     "--model.init_args.index_path=runs/synthetic/dual_tower/index.faiss",
 ]
-RETRIEVER = [
-    "-c", str(EXPERIMENTS / "ace_retriever.yaml"), *DATA, *QUIET, "--data.init_args.batch_size=16",
+RETRIEVER = [  # appended to the README's command, which names the config
+    *DATA, *QUIET, "--data.init_args.batch_size=16",
     "--trainer.check_val_every_n_epoch=1", "--model.init_args.d_model=16", "--model.init_args.num_heads=2",
     "--model.init_args.num_encoder_layers=1", "--model.init_args.num_decoder_layers=1",
     "--model.init_args.ffn_dim=32", "--model.init_args.beam_size=5", "--model.init_args.restart_period=1",

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from grcm.data.corpus import Corpus, CorpusError, load_corpus, load_features, read_corpus_header
 from grcm.data.query_tokenizer import QueryTokenizer
 from grcm.data.synthetic import generate_synthetic_corpus
-from grcm.resume import ResumableSampler, gather_rng_states, set_rng_state
+from grcm.resume import ResumableDataLoader, ResumableSampler, gather_rng_states, set_rng_state
 
 Serve = Literal["queries", "items"]
 
@@ -205,7 +205,7 @@ class RetrievalDataModule(L.LightningDataModule):
         """Training loaders shuffle with a :class:`ResumableSampler`; no loader draws from the global RNG."""
         dataset = _Indices(n)
         sampler = self._train_sampler(dataset, batch_size) if shuffle else None
-        return DataLoader(
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
