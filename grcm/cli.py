@@ -39,6 +39,12 @@ class WandbAwareSaveConfig(SaveConfigCallback):
             if isinstance(logger, WandbLogger):
                 logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
 
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        """After fit/test: results table and SID health table/plot to W&B (rank 0; no-op without W&B)."""
+        from grcm.loggers import log_run_tables
+
+        log_run_tables(trainer, pl_module, stage)
+
 
 class GrcmCLI(LightningCLI):
     """LightningCLI with subclass-mode model/data, omegaconf+ interpolation and data->model size links."""

@@ -14,6 +14,7 @@ after ``__init__`` so that the CLI can link them into the model's arguments.
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from grcm.data.corpus import Corpus, CorpusError, load_corpus, load_features, read_corpus_header
 from grcm.data.query_tokenizer import QueryTokenizer
 from grcm.data.synthetic import generate_synthetic_corpus
+from grcm.resume import ResumableDataLoader, ResumableSampler, gather_rng_states, set_rng_state
 
 Serve = Literal["queries", "items"]
 
@@ -148,6 +150,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.wordpiece_vocab_size = wordpiece_vocab_size
         self.corpus: Corpus | None = None
         self._splits: dict[str, QueryBatches] = {}
+        self._rng_to_restore: dict[str, Any] | None = None
 
     @abstractmethod
     def load_corpus(self) -> Corpus:
@@ -199,15 +202,36 @@ class RetrievalDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------
     def _loader(self, collate, n: int, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            _Indices(n),
+        """Training loaders shuffle with a :class:`ResumableSampler`; no loader draws from the global RNG."""
+        dataset = _Indices(n)
+        sampler = self._train_sampler(dataset, batch_size) if shuffle else None
+        return (ResumableDataLoader if shuffle else DataLoader)(
+            dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.split_seed),
         )
+
+    def _train_sampler(self, dataset: Dataset, batch_size: int) -> ResumableSampler:
+        """Epoch-seeded, rank-sharded shuffling that resumes mid-epoch where the fit loop stands."""
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return ResumableSampler(
+            dataset, num_replicas=world_size, rank=rank, seed=seed, batch_size=batch_size,
+            batches_done=self._batches_done,
+        )
+
+    def _batches_done(self) -> int:
+        """Training batches of the current epoch already run (non-zero only right after a mid-epoch resume)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _split_loader(self, split: str, shuffle: bool) -> DataLoader:
         if self.corpus is None:
@@ -237,13 +261,27 @@ class RetrievalDataModule(L.LightningDataModule):
         self.setup()
         return self._splits[split]
 
-    # -- the trained vocabulary travels with checkpoints -----------------------------------------
+    # -- the trained vocabulary and every rank's random state travel with checkpoints -------------
     def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
         if self.query_vocab == "wordpiece" and self.query_tokenizer is not None:
-            return {"query_tokenizer": self.query_tokenizer.to_json()}
-        return {}
+            state["query_tokenizer"] = self.query_tokenizer.to_json()
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            state["rng_states"] = gather_rng_states()  # called on every rank while a checkpoint is written
+        return state
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Right before the first training step after a resume, put back the random state of the checkpoint."""
+        if self._rng_to_restore is not None and self.trainer is not None and self.trainer.training:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+        return batch
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("rng_states")
+        if states:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            self._rng_to_restore = states[rank] if rank < len(states) else states[0]
         if "query_tokenizer" in state_dict:
             self.query_tokenizer = QueryTokenizer.from_json(state_dict["query_tokenizer"], self.max_query_length)
             self.pad_token_id = self.query_tokenizer.pad_token_id

@@ -39,6 +39,11 @@ class DualTower(L.LightningModule):
         index: FAISS index used for evaluation (exact ``flat`` by default).
         ks, mrr_k: metrics reported.
         eval_item_batch_size: items encoded per forward pass when building the index.
+        gather_negatives: under DDP, contrast each query against the items of every rank's batch
+            (all-gather with gradients), so N processes with batch B train the same loss as one
+            process with batch N*B; False keeps each rank's negatives local.
+        index_path: when fitting ends, rank 0 builds the configured FAISS index over the final item
+            embeddings and writes it here (atomically, with its ``.json`` sidecar); None: do not write.
     """
 
     def __init__(
@@ -62,6 +67,8 @@ class DualTower(L.LightningModule):
         ks: tuple[int, ...] = (1, 5, 10),
         mrr_k: int = 10,
         eval_item_batch_size: int = 4096,
+        gather_negatives: bool = True,
+        index_path: str | None = None,
     ):
         super().__init__()
         # hparams hold plain types only, so checkpoints load with weights_only=True
@@ -114,6 +121,11 @@ class DualTower(L.LightningModule):
         queries = self.encode_queries(batch["input_ids"], batch["attention_mask"])
         item_embeddings = self.encode_items(features.to(self.device))
         scale = self.log_logit_scale.exp().clamp(max=100.0)
+        if self.hparams.gather_negatives and self.trainer.world_size > 1:
+            # (W, B, E) -> (W*B, E); the gradient flows back to every rank's own rows
+            queries = self.all_gather(queries, sync_grads=True).flatten(0, 1)
+            item_embeddings = self.all_gather(item_embeddings, sync_grads=True).flatten(0, 1)
+            items = self.all_gather(items).flatten(0, 1)
         loss = symmetric_info_nce(queries, item_embeddings, items, scale)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(items))
         self.log("train/logit_scale", scale, batch_size=len(items))
@@ -145,6 +157,15 @@ class DualTower(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.build_index()
 
+    def on_fit_end(self) -> None:
+        """Rank 0 writes the FAISS index of the trained item tower to ``index_path`` (atomically)."""
+        if self.hparams.index_path is None or not self.trainer.is_global_zero:
+            return
+        was_training = self.training
+        self.eval()
+        self.build_index().save(self.hparams.index_path)
+        self.train(was_training)
+
     def on_test_epoch_start(self) -> None:
         self.build_index()
         self._search_seconds, self._searched_queries = 0.0, 0
@@ -169,13 +190,13 @@ class DualTower(L.LightningModule):
         self._evaluate(batch, self.test_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()})
+        self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()}, sync_dist=True)
         self.test_metrics.reset()
-        self.log("test/queries_per_s", self._searched_queries / max(self._search_seconds, 1e-9))
+        self.log("test/queries_per_s", self._searched_queries / max(self._search_seconds, 1e-9), sync_dist=True)
         self.log("test/index_bytes_per_item", float(self.dense_index.bytes_per_item))
         if self.index_config.kind == "flat":  # exact search scores every item for every query
             self.log("test/corpus_fraction_scored", 1.0)

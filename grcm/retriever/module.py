@@ -165,6 +165,9 @@ class GenerativeRetriever(L.LightningModule):
             max_query_len=max_query_len,
             pad_token_id=pad_token_id,
         )
+        # The last level's code embedding is never a decoder input (teacher forcing feeds levels 0..L-2);
+        # frozen, so DDP does not wait for a gradient it never gets.
+        self.model.code_embeddings[-1].requires_grad_(False)
         codes = bundle.codes if bundle is not None else torch.zeros(0, len(sid_vocab_sizes), dtype=torch.long)
         self.register_buffer("sid_codes", codes.clone())
         self._bundle_extras: dict[str, Any] = self._extras_of(bundle) if bundle is not None else {}
@@ -413,13 +416,13 @@ class GenerativeRetriever(L.LightningModule):
         metrics.update(ranked, batch["gold_items"], batch["query_index"])
         batch_size = ranked.shape[0]
         top_valid = self.trie.contains(output.sequences[:, 0].clamp(min=0)) & (output.scores[:, 0] > float("-inf"))
-        self.log(f"{stage}/valid_sid@1", top_valid.float().mean(), batch_size=batch_size)
+        self.log(f"{stage}/valid_sid@1", top_valid.float().mean(), batch_size=batch_size, sync_dist=True)
         gold = batch["gold_items"][:, 0]
         if bool((gold >= 0).all()):
             targets = self.sid_codes[gold]
             logits = self.model(batch["input_ids"], batch["attention_mask"], targets)
             loss, _ = sid_loss(logits, None, targets, 0.0)
-            self.log(f"{stage}/ce", loss, batch_size=batch_size)
+            self.log(f"{stage}/ce", loss, batch_size=batch_size, sync_dist=True)
         return {"candidates": candidates, "beam_size": int(self.hparams.beam_size), "decode_seconds": decode_seconds}
 
     def on_validation_epoch_start(self) -> None:
@@ -435,16 +438,18 @@ class GenerativeRetriever(L.LightningModule):
         return self._evaluate(batch, self.test_metrics, "test")
 
     def _log_metrics(self, metrics: ItemRetrievalMetrics, stage: str) -> None:
-        self.log_dict({f"{stage}/{name}": value for name, value in metrics.compute().items()}, prog_bar=True)
+        # compute() gathers every rank's queries (de-duplicated by id): the values are equal on all ranks
+        values = metrics.compute()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=True, sync_dist=True)
         metrics.reset()
-        self.log(f"{stage}/queries_per_s", self._decoded_queries / max(self._decode_seconds, 1e-9))
+        self.log(f"{stage}/queries_per_s", self._decoded_queries / max(self._decode_seconds, 1e-9), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
-        self.log("test/index_bytes_per_item", self.index_bytes_per_item())
+        self.log("test/index_bytes_per_item", self.index_bytes_per_item(), sync_dist=True)
 
     def index_bytes_per_item(self) -> float:
         """Bytes per item of the generative index: the trie plus the item -> SID table in narrow dtypes."""

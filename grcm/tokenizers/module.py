@@ -254,16 +254,28 @@ class ACETokenizer(L.LightningModule):
 
     def _broadcast_fitted_state(self) -> None:
         """Give every DDP rank rank 0's centroids, codebooks and tree."""
-        if self.trainer.world_size <= 1:
+        if self._trainer is None or self.trainer.world_size <= 1:
             return
         fitted_prefixes = ("coarse.", "hierarchical.", "rqvae.quantizer.", "fitted")
         state = {k: v.cpu() for k, v in self.state_dict().items() if k.startswith(fitted_prefixes)}
-        state = self.trainer.strategy.broadcast(state, src=0)
+        state = self._broadcast(state)
         self.load_state_dict(state, strict=False)
 
+    def _is_rank_zero(self) -> bool:
+        return self._trainer is None or self.trainer.is_global_zero
+
+    def _broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (identity in a single process)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return obj
+        return self.trainer.strategy.broadcast(obj, src=0)
+
     def on_fit_start(self) -> None:
+        """K-Means initialisation, computed once on rank 0 and broadcast (skipped when resuming a fitted state)."""
         if not bool(self.fitted):
-            self.fit_kmeans(self._corpus().features)
+            features = self._corpus().features
+            if self._is_rank_zero():
+                self.fit_kmeans(features)
             self._broadcast_fitted_state()
 
     # ---------------------------------------------------------------- training
@@ -295,31 +307,39 @@ class ACETokenizer(L.LightningModule):
         return {"item_index": batch["item_index"], "codes": self.encode(batch["features"])}
 
     def on_train_epoch_end(self) -> None:
+        """SID health over all items, then dead-code restarts; both computed on rank 0 and broadcast."""
         features = self._corpus().features
-        codes, recon_mse = self.encode_corpus(features)
-        health = sid_health(
-            codes,
-            self.prefix_vocab_sizes,
-            features,
-            recon_mse=recon_mse,
-            num_pairs=self.hparams.health_pairs,
-            seed=self.hparams.seed,
-        )
+        health = None
+        if self._is_rank_zero():
+            codes, recon_mse = self.encode_corpus(features)
+            health = sid_health(
+                codes,
+                self.prefix_vocab_sizes,
+                features,
+                recon_mse=recon_mse,
+                num_pairs=self.hparams.health_pairs,
+                seed=self.hparams.seed,
+            )
+        health = self._broadcast(health)
         for key, value in health.items():
             if np.isfinite(value):
-                # identical on every rank (computed over the whole corpus); sync_dist keeps DDP quiet
+                # identical on every rank (broadcast from rank 0); sync_dist keeps DDP quiet
                 self.log(f"sid/{key}", value, prog_bar=key == "collision_rate", sync_dist=True)
         if self.rqvae is not None and self.hparams.dead_code_restart:
             self._restart_dead_codes(features)
 
     @torch.no_grad()
     def _restart_dead_codes(self, features: np.ndarray | torch.Tensor) -> None:
-        generator = torch.Generator().manual_seed(self.hparams.seed + 1000 * (self.current_epoch + 1))
+        """Restart dead codes on rank 0 (seeded by epoch, so a resumed fit repeats it), broadcast the result."""
         quantizer = self.rqvae.quantizer
-        restarted = quantizer.restart_dead_codes(
-            self._latents(features), min_usage=self.hparams.dead_code_min_usage, generator=generator
-        )
-        # a restarted code starts afresh: clear its Adam moments
+        restarted = None
+        if self._is_rank_zero():
+            generator = torch.Generator().manual_seed(self.hparams.seed + 1000 * (self.current_epoch + 1))
+            restarted = quantizer.restart_dead_codes(
+                self._latents(features), min_usage=self.hparams.dead_code_min_usage, generator=generator
+            )
+        restarted = self._broadcast(restarted)
+        # a restarted code starts afresh: clear its Adam moments (on every rank, from rank 0's list)
         state = self.optimizers(use_pl_optimizer=False).state.get(quantizer.codebooks, {})
         first_fine_level = 1 if self.coarse is not None else 0
         for level, codes in restarted.items():

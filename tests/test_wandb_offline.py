@@ -1,0 +1,86 @@
+"""W&B offline mode: the offline run directory holds the metrics, the resolved config and the SID tables/plot."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from grcm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = str(ROOT / "experiments" / "synthetic" / "ace_tokenizer.yaml")
+WANDB = str(ROOT / "experiments" / "loggers" / "wandb.yaml")
+BLOCK, HEADER = 32768, 7
+
+
+def read_wandb_records(path: Path) -> list:
+    """Protobuf records of an offline ``run-*.wandb`` log (LevelDB log format after a 7-byte ':W&B' header)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    position, pending, records = HEADER, b"", []
+    while position + HEADER <= len(data):
+        left_in_block = BLOCK - position % BLOCK
+        if left_in_block < HEADER:  # a block's tail too short for a record header is padding
+            position += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + HEADER])
+        if kind == 0 and length == 0:
+            break
+        pending += data[position + HEADER : position + HEADER + length]
+        position += HEADER + length
+        if kind in (1, 4):  # a FULL record, or the LAST piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_offline_run_holds_metrics_config_and_sid_health(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    try:
+        main([
+            "fit", "-c", TOKENIZER, "-c", WANDB, f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb_runs'}",
+            "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+            "--data.init_args.num_items=120", "--data.init_args.feature_dim=16", "--data.init_args.batch_size=60",
+            "--data.init_args.eval_batch_size=120", "--model.init_args.coarse_codebook_size=4",
+            "--model.init_args.codebook_size=8", "--model.init_args.latent_dim=8",
+            "--model.init_args.hidden_dims=[16]", "--model.init_args.health_pairs=100",
+            "--model.init_args.bundle_dir=bundle",
+        ])
+    finally:
+        wandb.finish()
+        wandb.teardown()  # stops the W&B service, which flushes the offline transaction log
+    (run,) = (tmp_path / "wandb_runs" / "wandb").glob("offline-run-*")
+    records = read_wandb_records(next(run.glob("run-*.wandb")))
+    history: dict[str, object] = {}
+    config: dict[str, object] = {}
+    for record in records:
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.update({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+        elif kind == "config":
+            config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+    for name in ("val/recon", "sid/collision_rate", "sid/gini", "sid/level0_utilisation"):
+        assert isinstance(history.get(name), (int, float)), name
+    # the resolved CLI config (with the command-line overrides) and the model's hyperparameters
+    assert config["model"]["class_path"] == "grcm.tokenizers.module.ACETokenizer"
+    assert config["model"]["init_args"]["codebook_size"] == 8
+    assert config["data"]["init_args"]["num_items"] == 120
+    assert config["feature_dim"] == 16  # linked from the data module
+    # rank 0's tables and plot, stored in the run directory for `wandb sync`
+    assert history["sid/health/_type"] == "table-file" and history["val/results/_type"] == "table-file"
+    health = json.loads((run / "files" / history["sid/health/path"]).read_text())
+    assert health["columns"] == ["metric", "value"]
+    assert dict(health["data"])["sid/collision_rate"] == pytest.approx(history["sid/collision_rate"])
+    assert list((run / "files").glob("media/images/sid/coarse_tokens*.png"))
