@@ -64,7 +64,7 @@ from grcm.tokenizers.query_routing import (
 )
 
 CHECKPOINT_KEY = "grdr_sid_table"
-SEPARATIONS = ("infonce", "balance", "none")
+SEPARATIONS = ("infonce", "balance", "both", "none")
 CANDIDATE_KS = (10, 50, 100)
 
 
@@ -108,7 +108,8 @@ class GRDRRetriever(L.LightningModule):
             re-routed every epoch, clustered at first) or ``random`` (no query guidance).
         query_encoder: ``minilm`` or ``minilm_static`` (see :func:`embed_queries`).
         view_separation: ``infonce`` (multi-positive query -> view InfoNCE on the guidance
-            embeddings), ``balance`` (per-view code-usage balancing) or ``none``.
+            embeddings), ``balance`` (per-view level-0 code-usage balancing), ``both`` (their sum)
+            or ``none``.
         separation_weight: its weight, in every phase where the tokenizer trains.
         schedule, pretrain_epochs, main_epochs, fit_epochs: see :mod:`grcm.retriever.phases`.
         phase_weights: per-phase loss-weight overrides, e.g. ``{"main": {"sid": 1.0}}``.
@@ -267,7 +268,7 @@ class GRDRRetriever(L.LightningModule):
         offset = len(corpus.caption_text)
         texts = [corpus.caption_text[q] if q < offset else corpus.extra_text[q - offset] for q in query_index]
         size = int(query_index.max()) + 1
-        need_embeddings = self.hparams.routing != "random" or self.hparams.view_separation == "infonce"
+        need_embeddings = self.hparams.routing != "random" or self.hparams.view_separation in ("infonce", "both")
         embeddings = embed_queries(texts, self.hparams.query_encoder) if need_embeddings else None
         if self.hparams.routing == "random":
             routes = random_routes(item, self.hparams.num_views, self.hparams.seed)
@@ -387,11 +388,15 @@ class GRDRRetriever(L.LightningModule):
         loss = sum(weights[name] * value for name, value in parts.items())
         separation = self.hparams.view_separation
         if trainable["tokenizer"] and separation != "none" and self.hparams.separation_weight:
-            if separation == "infonce":
+            separation_loss = out.latents.new_zeros(())
+            if separation in ("infonce", "both"):
                 guidance = self.tokenizer.query_projection(self.query_embeddings.to(self.device)[query_index])
-                parts["separation"] = view_infonce(guidance, out.latents, items, routes, self.hparams.temperature)
-            else:
-                parts["separation"] = code_usage_balance(self.tokenizer, out.latents)
+                parts["view_infonce"] = view_infonce(guidance, out.latents, items, routes, self.hparams.temperature)
+                separation_loss = separation_loss + parts["view_infonce"]
+            if separation in ("balance", "both"):
+                parts["usage_balance"] = code_usage_balance(self.tokenizer, out.latents)
+                separation_loss = separation_loss + parts["usage_balance"]
+            parts["separation"] = separation_loss
             loss = loss + self.hparams.separation_weight * parts["separation"]
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
