@@ -14,7 +14,7 @@ from grcm.metrics import ItemRetrievalMetrics
 from grcm.retriever.grdr import CosineCodeHead, GRDRRetriever
 from grcm.retriever.phases import GROUPS, TRAINABLE, build_schedule, phase_at
 from grcm.tokenizers.kmeans import fit_kmeans
-from grcm.tokenizers.multiview import MultiViewTokenizer, multiview_health, view_infonce
+from grcm.tokenizers.multiview import MultiViewTokenizer, code_usage_balance, multiview_health, view_infonce
 from grcm.tokenizers.query_routing import cluster_routes, random_routes
 
 
@@ -56,7 +56,7 @@ def test_shared_codebook_is_one_parameter_and_gets_gradient_from_the_retrieval_l
     for codebook in module.tokenizer.codebooks:
         assert codebook.grad is not None and codebook.grad.abs().sum() > 0
     scale = module.model.heads[0].scale
-    assert 20.0 <= float(scale) <= 100.0
+    assert 20.0 <= float(scale.detach()) <= 100.0
 
     unshared = _tiny_retriever(shared_codebook=False)
     assert unshared.model.code_embeddings[0].weight is not unshared.tokenizer.codebooks[0]
@@ -154,3 +154,12 @@ def test_phased_fit_then_checkpoint_alone_decodes(tmp_path):
     got = restored.retrieve(batch["input_ids"], batch["attention_mask"])
     assert torch.equal(got, expected)
     assert got.shape[0] == batch["input_ids"].shape[0] and bool((got[:, 0] >= 0).all())
+
+
+def test_code_usage_balance_is_zero_for_even_use_and_high_for_collapse():
+    tokenizer = MultiViewTokenizer(feature_dim=4, num_views=1, num_levels=1, codebook_size=8, latent_dim=8)
+    tokenizer.codebooks[0].data.copy_(torch.eye(8))
+    spread = torch.eye(8).reshape(8, 1, 8)  # each item on its own code
+    collapsed = torch.eye(8)[torch.zeros(8, dtype=torch.long)].reshape(8, 1, 8)  # every item on code 0
+    assert float(code_usage_balance(tokenizer, spread)) < 0.01
+    assert float(code_usage_balance(tokenizer, collapsed)) > 0.9
