@@ -55,6 +55,9 @@ class Stage:
 
 DENSE = "dual tower (FAISS Flat, exact)"
 ACE = "ACE generative (beam 25)"
+GRDR = "GRDR generative (4 views, beam 25)"
+#: The GRDR stage's CPU budget: cheap query-guidance embeddings (MiniLM word embeddings, no transformer).
+GRDR_DEMO = ["--model.init_args.query_encoder=minilm_static"]
 STAGES: tuple[Stage, ...] = (
     Stage(DENSE, "dual_tower.yaml"),
     Stage("ACE tokenizer (SID bundle)", "ace_tokenizer.yaml", test=False),
@@ -63,6 +66,9 @@ STAGES: tuple[Stage, ...] = (
           hparams={"constrained": False}),
     Stage("ACE w/o fusion", "ace_retriever_no_fusion.yaml"),
     Stage("two-stage: ACE recall + dense rerank", "ace_retriever.yaml", fit=False, test_from=ACE, two_stage=True),
+    Stage(GRDR, "grdr.yaml", overrides=GRDR_DEMO),
+    Stage("two-stage: GRDR recall + dense rerank", "grdr.yaml", fit=False, test_from=GRDR, two_stage=True,
+          overrides=GRDR_DEMO),
 )
 
 

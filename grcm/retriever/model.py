@@ -36,6 +36,7 @@ through ``heads[l]``, in both paths.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -390,3 +391,22 @@ class GenerativeRetrieverModel(nn.Module):
         enc = self.encode(input_ids, attention_mask)
         states = self._decode_states(enc, sids[:, :-1].long())
         return [head(states[:, level]) for level, head in enumerate(self.heads)]
+
+    def share_codebooks(self, codebooks: Sequence[nn.Parameter], heads: Sequence[nn.Module]) -> None:
+        """Make ``codebooks[l]`` (V_l, d) the level-l input embedding table and ``heads[l]`` the level-l head.
+
+        GRDR's shared codebook: a tokenizer's level-l codebook becomes the decoder's level-l
+        vocabulary (the same ``Parameter``, not a copy); ``heads[l]`` maps (B', d) states to
+        (B', V_l) logits (e.g. scaled cosine similarity to the same codebook). Call after
+        construction: :meth:`reset_parameters` would re-initialise the shared tensors.
+        """
+        if len(codebooks) != self.num_levels or len(heads) != self.num_levels:
+            raise ValueError(f"share_codebooks needs {self.num_levels} codebooks and heads, one per SID level.")
+        for level, (codebook, head) in enumerate(zip(codebooks, heads)):
+            if tuple(codebook.shape) != (self.sid_vocab_sizes[level], self.d_model):
+                raise ValueError(
+                    f"level-{level} codebook has shape {tuple(codebook.shape)}; the decoder needs "
+                    f"({self.sid_vocab_sizes[level]}, {self.d_model})."
+                )
+            self.code_embeddings[level].weight = codebook
+            self.heads[level] = head

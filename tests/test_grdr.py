@@ -1,0 +1,165 @@
+"""GRDR: query routing, multi-view tokenizer, shared codebook, phase schedule, item-level decoding, checkpoints."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from grcm.data.datamodules import SyntheticDataModule
+from grcm.decoding import SIDTrie, beams_to_items
+from grcm.decoding.beam import BeamSearchOutput
+from grcm.metrics import ItemRetrievalMetrics
+from grcm.retriever.grdr import CosineCodeHead, GRDRRetriever
+from grcm.retriever.phases import GROUPS, TRAINABLE, build_schedule, phase_at
+from grcm.tokenizers.kmeans import fit_kmeans
+from grcm.tokenizers.multiview import MultiViewTokenizer, code_usage_balance, multiview_health, view_infonce
+from grcm.tokenizers.query_routing import cluster_routes, random_routes
+
+
+def _tiny_retriever(**kwargs) -> GRDRRetriever:
+    args = dict(vocab_size=40, feature_dim=16, num_views=2, num_levels=2, codebook_size=8, d_model=16,
+                tokenizer_hidden=16, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32)
+    args.update(kwargs)
+    return GRDRRetriever(**args)
+
+
+def test_cluster_routing_is_deterministic_per_seed_and_uses_min_v_q_views():
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(40, 8)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    items = np.repeat(np.arange(10), [5, 5, 5, 5, 2, 1, 5, 5, 5, 2])
+    first = cluster_routes(embeddings, items, num_views=4, seed=3)
+    assert np.array_equal(first, cluster_routes(embeddings, items, num_views=4, seed=3))
+    for item in range(10):
+        views = first[items == item]
+        assert set(views) == set(range(min(4, len(views))))  # min(V, #queries) groups, numbered 0..
+        assert views[0] == 0  # groups are numbered by their first query
+    assert np.array_equal(random_routes(items, 4, seed=1), random_routes(items, 4, seed=1))
+    assert np.all(cluster_routes(embeddings, items, num_views=1) == 0)
+
+
+def test_shared_codebook_is_one_parameter_and_gets_gradient_from_the_retrieval_loss():
+    module = _tiny_retriever()
+    for level in range(2):
+        codebook = module.tokenizer.codebooks[level]
+        assert module.model.code_embeddings[level].weight is codebook
+        assert isinstance(module.model.heads[level], CosineCodeHead)
+        assert module.model.heads[level].codebook is codebook
+    input_ids = torch.randint(1, 40, (3, 5))
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    sids = torch.randint(0, 8, (3, 2))
+    logits = module.model(input_ids, mask, sids)
+    loss = sum(torch.nn.functional.cross_entropy(level, sids[:, i]) for i, level in enumerate(logits))
+    loss.backward()
+    for codebook in module.tokenizer.codebooks:
+        assert codebook.grad is not None and codebook.grad.abs().sum() > 0
+    scale = module.model.heads[0].scale
+    assert 20.0 <= float(scale.detach()) <= 100.0
+
+    unshared = _tiny_retriever(shared_codebook=False)
+    assert unshared.model.code_embeddings[0].weight is not unshared.tokenizer.codebooks[0]
+
+
+@pytest.mark.parametrize("schedule", ["joint", "frozen_tokenizer"])
+def test_phase_schedule_freezes_exactly_what_it_says(schedule):
+    module = _tiny_retriever(schedule=schedule, pretrain_epochs=[1, 0], main_epochs=1, fit_epochs=[1, 2])
+    groups = module.parameter_groups()
+    ids = [id(p) for params in groups.values() for p in params]
+    assert sorted(ids) == sorted(id(p) for p in module.parameters())  # a partition of all parameters
+    for phase in module.phases:
+        module.apply_phase(phase)
+        for name in GROUPS:
+            assert all(p.requires_grad == TRAINABLE[phase.name][name] for p in groups[name]), (phase, name)
+    names = [(p.name, p.level, p.start, p.end) for p in module.phases]
+    if schedule == "joint":
+        assert names == [("pretrain", 0, 0, 1), ("main", 0, 1, 2), ("fit", 0, 2, 3), ("main", 1, 3, 4),
+                         ("fit", 1, 4, 6)]
+    else:
+        assert [n[0] for n in names] == ["tokenize", "tokenize", "fit"]
+    assert phase_at(module.phases, 100) == module.phases[-1]
+    assert module.phases[0].active_levels == (0 if schedule == "joint" else 1)
+    with pytest.raises(ValueError, match="main_epochs"):
+        build_schedule(2, "joint", main_epochs=[1, 0])
+
+
+def test_new_level_codebook_is_kmeans_of_its_residuals():
+    torch.manual_seed(0)
+    tokenizer = MultiViewTokenizer(feature_dim=12, num_views=3, num_levels=2, codebook_size=8, latent_dim=6,
+                                   hidden_dim=16)
+    features = torch.randn(200, 12)
+    tokenizer.init_level(features, 0, seed=5)
+    with torch.no_grad():
+        latents = tokenizer.view_latents(features)  # level-0 residuals are the latents
+    expected0 = fit_kmeans(latents.reshape(-1, 6), 8, seed=5)
+    assert torch.allclose(tokenizer.codebooks[0].data, torch.from_numpy(expected0))
+    tokenizer.init_level(features, 1, seed=7)
+    with torch.no_grad():
+        codes0 = tokenizer.quantize(latents, 1).codes[..., 0]
+        residual1 = latents - tokenizer.codebooks[0][codes0]
+    expected1 = fit_kmeans(residual1.reshape(-1, 6), 8, seed=7)
+    assert torch.allclose(tokenizer.codebooks[1].data, torch.from_numpy(expected1))
+    codes = tokenizer.encode(features)
+    assert codes.shape == (200, 3, 2)
+    health = multiview_health(codes, tokenizer.vocab_sizes)
+    assert 0 < health["view0_level0_utilisation"] <= 1 and 1 <= health["unique_sids_per_item"] <= 3
+
+
+def test_view_infonce_multi_positive_prefers_the_routed_view():
+    views = torch.eye(4).reshape(2, 2, 4)  # item 0: views e0, e1; item 1: views e2, e3
+    queries = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    good = view_infonce(queries, views, torch.tensor([0, 1]), torch.tensor([1, 0]), temperature=0.1)
+    bad = view_infonce(queries, views, torch.tensor([0, 1]), torch.tensor([0, 1]), temperature=0.1)
+    assert float(good) < 0.01 < float(bad)
+
+
+def test_trie_expands_a_shared_sid_to_all_its_items_and_metrics_are_item_level():
+    # 3 items x 2 views; SID (0, 1) is view 0 of item 2 and view 1 of item 0 and of item 1
+    codes = torch.tensor([[[5, 5], [0, 1]], [[3, 2], [0, 1]], [[0, 1], [7, 7]]])
+    trie = SIDTrie.from_codes(codes.reshape(6, 2), [8, 8], row_items=torch.arange(3).repeat_interleave(2))
+    output = BeamSearchOutput(sequences=torch.tensor([[[0, 1], [3, 2]]]), scores=torch.tensor([[-0.1, -2.0]]))
+    pool = beams_to_items(output, trie)
+    assert pool.tolist() == [[0, 1, 2]]  # the shared SID's items (ascending), item 1's second SID adds nothing
+    # gold item 2: the top SID holds it, so SID-level recall@1 would be 1; item-level recall@1 is 0
+    metrics = ItemRetrievalMetrics(ks=(1, 3), mrr_k=10)
+    metrics.update(pool, torch.tensor([[2]]), torch.tensor([0]))
+    values = metrics.compute()
+    assert float(values["recall@1"]) == 0.0 and float(values["recall@3"]) == 1.0
+    assert abs(float(values["mrr@10"]) - 1 / 3) < 1e-6
+
+
+def test_phased_fit_then_checkpoint_alone_decodes(tmp_path):
+    L.seed_everything(0)
+    data = SyntheticDataModule(num_items=60, feature_dim=16, batch_size=32, eval_batch_size=64,
+                               max_val_queries=20)
+    module = _tiny_retriever(vocab_size=data.vocab_size, query_encoder="minilm_static", pretrain_epochs=[1, 0],
+                             main_epochs=1, fit_epochs=[0, 1], beam_size=4)
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_train_batches=3, default_root_dir=tmp_path,
+                        check_val_every_n_epoch=4, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    assert module.decode_levels == 2
+    assert int(module.anchored_phase) == module.phases[-1].index
+    routes = module.query_routes[module.query_routes >= 0]
+    assert set(routes.tolist()) <= {0, 1}
+    assert trainer.callback_metrics["val/pool_size"] >= 1
+    path = tmp_path / "grdr.ckpt"
+    trainer.save_checkpoint(path)
+    batch = next(iter(data.test_dataloader()))
+    expected = module.eval().retrieve(batch["input_ids"], batch["attention_mask"])
+    restored = GRDRRetriever.load_from_checkpoint(path, weights_only=True).eval()
+    assert restored.item_ids == list(data.corpus.item_ids)
+    assert torch.equal(restored.sid_codes, module.sid_codes)
+    got = restored.retrieve(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(got, expected)
+    assert got.shape[0] == batch["input_ids"].shape[0] and bool((got[:, 0] >= 0).all())
+
+
+def test_code_usage_balance_is_zero_for_even_use_and_high_for_collapse():
+    tokenizer = MultiViewTokenizer(feature_dim=4, num_views=1, num_levels=1, codebook_size=8, latent_dim=8)
+    tokenizer.codebooks[0].data.copy_(torch.eye(8))
+    spread = torch.eye(8).reshape(8, 1, 8)  # each item on its own code
+    collapsed = torch.eye(8)[torch.zeros(8, dtype=torch.long)].reshape(8, 1, 8)  # every item on code 0
+    assert float(code_usage_balance(tokenizer, spread)) < 0.01
+    assert float(code_usage_balance(tokenizer, collapsed)) > 0.9
