@@ -23,7 +23,8 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists() or name.count("/") > 1
 
 
-def _load(name: str, loader, what: str):
+def load_pretrained(name: str, loader, what: str):
+    """``loader(name)`` (a ``from_pretrained``) with one clear :class:`ModelLoadError` when it fails."""
     if _looks_local(name) and not Path(name).expanduser().is_dir():
         raise ModelLoadError(
             f"--model {name}: directory not found; pass a local directory saved with save_pretrained "
@@ -60,8 +61,8 @@ class ImageEncoder:
     def __init__(self, model: str, device: str = "cpu"):
         from transformers import AutoImageProcessor, AutoModel
 
-        self.processor = _load(model, AutoImageProcessor.from_pretrained, "image processor")
-        self.model = _load(model, AutoModel.from_pretrained, "CLIP/SigLIP model").eval().to(device)
+        self.processor = load_pretrained(model, AutoImageProcessor.from_pretrained, "image processor")
+        self.model = load_pretrained(model, AutoModel.from_pretrained, "CLIP/SigLIP model").eval().to(device)
         if not hasattr(self.model, "get_image_features"):
             raise ModelLoadError(f"--model {model}: {type(self.model).__name__} has no image tower; use CLIP or SigLIP.")
         self.device = device
@@ -84,8 +85,8 @@ class AudioEncoder:
     def __init__(self, model: str, device: str = "cpu"):
         from transformers import AutoFeatureExtractor, ClapModel
 
-        self.extractor = _load(model, AutoFeatureExtractor.from_pretrained, "audio feature extractor")
-        self.model = _load(model, ClapModel.from_pretrained, "CLAP model").eval().to(device)
+        self.extractor = load_pretrained(model, AutoFeatureExtractor.from_pretrained, "audio feature extractor")
+        self.model = load_pretrained(model, ClapModel.from_pretrained, "CLAP model").eval().to(device)
         self.sample_rate = int(self.extractor.sampling_rate)
         self.device = device
 
