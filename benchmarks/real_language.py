@@ -58,6 +58,9 @@ QUICK = {
 }
 
 
+ZERO_SHOT = "zero-shot MiniLM similarity"
+
+
 @dataclass
 class Row:
     name: str
@@ -112,46 +115,65 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
     rows: list[Row] = []
     checkpoints: dict[str, str] = {}
 
+    def save_partial() -> None:  # every finished row is on disk even if a later one fails or is stopped
+        partial = args.partial_results.setdefault("datasets", {})
+        partial[name] = _summary(corpus, counts, plan, args, rows, captions)
+        write_json_atomic(args.out, args.partial_results)
+
     # zero-shot MiniLM: the identity-initialised MiniLM dual tower, tested untrained (saved for reranking)
     t0 = time.perf_counter()
     cli = _cli("zero_shot_minilm.yaml", overrides("zero_shot_minilm"))
-    rows.append(Row("zero-shot MiniLM similarity", _test(cli, cli.model), time.perf_counter() - t0))
-    checkpoints["zero-shot MiniLM similarity"] = str(work / "zero_shot_minilm" / "zero_shot.ckpt")
-    cli.trainer.save_checkpoint(checkpoints["zero-shot MiniLM similarity"])
+    rows.append(Row(ZERO_SHOT, _test(cli, cli.model), time.perf_counter() - t0))
+    checkpoints[ZERO_SHOT] = str(work / "zero_shot_minilm" / "zero_shot.ckpt")
+    cli.trainer.save_checkpoint(checkpoints[ZERO_SHOT])
+    save_partial()
+
+    # ACE: tokenizer, then the generative retriever; recall reranked by zero-shot MiniLM right away
+    t0 = time.perf_counter()
+    _fit(_cli("ace_tokenizer.yaml", overrides("ace_tokenizer")))
+    bundle = work / "ace_tokenizer" / "bundle"
+    retriever_overrides = [*overrides("ace_retriever"), f"--model.init_args.bundle_dir={bundle}"]
+    cli = _cli("ace_retriever.yaml", retriever_overrides)
+    best = _fit(cli)
+    ace_model = type(cli.model).load_from_checkpoint(best, weights_only=True)
+    beam = ace_model.hparams.beam_size
+    rows.append(Row(f"ACE generative (beam {beam})", _test(cli, ace_model), time.perf_counter() - t0))
+    save_partial()
+
+    def two_stage_row(dense_name: str) -> None:
+        t0 = time.perf_counter()
+        cli = _cli("ace_retriever.yaml", retriever_overrides)
+        callback = TwoStageEvaluation(dense_checkpoint=checkpoints[dense_name], beam_size=beam)
+        metrics = _test(cli, ace_model, [callback])
+        reranked = {k.replace("test/two_stage/", "test/"): v for k, v in metrics.items()
+                    if k.startswith("test/two_stage/")}
+        rows.append(Row(f"ACE recall + rerank by {dense_name}", {**metrics, **reranked}, time.perf_counter() - t0))
+        save_partial()
+
+    two_stage_row(ZERO_SHOT)
 
     for label, config in (
-        ("dual tower, scratch text tower", "dual_tower_scratch.yaml"),
         ("dual tower, MiniLM text tower fine-tuned", "dual_tower_minilm.yaml"),
+        ("dual tower, scratch text tower", "dual_tower_scratch.yaml"),
     ):
         t0 = time.perf_counter()
         cli = _cli(config, overrides(config.removesuffix(".yaml")))
         best = checkpoints[label] = _fit(cli)
         model = type(cli.model).load_from_checkpoint(best, weights_only=True)
         rows.append(Row(label, _test(cli, model), time.perf_counter() - t0))
+        save_partial()
 
-    dense_rows = [r for r in rows if "MiniLM" in r.name]
-    best_dense = max(dense_rows, key=lambda r: r.metrics["test/recall@1"])
+    best_dense = max((r for r in rows if "MiniLM" in r.name and "ACE" not in r.name),
+                     key=lambda r: r.metrics["test/recall@1"])
+    if best_dense.name != ZERO_SHOT:
+        two_stage_row(best_dense.name)
+    return _summary(corpus, counts, plan, args, rows, captions)
 
-    t0 = time.perf_counter()
-    cli = _cli("ace_tokenizer.yaml", overrides("ace_tokenizer"))
-    _fit(cli)
-    bundle = work / "ace_tokenizer" / "bundle"
-    tokenizer_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    retriever_overrides = [*overrides("ace_retriever"), f"--model.init_args.bundle_dir={bundle}"]
-    cli = _cli("ace_retriever.yaml", retriever_overrides)
-    best = _fit(cli)
-    model = type(cli.model).load_from_checkpoint(best, weights_only=True)
-    ace = Row(f"ACE generative (beam {model.hparams.beam_size})", _test(cli, model), time.perf_counter() - t0 + tokenizer_seconds)
-    rows.append(ace)
 
-    t0 = time.perf_counter()
-    cli = _cli("ace_retriever.yaml", retriever_overrides)
-    two_stage = TwoStageEvaluation(dense_checkpoint=checkpoints[best_dense.name], beam_size=model.hparams.beam_size)
-    metrics = _test(cli, model, [two_stage])
-    reranked = {k.replace("test/two_stage/", "test/"): v for k, v in metrics.items() if k.startswith("test/two_stage/")}
-    rows.append(Row(f"ACE recall + rerank by {best_dense.name}", {**metrics, **reranked}, time.perf_counter() - t0))
-
+def _summary(corpus, counts, plan, args, rows: list[Row], captions) -> dict:
+    """The JSON of one dataset: rows, ratios against the best dense row so far, corpus sizes, notes."""
+    dense = [r for r in rows if r.name in (ZERO_SHOT, "dual tower, MiniLM text tower fine-tuned")]
+    best_dense = max(dense, key=lambda r: r.metrics["test/recall@1"])
     reference = best_dense.metrics["test/recall@1"]
     result = {
         "corpus": {"items": corpus.num_items, "queries": counts, "plan": vars(plan) | {"max_items": args.max_items}},
@@ -211,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "loadavg_at_start": os.getloadavg()},
         "datasets": {},
     }
+    args.partial_results = results
     for name in args.datasets:
         results["datasets"][name] = run_dataset(name, args)
         results["seconds"] = time.perf_counter() - started
