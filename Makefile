@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # torch is pinned to the CPU wheel first so nothing pulls a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench bench-real clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench: install
 	$(BIN)/python benchmarks/decode_throughput.py --threads 1 --out benchmarks/results/decode_throughput.json
 	$(BIN)/python benchmarks/sid_tokenizer.py --threads 1 --out benchmarks/results/sid_tokenizer.json
 	$(BIN)/python benchmarks/efficiency.py --small-d-model 128 --out benchmarks/results/efficiency.json --plot benchmarks/results/efficiency.png
+
+# Real-language benchmark: the annotation files of MSVD and MSR-VTT under ANNOTATIONS/<dataset>/
+# (downloads: see the README, "Real-language benchmark").
+ANNOTATIONS ?= ../shared/data
+bench-real: install
+	$(BIN)/python benchmarks/real_language.py --annotation-dir $(ANNOTATIONS) --max-train-per-item 6 --threads 1 --out benchmarks/results/real_language.json
 
 clean:
 	rm -rf runs benchmarks/results .pytest_cache .ruff_cache

@@ -11,6 +11,8 @@ Extra commands (``grcm <command> --help`` for their options):
 
 - ``grcm demo``: the whole pipeline on the synthetic corpus, printing a results table.
 - ``grcm prepare``: join a benchmark's annotation files with precomputed features into a corpus.
+- ``grcm extract``: encode images/videos/audio (CLIP, SigLIP, CLAP) into the features ``grcm prepare`` joins.
+- ``grcm generate-queries``: caption items with a local model into ``extra_queries.csv``.
 - ``grcm sids``: write a SID bundle from a trained tokenizer checkpoint.
 - ``grcm plot-sids``: PCA/t-SNE PNG of items coloured by coarse token.
 """
@@ -197,6 +199,20 @@ def _prepare(argv: list[str]) -> None:
         **options,
     )
     print(f"grcm prepare: wrote {out}")
+
+
+@extra_command("extract")
+def _extract(argv: list[str]) -> None:
+    from grcm.extract.runner import main as extract_main
+
+    extract_main(argv)
+
+
+@extra_command("generate-queries")
+def _generate_queries(argv: list[str]) -> None:
+    from grcm.queries.generate import main as generate_main
+
+    generate_main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,10 @@ after ``__init__`` so that the CLI can link them into the model's arguments.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
+import warnings
 from abc import abstractmethod
 from pathlib import Path
 from typing import Any, Literal
@@ -25,11 +28,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from grcm.data.corpus import Corpus, CorpusError, load_corpus, load_features, read_corpus_header
+from grcm.data.protocol import FIX, QueryCoverage
 from grcm.data.query_tokenizer import QueryTokenizer
 from grcm.data.synthetic import generate_synthetic_corpus
 from grcm.resume import ResumableDataLoader, ResumableSampler, gather_rng_states, set_rng_state
 
 Serve = Literal["queries", "items"]
+log = logging.getLogger(__name__)
+
+
+def transductive_split(corpus: Corpus, holdout: int) -> Corpus:
+    """A copy of ``corpus`` where each test item keeps its first ``holdout`` test captions as test queries and
+    its other test captions become training queries (val captions are left alone)."""
+    split = corpus.caption_split.copy()
+    seen = np.zeros(corpus.num_items, dtype=np.int64)
+    for row in np.flatnonzero(split == "test").tolist():
+        item = corpus.caption_item[row]
+        if seen[item] >= holdout:
+            split[row] = "train"
+        seen[item] += 1
+    return dataclasses.replace(corpus, caption_split=split)
 
 
 class _Indices(Dataset):
@@ -111,6 +129,12 @@ class RetrievalDataModule(L.LightningDataModule):
         max_val_queries: validate on a fixed random subset of this many val queries (None = all).
         use_extra_queries: train on the corpus's extra (generated) queries too.
         split_seed: seed of the val subset.
+        uncovered_items: what set-up does when val/test queries point at items without training queries
+            (which a generative retriever cannot return; see :mod:`grcm.data.protocol`): ``"warn"``,
+            ``"error"`` (a :class:`CorpusError` with the fix) or ``"ignore"``. The coverage is kept in
+            :attr:`coverage` and always logged.
+        transductive_holdout: when set to k, each test item keeps k of its test captions as test queries and
+            its other test captions become training queries (the transductive setting; the test set shrinks).
     """
 
     def __init__(
@@ -127,6 +151,8 @@ class RetrievalDataModule(L.LightningDataModule):
         max_val_queries: int | None = None,
         use_extra_queries: bool = True,
         split_seed: int = 0,
+        uncovered_items: Literal["warn", "error", "ignore"] = "warn",
+        transductive_holdout: int | None = None,
     ):
         super().__init__()
         if serve not in ("queries", "items"):
@@ -137,6 +163,12 @@ class RetrievalDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.query_vocab, self.max_query_length = query_vocab, max_query_length
         self.max_val_queries, self.use_extra_queries, self.split_seed = max_val_queries, use_extra_queries, split_seed
+        if uncovered_items not in ("warn", "error", "ignore"):
+            raise ValueError(f"data.uncovered_items must be 'warn', 'error' or 'ignore', got {uncovered_items!r}")
+        if transductive_holdout is not None and transductive_holdout < 1:
+            raise ValueError(f"data.transductive_holdout must be >= 1 or null, got {transductive_holdout}")
+        self.uncovered_items, self.transductive_holdout = uncovered_items, transductive_holdout
+        self.coverage: QueryCoverage | None = None
         if query_vocab == "minilm":
             self.query_tokenizer: QueryTokenizer | None = QueryTokenizer.minilm(max_query_length)
             self.vocab_size = self.query_tokenizer.vocab_size
@@ -165,9 +197,33 @@ class RetrievalDataModule(L.LightningDataModule):
                     f"corpus {corpus.name!r} has {corpus.feature_dim}-d features but data.feature_dim is "
                     f"{self.feature_dim}; set data.feature_dim={corpus.feature_dim}."
                 )
-            self.corpus = corpus
+            self.corpus = corpus if self.transductive_holdout is None else transductive_split(
+                corpus, self.transductive_holdout
+            )
         if self.serve == "queries" and not self._splits:
             self._build_query_splits()
+            self._check_coverage()
+
+    def _check_coverage(self) -> None:
+        """Measure which val/test items have training queries; warn or fail per ``uncovered_items``."""
+        train_items = self._splits["train"].item_index.numpy()
+        self.coverage = coverage = QueryCoverage.of(self.corpus, train_items)
+        log.info("corpus %r: %s", self.corpus.name, coverage.describe("test"))
+        if self.uncovered_items == "ignore":
+            return
+        for split in ("test", "val"):
+            missing = coverage.uncovered(split)
+            if not missing.size:
+                continue
+            ids = [self.corpus.item_ids[i] for i in missing[:3].tolist()]
+            message = (
+                f"corpus {self.corpus.name!r}: {missing.size} of {coverage.eval_items[split].size} {split} items "
+                f"(e.g. {ids}) have no training queries; {coverage.describe(split)} {FIX}"
+            )
+            if self.uncovered_items == "error":
+                raise CorpusError(message)
+            warnings.warn(message, stacklevel=2)
+            return
 
     def _build_query_splits(self) -> None:
         corpus = self.corpus

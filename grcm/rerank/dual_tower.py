@@ -33,6 +33,10 @@ class DualTower(L.LightningModule):
         text_backbone: ``"scratch"`` or ``"minilm"`` (see :class:`TextEncoder`).
         text_layers, text_width, text_heads, text_ffn, dropout: scratch text tower shape.
         item_projection: ``"mlp"`` (residual MLP) or ``"linear"``.
+        projection_init: ``"random"``, or ``"identity"``: both projections start as the identity (the MLP
+            branch at zero), so a pretrained text tower whose space the item features already share (e.g.
+            MiniLM queries against mean MiniLM caption embeddings) starts as its zero-shot similarity.
+            Needs text hidden size == feature_dim == embed_dim.
         pad_token_id: query padding id (linked from the data).
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay.
         temperature: initial softmax temperature (learned, clamped to >= 0.01).
@@ -58,6 +62,7 @@ class DualTower(L.LightningModule):
         text_ffn: int = 512,
         dropout: float = 0.1,
         item_projection: Literal["mlp", "linear"] = "mlp",
+        projection_init: Literal["random", "identity"] = "random",
         pad_token_id: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -87,12 +92,32 @@ class DualTower(L.LightningModule):
             pad_token_id=pad_token_id,
         )
         self.item_tower = ItemProjection(feature_dim, embed_dim, kind=item_projection)
+        if projection_init == "identity":
+            self._identity_projections()
+        elif projection_init != "random":
+            raise ValueError(f"projection_init must be 'random' or 'identity', got {projection_init!r}")
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
         self.val_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.dense_index: DenseIndex | None = None
         self._search_seconds = 0.0
         self._searched_queries = 0
+
+    @torch.no_grad()
+    def _identity_projections(self) -> None:
+        text, item = self.text_tower.projection, self.item_tower.linear
+        shapes = {"text hidden -> embed_dim": tuple(text.weight.shape), "feature_dim -> embed_dim": tuple(item.weight.shape)}
+        if any(rows != cols for rows, cols in shapes.values()) or text.weight.shape != item.weight.shape:
+            raise ValueError(
+                f"projection_init='identity' needs square projections of one size, got {shapes} (out, in); "
+                "set model.embed_dim to the feature dimension and use a text tower of that width."
+            )
+        for linear in (text, item):
+            nn.init.eye_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        if self.item_tower.mlp is not None:
+            nn.init.zeros_(self.item_tower.mlp[-1].weight)
+            nn.init.zeros_(self.item_tower.mlp[-1].bias)
 
     # -- towers ---------------------------------------------------------------------------------
     def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,248 @@
+"""Real-language benchmark: every method on corpora built from real human captions (offline).
+
+For each dataset (MSVD, MSR-VTT) the reader's captions are pooled per item; ``--held-out``
+captions per item become the item's feature (their mean all-MiniLM-L6-v2 embedding, a
+stand-in for a well-aligned video encoder) and are never queries; the remaining captions
+are split per item into train / val / test queries (``grcm/data/caption_features.py``).
+Every item has training queries, so this is the transductive setting of generative retrieval.
+
+Rows (each an experiment config in ``experiments/real_language/``):
+
+- dual tower, scratch text tower (``dual_tower_scratch.yaml``)
+- dual tower, pretrained MiniLM text tower fine-tuned (``dual_tower_minilm.yaml``)
+- zero-shot MiniLM similarity (``zero_shot_minilm.yaml``, no training)
+- ACE generative (tokenizer + retriever, beam 25) (``ace_tokenizer.yaml``, ``ace_retriever.yaml``)
+- ACE recall + rerank by the best dense row (the two-stage callback)
+
+Writes ``--out`` (JSON) and ``--out`` with ``.md`` (the README table). MiniLM embeddings
+are cached under ``<work>/cache``; ``--quick`` shrinks everything to a smoke test.
+
+    python benchmarks/real_language.py --annotation-dir ../shared/data --out benchmarks/results/real_language.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from grcm.data.caption_features import CaptionSplitPlan, caption_feature_corpus  # noqa: E402
+from grcm.data.corpus import save_corpus  # noqa: E402
+from grcm.data.datasets import read_captions  # noqa: E402
+from grcm.io import write_json_atomic  # noqa: E402
+
+EXPERIMENTS = REPO / "experiments" / "real_language"
+READER_OPTIONS = {
+    "msvd": {},
+    # MSRVTT_data.json (the 9k training videos' captions) is not among the public files; the 20 captions of
+    # each 1k-A test video are (msrvtt_ret_train_addition.json): the corpus is those 1,000 videos.
+    "msrvtt": {"transductive": True, "splits": ("train", "test")},
+}
+METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10")
+QUICK = {
+    "dual_tower_scratch": ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1"],
+    "dual_tower_minilm": ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.batch_size=8"],
+    "ace_tokenizer": ["--trainer.max_epochs=2", "--model.init_args.warmup_epochs=1",
+                      "--model.init_args.coarse_codebook_size=4", "--model.init_args.codebook_size=4",
+                      "--model.init_args.hidden_dims=[32]", "--model.init_args.latent_dim=8"],
+    "ace_retriever": ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--model.init_args.d_model=32",
+                      "--model.init_args.ffn_dim=64", "--model.init_args.beam_size=5"],
+}
+
+
+ZERO_SHOT = "zero-shot MiniLM similarity"
+
+
+@dataclass
+class Row:
+    name: str
+    metrics: dict[str, float]
+    seconds: float
+
+
+def _cli(config: str, overrides: list[str]):
+    from grcm.cli import GrcmCLI
+
+    return GrcmCLI(args=["-c", str(EXPERIMENTS / config), *overrides], run=False)
+
+
+def _test(cli, model, callbacks=()) -> dict[str, float]:
+    cli.trainer.callbacks.extend(callbacks)
+    results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
+    return {key: float(value) for key, value in results.items()}
+
+
+def _fit(cli) -> str:
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    callback = cli.trainer.checkpoint_callback
+    return callback.best_model_path or callback.last_model_path
+
+
+def run_dataset(name: str, args: argparse.Namespace) -> dict:
+    """Build the caption-derived corpus of ``name``, run every row, return its results."""
+    from grcm.rerank.sentence_embedding import MiniLMSentenceEncoder, embed_sentences
+    from grcm.rerank.two_stage import TwoStageEvaluation
+
+    work = Path(args.work) / name
+    captions = read_captions(name, Path(args.annotation_dir) / name, **READER_OPTIONS[name])
+    plan = CaptionSplitPlan(held_out=args.held_out, test=args.test_per_item, val=1, max_train=args.max_train_per_item)
+    encoder: list[MiniLMSentenceEncoder] = []
+
+    def embed(texts):
+        if not encoder and not args.no_cache:
+            encoder.append(MiniLMSentenceEncoder(batch_size=128))
+        return embed_sentences(texts, None if args.no_cache else Path(args.work) / "cache", encoder[0] if encoder else None)
+
+    started = time.perf_counter()
+    corpus = caption_feature_corpus(captions, embed, plan, seed=args.seed, max_items=args.max_items)
+    corpus_dir = save_corpus(corpus, work / "corpus")
+    counts = {split: int((corpus.caption_split == split).sum()) for split in ("train", "val", "test")}
+    print(f"[{name}] corpus {corpus_dir}: {corpus.num_items} items, queries {counts} "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+
+    def overrides(stage: str) -> list[str]:
+        extra = QUICK.get(stage, []) if args.quick else []
+        return [f"--data.init_args.corpus_dir={corpus_dir}", f"--trainer.default_root_dir={work / stage}", *extra]
+
+    rows: list[Row] = []
+    checkpoints: dict[str, str] = {}
+
+    def save_partial() -> None:  # every finished row is on disk even if a later one fails or is stopped
+        partial = args.partial_results.setdefault("datasets", {})
+        partial[name] = _summary(corpus, counts, plan, args, rows, captions)
+        write_json_atomic(args.out, args.partial_results)
+
+    # zero-shot MiniLM: the identity-initialised MiniLM dual tower, tested untrained (saved for reranking)
+    t0 = time.perf_counter()
+    cli = _cli("zero_shot_minilm.yaml", overrides("zero_shot_minilm"))
+    rows.append(Row(ZERO_SHOT, _test(cli, cli.model), time.perf_counter() - t0))
+    checkpoints[ZERO_SHOT] = str(work / "zero_shot_minilm" / "zero_shot.ckpt")
+    cli.trainer.save_checkpoint(checkpoints[ZERO_SHOT])
+    save_partial()
+
+    # ACE: tokenizer, then the generative retriever; recall reranked by zero-shot MiniLM right away
+    t0 = time.perf_counter()
+    _fit(_cli("ace_tokenizer.yaml", overrides("ace_tokenizer")))
+    bundle = work / "ace_tokenizer" / "bundle"
+    retriever_overrides = [*overrides("ace_retriever"), f"--model.init_args.bundle_dir={bundle}"]
+    cli = _cli("ace_retriever.yaml", retriever_overrides)
+    best = _fit(cli)
+    ace_model = type(cli.model).load_from_checkpoint(best, weights_only=True)
+    beam = ace_model.hparams.beam_size
+    rows.append(Row(f"ACE generative (beam {beam})", _test(cli, ace_model), time.perf_counter() - t0))
+    save_partial()
+
+    def two_stage_row(dense_name: str) -> None:
+        t0 = time.perf_counter()
+        cli = _cli("ace_retriever.yaml", retriever_overrides)
+        callback = TwoStageEvaluation(dense_checkpoint=checkpoints[dense_name], beam_size=beam)
+        metrics = _test(cli, ace_model, [callback])
+        reranked = {k.replace("test/two_stage/", "test/"): v for k, v in metrics.items()
+                    if k.startswith("test/two_stage/")}
+        rows.append(Row(f"ACE recall + rerank by {dense_name}", {**metrics, **reranked}, time.perf_counter() - t0))
+        save_partial()
+
+    two_stage_row(ZERO_SHOT)
+
+    for label, config in (
+        ("dual tower, MiniLM text tower fine-tuned", "dual_tower_minilm.yaml"),
+        ("dual tower, scratch text tower", "dual_tower_scratch.yaml"),
+    ):
+        t0 = time.perf_counter()
+        cli = _cli(config, overrides(config.removesuffix(".yaml")))
+        best = checkpoints[label] = _fit(cli)
+        model = type(cli.model).load_from_checkpoint(best, weights_only=True)
+        rows.append(Row(label, _test(cli, model), time.perf_counter() - t0))
+        save_partial()
+
+    best_dense = max((r for r in rows if "MiniLM" in r.name and "ACE" not in r.name),
+                     key=lambda r: r.metrics["test/recall@1"])
+    if best_dense.name != ZERO_SHOT:
+        two_stage_row(best_dense.name)
+    return _summary(corpus, counts, plan, args, rows, captions)
+
+
+def _summary(corpus, counts, plan, args, rows: list[Row], captions) -> dict:
+    """The JSON of one dataset: rows, ratios against the best dense row so far, corpus sizes, notes."""
+    dense = [r for r in rows if r.name in (ZERO_SHOT, "dual tower, MiniLM text tower fine-tuned")]
+    best_dense = max(dense, key=lambda r: r.metrics["test/recall@1"])
+    reference = best_dense.metrics["test/recall@1"]
+    result = {
+        "corpus": {"items": corpus.num_items, "queries": counts, "plan": vars(plan) | {"max_items": args.max_items}},
+        "best_dense": best_dense.name,
+        "rows": {r.name: {"metrics": r.metrics, "seconds": r.seconds} for r in rows},
+        "ratios_vs_best_dense_r1": {r.name: r.metrics["test/recall@1"] / max(reference, 1e-12) for r in rows},
+        "notes": captions.notes,
+    }
+    return result
+
+
+def markdown_table(results: dict) -> str:
+    lines = []
+    for name, result in results["datasets"].items():
+        corpus = result["corpus"]
+        lines.append(f"**{name}** ({corpus['items']:,} items, {corpus['queries']['train']:,} train / "
+                     f"{corpus['queries']['test']:,} test queries; best dense row: {result['best_dense']})\n")
+        lines.append("| method | R@1 | R@5 | R@10 | MRR@10 | R@1 / best dense | corpus scored | train+test s |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for row_name, row in result["rows"].items():
+            m = row["metrics"]
+            scored = m.get("test/corpus_fraction_scored")
+            lines.append(
+                f"| {row_name} | {m['test/recall@1']:.2%} | {m['test/recall@5']:.2%} | {m['test/recall@10']:.2%} | "
+                f"{m['test/mrr@10']:.4f} | {result['ratios_vs_best_dense_r1'][row_name]:.2f}x | "
+                f"{'-' if scored is None else f'{scored:.2%}'} | {row['seconds']:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--annotation-dir", required=True,
+                        help="folder holding msvd/ and msrvtt/ annotation folders (see the README for downloads)")
+    parser.add_argument("--datasets", nargs="+", default=["msvd", "msrvtt"], choices=sorted(READER_OPTIONS))
+    parser.add_argument("--work", default="runs/real_language", help="corpora, runs and the embedding cache")
+    parser.add_argument("--out", default="benchmarks/results/real_language.json")
+    parser.add_argument("--held-out", type=int, default=10, help="captions per item averaged into its feature")
+    parser.add_argument("--test-per-item", type=int, default=1)
+    parser.add_argument("--max-train-per-item", type=int, default=None)
+    parser.add_argument("--max-items", type=int, default=None, help="seeded item subsample per dataset")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-cache", action="store_true", help="do not cache MiniLM embeddings on disk")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (a minute on a CPU)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    results = {
+        "command": " ".join(["python benchmarks/real_language.py", *(argv if argv is not None else sys.argv[1:])]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "loadavg_at_start": os.getloadavg()},
+        "datasets": {},
+    }
+    args.partial_results = results
+    for name in args.datasets:
+        results["datasets"][name] = run_dataset(name, args)
+        results["seconds"] = time.perf_counter() - started
+        write_json_atomic(args.out, results)  # partial results survive a later failure
+    table = markdown_table(results)
+    Path(args.out).with_suffix(".md").write_text(table)
+    print(table)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generated training queries (ACE §3.3 and GRDR/Hybrid-Tower pseudo-queries): ``grcm generate-queries``."""
