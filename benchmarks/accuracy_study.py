@@ -23,27 +23,19 @@ import lightning as L
 
 
 class EpochCurve(L.Callback):
-    """Collects ``{"epoch", "seconds", "train/sid_accuracy", "train/loss", "val/recall@1", ...}`` per epoch."""
+    """Collects ``{"epoch", "seconds", "train/sid_accuracy_epoch", "val/recall@1", ...}`` after every epoch."""
 
-    KEYS = ("train/sid_accuracy_epoch", "train/loss_epoch", "val/recall@1", "val/recall@10", "val/mrr@10")
+    KEYS = ("train/sid_accuracy_epoch", "val/recall@1", "val/recall@10", "val/mrr@10")
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
         self.started = time.perf_counter()
-        self._train: dict[str, float] = {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # runs after the epoch's validation, when the epoch aggregates of the train metrics exist
         metrics = trainer.callback_metrics
-        self._train = {key: float(metrics[key]) for key in self.KEYS[:2] if key in metrics}
-        self._train["seconds"] = time.perf_counter() - self.started
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        metrics = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch + 1, **self._train}
-        row.update({key: float(metrics[key]) for key in self.KEYS[2:] if key in metrics})
-        row["seconds_with_val"] = time.perf_counter() - self.started
+        row = {"epoch": trainer.current_epoch + 1, "seconds": time.perf_counter() - self.started}
+        row.update({key: float(metrics[key]) for key in self.KEYS if key in metrics})
         self.rows.append(row)
         print("curve:", {k: round(v, 4) for k, v in row.items()}, flush=True)
 
