@@ -127,3 +127,23 @@ def test_datamodule_trains_on_generated_queries_and_corpus_keeps_their_source(tm
     assert loaded.extra_text == dm.corpus.extra_text and loaded.extra_source == dm.corpus.extra_source
     header = (tmp_path / "corpus" / "extra_queries.csv").read_text().splitlines()[0]
     assert header == "item_id,text,source"
+
+
+def test_silu_gate_decodes_the_same_beams_incrementally():
+    from grcm.decoding import beam_search
+    from grcm.retriever.incremental import make_step_fn
+
+    torch.manual_seed(0)
+    model = GenerativeRetrieverModel(
+        40, [5, 6, 4], d_model=24, num_heads=3, num_encoder_layers=3, num_decoder_layers=2, ffn_dim=48,
+        coarse_gate="silu",
+    ).eval()
+    input_ids = torch.randint(1, 40, (3, 7))
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    with torch.inference_mode():
+        enc = model.encode(input_ids, mask)
+        outputs = [
+            beam_search(make_step_fn(model, enc, 5, incremental=flag), 3, 5, [5, 6, 4]) for flag in (False, True)
+        ]
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    torch.testing.assert_close(outputs[0].scores, outputs[1].scores, atol=1e-5, rtol=1e-5)
