@@ -10,7 +10,8 @@ feature vector each, plus captions that serve as queries. On disk::
       features.npy         (N, D) float16/float32 (memory-mapped on load),
                            or features.safetensors with a tensor named "features"
       captions.csv         header item_id,text,split   (split in train/val/test)
-      extra_queries.csv    optional, header item_id,text (extra training queries)
+      extra_queries.csv    optional, header item_id,text[,source] (extra training queries;
+                           source says where each came from, e.g. "synthetic" or a model name)
 
 Every check on load names the file, the offending id or row, and the fix.
 """
@@ -52,6 +53,7 @@ class Corpus:
         caption_split: ``(C,)`` array of ``"train"``/``"val"``/``"test"``.
         extra_item: ``(E,)`` int64 item index of each extra training query.
         extra_text: ``E`` extra training queries (generated/pseudo queries).
+        extra_source: ``E`` provenance strings of the extra queries (empty list: unknown).
     """
 
     name: str
@@ -63,6 +65,7 @@ class Corpus:
     caption_split: np.ndarray
     extra_item: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     extra_text: list[str] = field(default_factory=list)
+    extra_source: list[str] = field(default_factory=list)
 
     @property
     def num_items(self) -> int:
@@ -108,6 +111,10 @@ class Corpus:
             raise CorpusError(f"{source}: unknown split(s) {sorted(bad_split)}; use train, val or test.")
         if len(self.extra_text) != len(self.extra_item):
             raise CorpusError(f"{source}: extra_item and extra_text differ in length.")
+        if self.extra_source and len(self.extra_source) != len(self.extra_text):
+            raise CorpusError(f"{source}: extra_source must be empty or give one source per extra query.")
+        if self.extra_item.size and (self.extra_item.min() < 0 or self.extra_item.max() >= n):
+            raise CorpusError(f"{source}: an extra query points at an item index outside [0, {n}).")
         return self
 
     def feature_checksum(self) -> str:
@@ -154,10 +161,14 @@ def save_corpus(corpus: Corpus, root: str | Path, feature_format: str = "npy") -
         ),
     )
     if len(corpus.extra_text):
+        sources = corpus.extra_source or ["unknown"] * len(corpus.extra_text)
         _write_csv(
             root / "extra_queries.csv",
-            ("item_id", "text"),
-            ((corpus.item_ids[i], text) for i, text in zip(corpus.extra_item.tolist(), corpus.extra_text)),
+            ("item_id", "text", "source"),
+            (
+                (corpus.item_ids[i], text, source)
+                for i, text, source in zip(corpus.extra_item.tolist(), corpus.extra_text, sources)
+            ),
         )
     write_json_atomic(
         root / "corpus.json",
@@ -233,7 +244,7 @@ def load_corpus(root: str | Path) -> Corpus:
         caption_item.append(item)
         caption_text.append(row["text"])
         caption_split.append(row["split"])
-    extra_item, extra_text = [], []
+    extra_item, extra_text, extra_source = [], [], []
     extra_path = root / "extra_queries.csv"
     if extra_path.is_file():
         for row_number, row in _read_csv(extra_path, ("item_id", "text")):
@@ -244,6 +255,7 @@ def load_corpus(root: str | Path) -> Corpus:
                 )
             extra_item.append(item)
             extra_text.append(row["text"])
+            extra_source.append(row.get("source") or "unknown")
     corpus = Corpus(
         name=str(header.get("name", root.name)),
         modality=str(header.get("modality", "unknown")),
@@ -254,6 +266,7 @@ def load_corpus(root: str | Path) -> Corpus:
         caption_split=np.asarray(caption_split, dtype="<U5"),
         extra_item=np.asarray(extra_item, dtype=np.int64),
         extra_text=extra_text,
+        extra_source=extra_source,
     )
     return corpus.validate(source=str(root))
 

@@ -353,6 +353,9 @@ class SyntheticDataModule(RetrievalDataModule):
         seed: corpus seed.
         captions_per_item: train captions per item (plus one val and one test caption).
         near_duplicate_fraction: share of items that copy another item's attributes.
+        generated_queries_per_item: deterministic generated queries per item
+            (:mod:`grcm.data.synthetic_queries`, ACE §3.3's generated queries), added to the corpus's
+            extra queries (source "synthetic") and trained on when ``use_extra_queries`` is true.
         **kwargs: see :class:`RetrievalDataModule`.
     """
 
@@ -363,20 +366,25 @@ class SyntheticDataModule(RetrievalDataModule):
         seed: int = 0,
         captions_per_item: int = 5,
         near_duplicate_fraction: float = 0.05,
+        generated_queries_per_item: int = 0,
         **kwargs,
     ):
+        if generated_queries_per_item < 0:
+            raise ValueError(f"data.generated_queries_per_item must be >= 0, got {generated_queries_per_item}.")
+        self.generated_queries_per_item = generated_queries_per_item
         self.num_items, self.seed = num_items, seed
         self.captions_per_item, self.near_duplicate_fraction = captions_per_item, near_duplicate_fraction
         super().__init__(feature_dim=feature_dim, **kwargs)
 
     def load_corpus(self) -> Corpus:
-        return generate_synthetic_corpus(
-            self.num_items,
-            self.feature_dim,
-            self.seed,
-            captions_per_item=self.captions_per_item,
-            near_duplicate_fraction=self.near_duplicate_fraction,
-        )
+        options = {"captions_per_item": self.captions_per_item, "near_duplicate_fraction": self.near_duplicate_fraction}
+        corpus = generate_synthetic_corpus(self.num_items, self.feature_dim, self.seed, **options)
+        if self.generated_queries_per_item:
+            from grcm.data.synthetic_queries import SOURCE, generate_synthetic_queries
+
+            items, texts = generate_synthetic_queries(corpus, self.generated_queries_per_item, self.seed, **options)
+            corpus.extra_item, corpus.extra_text, corpus.extra_source = items, texts, [SOURCE] * len(texts)
+        return corpus
 
 
 class CorpusDataModule(RetrievalDataModule):

@@ -12,7 +12,9 @@ with ``y`` the (already layer-normalised) decoder states (B, Q, d),
 - :class:`StandardCrossAttention` (``fusion="none"``): ordinary cross-attention
   to the last encoder layer.
 - :class:`CoarseFusion` (ACE): ``Z = W[E_1, ..., E_S] + b`` over the
-  feature-concatenated layer outputs, ``G(Y, Z) = (1/S) * sigmoid(Attn(W_q Y, W_k Z, W_v Z))``.
+  feature-concatenated layer outputs, ``G(Y, Z) = (1/S) * sigmoid(Attn(W_q Y, W_k Z, W_v Z))`` as
+  printed in the paper (``coarse_gate="sigmoid"``), or the self-gating ``(1/S) * A * sigmoid(A)``
+  with ``A = Attn(...)`` of the cited reference implementation (``coarse_gate="silu"``).
 - :class:`FineFusion` (ACE): ``L(Y, E) = sum_i alpha_i * Attn_i(Y, E_i)`` with
   element-wise gates ``alpha_i = sigmoid(W_i [Y, Attn_i(Y, E_i)] + b_i)``; every
   encoder layer has its own attention and gate.
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 FUSION_CHOICES = ("ace", "none")
+COARSE_GATE_CHOICES = ("sigmoid", "silu")
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -131,23 +134,34 @@ class CoarseFusion(nn.Module):
     """ACE coarse fusion over all encoder layers at once.
 
     ``Z = W [E_1, ..., E_S] + b`` (concatenation along features, (B, T, S*d) -> (B, T, d)),
-    then ``G = sigmoid(MultiheadAttention(Y, Z, Z)) / S``, so every entry of the
-    output lies in ``(0, 1/S)``. The attention's own ``W_q, W_k, W_v`` (and output
-    projection) are those of ``nn.MultiheadAttention``.
+    then, with ``A = MultiheadAttention(Y, Z, Z)``, ``G = sigmoid(A) / S`` (``gate="sigmoid"``, as
+    printed; every entry lies in ``(0, 1/S)``) or ``G = A * sigmoid(A) / S`` (``gate="silu"``,
+    self-gating: unbounded above, so the coarse path can carry signed information). The attention's
+    own ``W_q, W_k, W_v`` (and output projection) are those of ``nn.MultiheadAttention``.
     """
 
-    def __init__(self, d_model: int, num_heads: int, num_encoder_layers: int, dropout: float = 0.1) -> None:
+    def __init__(
+        self, d_model: int, num_heads: int, num_encoder_layers: int, dropout: float = 0.1, gate: str = "sigmoid"
+    ) -> None:
         super().__init__()
+        if gate not in COARSE_GATE_CHOICES:
+            raise ValueError(f"coarse_gate must be one of {COARSE_GATE_CHOICES}, got {gate!r}.")
         self.num_encoder_layers = num_encoder_layers
+        self.gate = gate
         self.merge = nn.Linear(num_encoder_layers * d_model, d_model)
         self.attention = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
 
     def forward(self, y: Tensor, encoder_layers: Sequence[Tensor], key_padding_mask: Tensor | None) -> Tensor:
-        """``y`` (B, Q, d), S tensors (B, T, d), mask (B, T) True=pad -> (B, Q, d) in (0, 1/S)."""
+        """``y`` (B, Q, d), S tensors (B, T, d), mask (B, T) True=pad -> (B, Q, d) (in (0, 1/S) for "sigmoid")."""
         _check_layers(encoder_layers, self.num_encoder_layers, type(self).__name__)
         merged = self.merge(torch.cat(list(encoder_layers), dim=-1))
         attended, _ = self.attention(y, merged, merged, key_padding_mask=key_padding_mask, need_weights=False)
-        return torch.sigmoid(attended) / self.num_encoder_layers
+        return self._gate(attended)
+
+    def _gate(self, attended: Tensor) -> Tensor:
+        """``A`` (B, Q, d) -> ``sigmoid(A) / S`` or ``A * sigmoid(A) / S`` (``self.gate``)."""
+        gated = torch.sigmoid(attended) if self.gate == "sigmoid" else nn.functional.silu(attended)
+        return gated / self.num_encoder_layers
 
     def project_memory(self, encoder_layers: Sequence[Tensor]) -> tuple[Tensor, ...]:
         """S tensors (B, T, d) -> keys and values of ``Z = W[E_1..E_S] + b``, each (B, h, T, d/h)."""
@@ -158,7 +172,7 @@ class CoarseFusion(nn.Module):
     def forward_cached(self, y: Tensor, memory: Sequence[Tensor], attn_mask: Tensor | None) -> Tensor:
         """``y`` (B, Q, d), ``memory`` from :meth:`project_memory`, mask (B, 1, 1, T) True=attend -> (B, Q, d)."""
         keys, values = memory
-        return torch.sigmoid(attend_projected(self.attention, y, keys, values, attn_mask)) / self.num_encoder_layers
+        return self._gate(attend_projected(self.attention, y, keys, values, attn_mask))
 
 
 class FineFusion(nn.Module):
@@ -219,11 +233,19 @@ class FineFusion(nn.Module):
 
 
 class CoarseToFineFusion(nn.Module):
-    """ACE coarse-to-fine fusion (``fusion="ace"``): ``CoarseFusion + FineFusion``."""
+    """ACE coarse-to-fine fusion (``fusion="ace"``): ``CoarseFusion + FineFusion``; ``coarse_gate`` as in
+    :class:`CoarseFusion`."""
 
-    def __init__(self, d_model: int, num_heads: int, num_encoder_layers: int, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_encoder_layers: int,
+        dropout: float = 0.1,
+        coarse_gate: str = "sigmoid",
+    ) -> None:
         super().__init__()
-        self.coarse = CoarseFusion(d_model, num_heads, num_encoder_layers, dropout)
+        self.coarse = CoarseFusion(d_model, num_heads, num_encoder_layers, dropout, gate=coarse_gate)
         self.fine = FineFusion(d_model, num_heads, num_encoder_layers, dropout)
 
     def forward(self, y: Tensor, encoder_layers: Sequence[Tensor], key_padding_mask: Tensor | None) -> Tensor:
@@ -240,11 +262,21 @@ class CoarseToFineFusion(nn.Module):
 
 
 def build_cross_block(
-    fusion: str, d_model: int, num_heads: int, num_encoder_layers: int, dropout: float = 0.1
+    fusion: str,
+    d_model: int,
+    num_heads: int,
+    num_encoder_layers: int,
+    dropout: float = 0.1,
+    coarse_gate: str = "sigmoid",
 ) -> nn.Module:
-    """The decoder's cross block for ``fusion`` in ``FUSION_CHOICES`` ("ace" or "none")."""
+    """The decoder's cross block for ``fusion`` in ``FUSION_CHOICES`` ("ace" or "none").
+
+    ``coarse_gate`` (``COARSE_GATE_CHOICES``) is the ACE coarse-fusion gate form; "none" ignores it.
+    """
+    if coarse_gate not in COARSE_GATE_CHOICES:
+        raise ValueError(f"coarse_gate must be one of {COARSE_GATE_CHOICES}, got {coarse_gate!r}.")
     if fusion == "ace":
-        return CoarseToFineFusion(d_model, num_heads, num_encoder_layers, dropout)
+        return CoarseToFineFusion(d_model, num_heads, num_encoder_layers, dropout, coarse_gate)
     if fusion == "none":
         return StandardCrossAttention(d_model, num_heads, num_encoder_layers, dropout)
     raise ValueError(f"fusion must be one of {FUSION_CHOICES}, got {fusion!r}.")

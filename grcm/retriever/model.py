@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from grcm.retriever.fusion import FUSION_CHOICES, build_cross_block, merge_heads, split_heads
+from grcm.retriever.pretrained_encoder import PRETRAINED_CHOICES, PretrainedQueryEncoder
 
 DecoderCache = tuple[tuple[Tensor, Tensor], ...]
 """Self-attention keys and values of the decoded positions: per decoder layer, two (R, h, t, d/h) tensors."""
@@ -103,13 +104,20 @@ class FusionDecoderLayer(nn.Module):
     """
 
     def __init__(
-        self, d_model: int, num_heads: int, ffn_dim: int, dropout: float, fusion: str, num_encoder_layers: int
+        self,
+        d_model: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        fusion: str,
+        num_encoder_layers: int,
+        coarse_gate: str = "sigmoid",
     ) -> None:
         super().__init__()
         self.self_norm = nn.LayerNorm(d_model)
         self.self_attention = nn.MultiheadAttention(d_model, num_heads, dropout=dropout, batch_first=True)
         self.cross_norm = nn.LayerNorm(d_model)
-        self.cross = build_cross_block(fusion, d_model, num_heads, num_encoder_layers, dropout)
+        self.cross = build_cross_block(fusion, d_model, num_heads, num_encoder_layers, dropout, coarse_gate)
         self.ffn_norm = nn.LayerNorm(d_model)
         self.ffn = nn.Sequential(
             nn.Linear(d_model, ffn_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_dim, d_model)
@@ -199,6 +207,12 @@ class GenerativeRetrieverModel(nn.Module):
         max_query_len: number of learned query positions; longer queries are rejected.
         pad_token_id: the query tokenizer's padding id (only used to document inputs;
             padding is taken from ``attention_mask``).
+        coarse_gate: ACE coarse-fusion gate, "sigmoid" (as printed) or "silu" (self-gating).
+        query_encoder: "scratch" (the encoder above, trained from nothing) or "minilm" (the
+            pretrained MiniLM encoder, :mod:`grcm.retriever.pretrained_encoder`; its last S layers
+            feed the decoder).
+        pretrained_layers: for "minilm", keep only its first layers (None: all 6).
+        freeze_query_encoder: for "minilm", keep the pretrained weights fixed.
     """
 
     def __init__(
@@ -214,8 +228,14 @@ class GenerativeRetrieverModel(nn.Module):
         fusion: str = "ace",
         max_query_len: int = 64,
         pad_token_id: int = 0,
+        coarse_gate: str = "sigmoid",
+        query_encoder: str = "scratch",
+        pretrained_layers: int | None = None,
+        freeze_query_encoder: bool = False,
     ) -> None:
         super().__init__()
+        if query_encoder not in ("scratch", *PRETRAINED_CHOICES):
+            raise ValueError(f"query_encoder must be 'scratch' or one of {PRETRAINED_CHOICES}, got {query_encoder!r}.")
         if fusion not in FUSION_CHOICES:
             raise ValueError(f"fusion must be one of {FUSION_CHOICES}, got {fusion!r}.")
         if not sid_vocab_sizes or any(int(v) < 1 for v in sid_vocab_sizes):
@@ -232,27 +252,33 @@ class GenerativeRetrieverModel(nn.Module):
         self.fusion = fusion
         self.embed_scale = math.sqrt(d_model)
 
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(max_query_len, d_model)
         self.embedding_dropout = nn.Dropout(dropout)
-        self.encoder_layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                d_model, num_heads, ffn_dim, dropout, activation="gelu", batch_first=True, norm_first=True
+        self.pretrained_encoder: PretrainedQueryEncoder | None = None
+        if query_encoder == "scratch":
+            self.token_embedding = nn.Embedding(vocab_size, d_model)
+            self.position_embedding = nn.Embedding(max_query_len, d_model)
+            self.encoder_layers = nn.ModuleList(
+                nn.TransformerEncoderLayer(
+                    d_model, num_heads, ffn_dim, dropout, activation="gelu", batch_first=True, norm_first=True
+                )
+                for _ in range(num_encoder_layers)
             )
-            for _ in range(num_encoder_layers)
-        )
-        self.encoder_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_encoder_layers))
+            self.encoder_norms = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_encoder_layers))
 
         self.bos = nn.Parameter(torch.empty(1, d_model))  # (1, d): 2-d so Xavier init applies
         self.code_embeddings = nn.ModuleList(nn.Embedding(v, d_model) for v in self.sid_vocab_sizes)
         self.level_embedding = nn.Embedding(self.num_levels, d_model)
         self.decoder_layers = nn.ModuleList(
-            FusionDecoderLayer(d_model, num_heads, ffn_dim, dropout, fusion, num_encoder_layers)
+            FusionDecoderLayer(d_model, num_heads, ffn_dim, dropout, fusion, num_encoder_layers, coarse_gate)
             for _ in range(num_decoder_layers)
         )
         self.decoder_norm = nn.LayerNorm(d_model)
         self.heads = nn.ModuleList(nn.Linear(d_model, v) for v in self.sid_vocab_sizes)
         self.reset_parameters()
+        if query_encoder != "scratch":  # built after the Xavier re-initialisation, which would erase it
+            self.pretrained_encoder = PretrainedQueryEncoder(
+                d_model, num_encoder_layers, pretrained_layers, freeze_query_encoder, vocab_size
+            )
 
     def reset_parameters(self) -> None:
         """Xavier-uniform for every matrix (embeddings included), zeros for biases, LayerNorm to identity."""
@@ -291,6 +317,8 @@ class GenerativeRetrieverModel(nn.Module):
         mask = attention_mask.bool()
         if not bool(mask.any(dim=1).all()):
             raise ValueError("every query needs at least one real token (an attention_mask row is all False).")
+        if self.pretrained_encoder is not None:
+            return self.pretrained_encoder(input_ids, mask)
         positions = torch.arange(length, device=input_ids.device)
         x = self.token_embedding(input_ids) * self.embed_scale + self.position_embedding(positions)
         x = self.embedding_dropout(x)

@@ -68,6 +68,12 @@ class GenerativeRetriever(L.LightningModule):
         d_model, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout,
             max_query_len: network shape, see :class:`GenerativeRetrieverModel`.
         fusion: "ace" (coarse-to-fine fusion) or "none" (ablation "w/o fusion").
+        coarse_gate: ACE coarse-fusion gate, "sigmoid" (``sigmoid(A)/S`` as printed) or "silu"
+            (self-gating ``A*sigmoid(A)/S`` of the reference implementation).
+        query_encoder: "scratch" or "minilm" (pretrained MiniLM layers under the decoder; needs
+            ``data.query_vocab=minilm``).
+        pretrained_layers: for "minilm", how many of its 6 layers to run (fewer is faster).
+        freeze_query_encoder: for "minilm", keep its pretrained weights fixed.
         rdrop_omega: weight of the R-Drop consistency loss (ACE 0.15); 0 trains with one
             pass and plain cross-entropy (ablation "w/o consistency loss").
         beam_size: beams per query at evaluation (ACE: 5, 25, 50).
@@ -107,6 +113,10 @@ class GenerativeRetriever(L.LightningModule):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         fusion: str = "ace",
+        coarse_gate: str = "sigmoid",
+        query_encoder: str = "scratch",
+        pretrained_layers: int | None = None,
+        freeze_query_encoder: bool = False,
         max_query_len: int = 64,
         rdrop_omega: float = 0.15,
         beam_size: int = 25,
@@ -164,6 +174,10 @@ class GenerativeRetriever(L.LightningModule):
             fusion=fusion,
             max_query_len=max_query_len,
             pad_token_id=pad_token_id,
+            coarse_gate=coarse_gate,
+            query_encoder=query_encoder,
+            pretrained_layers=pretrained_layers,
+            freeze_query_encoder=freeze_query_encoder,
         )
         # The last level's code embedding is never a decoder input (teacher forcing feeds levels 0..L-2);
         # frozen, so DDP does not wait for a gradient it never gets.
@@ -309,7 +323,7 @@ class GenerativeRetriever(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("train/ce", parts["ce"], batch_size=batch_size)
         self.log("train/kl", parts["kl"], batch_size=batch_size)
-        self.log("train/sid_accuracy", exact.float().mean(), batch_size=batch_size)
+        self.log("train/sid_accuracy", exact.float().mean(), on_epoch=True, batch_size=batch_size)
         return loss
 
     def configure_optimizers(self) -> dict[str, Any]:
@@ -415,8 +429,8 @@ class GenerativeRetriever(L.LightningModule):
         self._decoded_queries += ranked.shape[0]
         metrics.update(ranked, batch["gold_items"], batch["query_index"])
         batch_size = ranked.shape[0]
-        top_valid = self.trie.contains(output.sequences[:, 0].clamp(min=0)) & (output.scores[:, 0] > float("-inf"))
-        self.log(f"{stage}/valid_sid@1", top_valid.float().mean(), batch_size=batch_size, sync_dist=True)
+        for rank, share in enumerate(self.valid_sid_share(output).tolist(), start=1):
+            self.log(f"{stage}/valid_sid@{rank}", share, batch_size=batch_size, sync_dist=True)
         gold = batch["gold_items"][:, 0]
         if bool((gold >= 0).all()):
             targets = self.sid_codes[gold]
@@ -424,6 +438,16 @@ class GenerativeRetriever(L.LightningModule):
             loss, _ = sid_loss(logits, None, targets, 0.0)
             self.log(f"{stage}/ce", loss, batch_size=batch_size, sync_dist=True)
         return {"candidates": candidates, "beam_size": int(self.hparams.beam_size), "decode_seconds": decode_seconds}
+
+    def valid_sid_share(self, output: BeamSearchOutput) -> Tensor:
+        """(K,) share of queries whose rank-r beam (r = 1..K) is a SID of the corpus (an item's full SID).
+
+        Always 1 under constrained decoding; without the trie it shows where invalid SIDs enter the list.
+        """
+        sequences, scores = output.sequences, output.scores  # (B, K, L), (B, K)
+        rows, beams, levels = sequences.shape
+        valid = self.trie.contains(sequences.reshape(rows * beams, levels).clamp(min=0)).reshape(rows, beams)
+        return (valid & (scores > float("-inf"))).float().mean(0)
 
     def on_validation_epoch_start(self) -> None:
         self._decode_seconds, self._decoded_queries = 0.0, 0
