@@ -10,6 +10,7 @@ a demo stage (it trains a second retriever); run ``experiments/synthetic/ace_ret
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,10 +73,25 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def _run_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str]) -> dict[str, float]:
+#: Stage configs that read another stage's output, and the argument that points at it.
+BUNDLE_OF = {
+    "ace_retriever.yaml": "ace_tokenizer.yaml",
+    "ace_retriever_no_fusion.yaml": "ace_tokenizer.yaml",
+}
+
+
+def _run_dir(out: Path, config: str) -> Path:
+    """Where the demo runs a config: ``<out>/<config stem>`` (its own runs, never a user's)."""
+    return out / Path(config).stem
+
+
+def _run_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str], out: Path) -> dict[str, float]:
     from grcm.cli import GrcmCLI
 
-    cli = GrcmCLI(args=["-c", str(experiments / stage.config), *stage.overrides], run=False)
+    overrides = [f"--trainer.default_root_dir={_run_dir(out, stage.config)}"]
+    if stage.config in BUNDLE_OF:
+        overrides.append(f"--model.init_args.bundle_dir={_run_dir(out, BUNDLE_OF[stage.config]) / 'bundle'}")
+    cli = GrcmCLI(args=["-c", str(experiments / stage.config), *overrides, *stage.overrides], run=False)
     model = cli.model
     if stage.test_from is not None:
         model = type(model).load_from_checkpoint(checkpoints[stage.test_from], weights_only=True, **stage.hparams)
@@ -114,12 +130,19 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="grcm demo", description=__doc__.splitlines()[0])
     parser.add_argument("--experiments", default="experiments/synthetic", help="folder of the stage configs")
-    parser.add_argument("--out", default="runs/demo", help="where results.json is written")
+    parser.add_argument(
+        "--out", default="runs/demo",
+        help="the demo's folder: results.json and one run directory per stage (replaced on every demo run)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="run only the stages whose name contains one of these")
     args = parser.parse_args(argv)
     experiments = Path(args.experiments)
     if not experiments.is_dir():
         raise SystemExit(f"grcm demo: {experiments} not found; run from the repository root or pass --experiments.")
+    out = Path(args.out)
+    for stage in STAGES:  # the demo's own run directories from an earlier demo
+        if stage.fit and (not args.only or any(word in stage.name for word in args.only)):
+            shutil.rmtree(_run_dir(out, stage.config), ignore_errors=True)
     rows: list[tuple[str, dict[str, float]]] = []
     checkpoints: dict[str, str] = {}
     stage_seconds: dict[str, float] = {}
@@ -129,14 +152,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"\n=== grcm demo: {stage.name} ({stage.config}) ===", flush=True)
         stage_start = time.perf_counter()
-        metrics = _run_stage(stage, experiments, checkpoints)
+        metrics = _run_stage(stage, experiments, checkpoints, out)
         stage_seconds[stage.name] = time.perf_counter() - stage_start
         if stage.test:
             rows.append((stage.name, metrics))
     elapsed = time.perf_counter() - started
     table = format_table(rows)
     write_json_atomic(
-        Path(args.out) / "results.json", {"rows": dict(rows), "seconds": elapsed, "stage_seconds": stage_seconds}
+        out / "results.json", {"rows": dict(rows), "seconds": elapsed, "stage_seconds": stage_seconds}
     )
     print(f"\ngrcm demo: synthetic corpus, test split ({elapsed:.0f} s)\n")
     print(table)

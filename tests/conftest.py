@@ -9,3 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+# help texts are cached per test session, never in the user's ~/.cache
+if "GRCM_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["GRCM_CACHE_DIR"] = tempfile.mkdtemp(prefix="grcm-cache-")

@@ -1,19 +1,30 @@
-"""Corpus schema, the synthetic corpus, query tokenization and DataModules."""
+"""Corpus schema, the synthetic corpus, query tokenization and DataModules.
 
-from grcm.data.corpus import Corpus, CorpusError, load_corpus, save_corpus
-from grcm.data.datamodules import CorpusDataModule, RetrievalDataModule, SyntheticDataModule
-from grcm.data.query_tokenizer import QueryTokenizer
-from grcm.data.synthetic import generate_synthetic_corpus, generate_synthetic_features
+The names below are imported on first use, so ``grcm.data.datasets`` (``grcm prepare``) and
+``grcm.data.corpus`` load without torch or Lightning.
+"""
 
-__all__ = [
-    "Corpus",
-    "CorpusDataModule",
-    "CorpusError",
-    "QueryTokenizer",
-    "RetrievalDataModule",
-    "SyntheticDataModule",
-    "generate_synthetic_corpus",
-    "generate_synthetic_features",
-    "load_corpus",
-    "save_corpus",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Corpus": "grcm.data.corpus",
+    "CorpusError": "grcm.data.corpus",
+    "load_corpus": "grcm.data.corpus",
+    "save_corpus": "grcm.data.corpus",
+    "CorpusDataModule": "grcm.data.datamodules",
+    "RetrievalDataModule": "grcm.data.datamodules",
+    "SyntheticDataModule": "grcm.data.datamodules",
+    "QueryTokenizer": "grcm.data.query_tokenizer",
+    "generate_synthetic_corpus": "grcm.data.synthetic",
+    "generate_synthetic_features": "grcm.data.synthetic",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -201,16 +201,35 @@ def load_features(path: Path) -> np.ndarray:
     """Load a ``(N, D)`` feature matrix: ``.npy`` memory-mapped, ``.safetensors`` tensor ``features``."""
     if not path.is_file():
         raise CorpusError(f"{path}: feature file not found; write features.npy (N, D) beside corpus.json.")
-    if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    if path.suffix not in (".npy", ".safetensors"):
+        raise CorpusError(f"{path}: unsupported feature format {path.suffix!r}; use .npy or .safetensors.")
+    try:
+        if path.suffix == ".npy":
+            features = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            from safetensors.numpy import load_file
 
-        tensors = load_file(str(path))
-        if "features" not in tensors:
-            raise CorpusError(f"{path}: no tensor named 'features' (found {sorted(tensors)}).")
-        return tensors["features"]
-    raise CorpusError(f"{path}: unsupported feature format {path.suffix!r}; use .npy or .safetensors.")
+            tensors = load_file(str(path))
+            if "features" not in tensors:
+                raise CorpusError(f"{path}: no tensor named 'features' (found {sorted(tensors)}).")
+            features = tensors["features"]
+    except CorpusError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- truncated or garbage files fail in many ways inside numpy
+        raise unreadable_features(path, error) from error
+    if not isinstance(features, np.ndarray) or features.ndim != 2:
+        shape = getattr(features, "shape", None)
+        raise CorpusError(f"{path}: features have shape {shape}; expected a 2-d (num_items, feature_dim) matrix.")
+    return features
+
+
+def unreadable_features(path: Path, error: Exception) -> CorpusError:
+    """The error for a feature file numpy/safetensors cannot read (truncated, garbage, wrong format)."""
+    reason = " ".join(str(error).split())[:160]
+    return CorpusError(
+        f"{path}: cannot be read as a feature matrix ({type(error).__name__}: {reason}); the file is truncated or "
+        "not a .npy/.safetensors array: write it again with numpy.save(path, features) (an (N, D) float array)."
+    )
 
 
 def load_corpus(root: str | Path) -> Corpus:
@@ -221,13 +240,23 @@ def load_corpus(root: str | Path) -> Corpus:
     ids_path = root / "item_ids.txt"
     if not ids_path.is_file():
         raise CorpusError(f"{ids_path}: not found; list one item id per feature row.")
-    item_ids = ids_path.read_text(encoding="utf-8").splitlines()
+    try:
+        item_ids = ids_path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise not_utf8(ids_path, error) from error
     if len(item_ids) != features.shape[0]:
         raise CorpusError(
             f"{ids_path}: {len(item_ids)} ids but the feature file has {features.shape[0]} rows; "
             "line i of item_ids.txt must name feature row i."
         )
-    index = {item_id: i for i, item_id in enumerate(item_ids)}
+    index: dict[str, int] = {}
+    for line, item_id in enumerate(item_ids, start=1):
+        if item_id in index:
+            raise CorpusError(
+                f"{ids_path}: item id {item_id!r} occurs on lines {index[item_id] + 1} and {line}; item ids must be "
+                "unique (line i names feature row i): fix the duplicated line."
+            )
+        index[item_id] = line - 1
     caption_item, caption_text, caption_split = [], [], []
     captions_path = root / "captions.csv"
     for row_number, row in _read_csv(captions_path, ("item_id", "text", "split")):
@@ -275,9 +304,21 @@ def _read_csv(path: Path, required: Sequence[str]):
     """Yield ``(row_number, row_dict)``; accepts LF and CRLF line ends."""
     if not path.is_file():
         raise CorpusError(f"{path}: not found.")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in required if column not in (reader.fieldnames or [])]
-        if missing:
-            raise CorpusError(f"{path}: missing column(s) {missing}; the header must be {','.join(required)}.")
-        yield from enumerate(reader, start=2)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in required if column not in (reader.fieldnames or [])]
+            if missing:
+                raise CorpusError(f"{path}: missing column(s) {missing}; the header must be {','.join(required)}.")
+            rows = list(enumerate(reader, start=2))
+    except UnicodeDecodeError as error:
+        raise not_utf8(path, error) from error
+    yield from rows
+
+
+def not_utf8(path: Path, error: UnicodeDecodeError) -> CorpusError:
+    """The error for a text file that is not UTF-8, with the byte offset and the fix."""
+    return CorpusError(
+        f"{path}: not UTF-8 (byte 0x{error.object[error.start]:02x} at offset {error.start}); re-save the file "
+        "as UTF-8, e.g. iconv -f latin1 -t utf-8 in.csv > out.csv."
+    )

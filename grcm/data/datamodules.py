@@ -290,7 +290,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _split_loader(self, split: str, shuffle: bool) -> DataLoader:
-        if self.corpus is None:
+        if self.corpus is None or (self.serve == "queries" and not self._splits):
             self.setup()
         if self.serve == "items":
             batch = self.batch_size if shuffle else self.eval_batch_size
@@ -334,6 +334,8 @@ class RetrievalDataModule(L.LightningDataModule):
         return batch
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the trained query vocabulary; splits already built (Lightning restores after ``setup()``)
+        are re-encoded with it, so every split stays served."""
         states = state_dict.get("rng_states")
         if states:
             rank = self.trainer.global_rank if self.trainer is not None else 0
@@ -342,6 +344,8 @@ class RetrievalDataModule(L.LightningDataModule):
             self.query_tokenizer = QueryTokenizer.from_json(state_dict["query_tokenizer"], self.max_query_length)
             self.pad_token_id = self.query_tokenizer.pad_token_id
             self._splits = {}
+            if self.corpus is not None and self.serve == "queries":
+                self._build_query_splits()
 
 
 class SyntheticDataModule(RetrievalDataModule):

@@ -50,6 +50,9 @@ class DualTower(L.LightningModule):
             embeddings and writes it here (atomically, with its ``.json`` sidecar); None: do not write.
     """
 
+    #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (see :mod:`grcm.lightning_cli`).
+    EVAL_OVERRIDABLE = ("index", "ks", "mrr_k", "eval_item_batch_size")
+
     def __init__(
         self,
         vocab_size: int,
@@ -217,6 +220,20 @@ class DualTower(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True, sync_dist=True)
         self.val_metrics.reset()
+
+    def on_predict_epoch_start(self) -> None:
+        self.build_index()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """``{"query_index": (B,), "items": (B, K), "scores": (B, K)}``: the top-K items of each query, K = max cut-off."""
+        k = max(max(self.hparams.ks), self.hparams.mrr_k)
+        queries = self.encode_queries(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy()
+        scores, ranked = self.dense_index.search(queries, k)
+        return {
+            "query_index": batch["query_index"],
+            "items": torch.as_tensor(ranked, dtype=torch.long),
+            "scores": torch.as_tensor(scores, dtype=torch.float32),
+        }
 
     def on_test_epoch_end(self) -> None:
         self.log_dict({f"test/{k}": v for k, v in self.test_metrics.compute().items()}, sync_dist=True)

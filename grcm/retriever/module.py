@@ -100,6 +100,10 @@ class GenerativeRetriever(L.LightningModule):
     when called outside a Lightning loop.
     """
 
+    #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (``bundle_dir`` only to a
+    #: bundle holding the checkpoint's own SIDs); see :mod:`grcm.lightning_cli`.
+    EVAL_OVERRIDABLE = ("beam_size", "constrained", "eval_max_items", "ks", "mrr_k", "bundle_dir")
+
     def __init__(
         self,
         bundle_dir: str | None,

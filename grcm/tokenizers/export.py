@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 
-from grcm.tokenizers.bundle import SIDBundle
+from grcm.tokenizers.bundle import BundleError, SIDBundle
 from grcm.tokenizers.module import ACETokenizer
 
 
@@ -15,12 +15,18 @@ def load_tokenizer(checkpoint_path: str | os.PathLike, map_location: str = "cpu"
     """Load a trained ACETokenizer checkpoint (tensors only, ``weights_only=True``)."""
     path = Path(checkpoint_path)
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer checkpoint {path} not found; train one with grcm fit first")
-    model = ACETokenizer.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+        found = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
+        where = f"{path.parent} holds {', '.join(found)}" if found else "train one with grcm fit first"
+        raise BundleError(f"--ckpt_path={path}: tokenizer checkpoint not found; {where}.")
+    try:
+        model = ACETokenizer.load_from_checkpoint(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001 -- a checkpoint of another model or a broken file
+        raise BundleError(
+            f"--ckpt_path={path}: not an ACETokenizer checkpoint ({type(error).__name__}); pass the tokenizer "
+            "run's <run dir>/checkpoints/last.ckpt."
+        ) from error
     if not bool(model.fitted):
-        raise ValueError(
-            f"{path} holds an ACETokenizer whose K-Means was never fitted; train it with grcm fit"
-        )
+        raise BundleError(f"--ckpt_path={path} holds an ACETokenizer whose K-Means was never fitted; train it with grcm fit")
     return model.eval()
 
 
@@ -37,6 +43,12 @@ def export_bundle(
     if getattr(datamodule, "corpus", None) is None:
         datamodule.setup("predict")
     corpus = datamodule.corpus
+    if corpus.feature_dim != model.hparams.feature_dim:
+        raise BundleError(
+            f"--ckpt_path={checkpoint_path} tokenizes {model.hparams.feature_dim}-d item features but corpus "
+            f"{corpus.name!r} has {corpus.feature_dim}-d features; use the config (and data overrides) the "
+            "tokenizer was trained with."
+        )
     bundle = model.build_bundle(corpus.item_ids, corpus.features)
     bundle.save(bundle_dir)
     return bundle

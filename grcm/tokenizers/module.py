@@ -78,6 +78,11 @@ class ACETokenizer(L.LightningModule):
         bundle_dir: where rank 0 writes the SID bundle when fitting ends (None: do not write).
     """
 
+    #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (see :mod:`grcm.lightning_cli`).
+    EVAL_OVERRIDABLE = ("encode_batch_size", "health_pairs", "bundle_dir")
+    #: Folders a fit writes (``grcm fit`` refuses one that already holds another run's bundle).
+    OUTPUT_DIRS = ("bundle_dir",)
+
     def __init__(
         self,
         feature_dim: int,

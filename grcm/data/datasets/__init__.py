@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from grcm.data.corpus import CorpusError
 from grcm.data.datasets import audiocaps, clotho, coco, flickr30k, msrvtt, msvd
 from grcm.data.datasets.build import build_corpus, load_feature_matrix, read_feature_ids
 from grcm.data.datasets.captions import CaptionSet, DatasetReader
@@ -70,6 +71,7 @@ def prepare_dataset(
     captions = reader(annotation_dir, **reader_options)
     for note in captions.notes:
         logger.warning("%s: %s", name, note)
+    _require_training_captions(name, captions, reader_options.get("splits"))
     return build_corpus(
         captions,
         features,
@@ -80,6 +82,20 @@ def prepare_dataset(
         keep_uncaptioned=keep_uncaptioned,
         feature_format=feature_format,
     )
+
+
+def _require_training_captions(name: str, captions: CaptionSet, splits) -> None:
+    """Items read for training but not one training caption: fail now, not at fit time."""
+    if splits is not None and "train" not in splits:
+        return
+    uncaptioned = int((~captions.captioned()).sum())
+    if captions.counts()["captions"]["train"] == 0 and uncaptioned:
+        notes = " ".join(captions.notes)
+        raise CorpusError(
+            f"grcm prepare {name}: the corpus would have no training captions ({uncaptioned} items have none). "
+            f"{notes} Fix: give the missing annotation file (MSR-VTT: --msrvtt-data-json MSRVTT_data.json), "
+            "or build a test-only corpus with --splits test."
+        )
 
 
 __all__ = [

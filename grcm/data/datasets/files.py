@@ -74,14 +74,20 @@ def read_id_list(path: Path) -> list[str]:
 
 def read_csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     """Rows of a CSV file with a header; quoted fields may hold commas; LF or CRLF."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in required if column not in (reader.fieldnames or [])]
-        if missing:
-            raise CorpusError(
-                f"{path}: missing column(s) {missing} (header is {reader.fieldnames}); expected {','.join(required)}."
-            )
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in required if column not in (reader.fieldnames or [])]
+            if missing:
+                raise CorpusError(
+                    f"{path}: missing column(s) {missing} (header is {reader.fieldnames}); expected "
+                    f"{','.join(required)}."
+                )
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        from grcm.data.corpus import not_utf8
+
+        raise not_utf8(path, error) from error
     for number, row in enumerate(rows, start=2):
         if any(row.get(column) is None for column in required):
             raise CorpusError(f"{path}: data row {number} has fewer fields than the header; repair the file.")

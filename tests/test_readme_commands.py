@@ -1,0 +1,145 @@
+"""Every command in README.md's ```bash blocks runs as written, in order, in a fresh folder.
+
+Commands that take an experiment config get tiny-size overrides appended (:data:`TINY`, chosen by the
+config's model/data class), so the whole README runs in about a minute; a few commands are skipped,
+each with its reason (:data:`SKIPPED`). ``grcm`` commands run in-process through
+:func:`grcm.cli.main` (same parsing as the console script, without paying the start-up per command).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from grcm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Commands not run, by prefix, with the reason.
+SKIPPED = {
+    "make demo": "runs the full demo (minutes); its stages are the configs the commands below run",
+    "make test": "runs the test suite, which contains this test",
+    "grcm demo": "runs the full demo (minutes); its stages are the configs the commands below run",
+    "wandb sweep": "needs a W&B server; the trial command it runs is the W&B fit command above",
+}
+
+#: Tiny-size overrides appended to a command that names an experiment config, by class.
+TINY = {
+    "grcm.data.datamodules.SyntheticDataModule": [
+        "--data.init_args.num_items=48", "--data.init_args.feature_dim=16", "--data.init_args.eval_batch_size=64",
+    ],
+    "grcm.data.datamodules.CorpusDataModule": ["--data.init_args.batch_size=16"],
+    "grcm.rerank.dual_tower.DualTower": [
+        "--model.init_args.embed_dim=128", "--model.init_args.text_width=16", "--model.init_args.text_layers=1",
+        "--model.init_args.text_ffn=32",
+    ],
+    "grcm.tokenizers.module.ACETokenizer": [
+        "--model.init_args.coarse_codebook_size=4", "--model.init_args.codebook_size=4",
+        "--model.init_args.latent_dim=8", "--model.init_args.hidden_dims=[16]", "--model.init_args.kmeans_iters=5",
+    ],
+    "grcm.retriever.module.GenerativeRetriever": [
+        "--model.init_args.d_model=16", "--model.init_args.num_heads=2", "--model.init_args.num_encoder_layers=1",
+        "--model.init_args.num_decoder_layers=1", "--model.init_args.ffn_dim=32",
+    ],
+    "trainer": [
+        "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=1",
+    ],
+}
+
+
+def readme_commands(text: str) -> list[str]:
+    """The command lines of the ```bash blocks, trailing ``# comments`` removed, in order."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def tiny_overrides(argv: list[str]) -> list[str]:
+    """TINY's overrides for the classes of the configs ``argv`` names (nothing for commands without one)."""
+    configs = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("-c", "--config")]
+    classes: list[str] = []
+    for config in configs:
+        content = yaml.safe_load(Path(config).read_text()) or {}
+        for key in ("data", "model"):
+            class_path = (content.get(key) or {}).get("class_path")
+            if class_path and class_path not in classes:
+                classes.append(class_path)
+    if not classes:
+        return []
+    return [arg for name in classes for arg in TINY.get(name, [])] + TINY["trainer"]
+
+
+def write_msvd_fixture(folder: Path) -> None:
+    """What the README's `grcm prepare msvd` line expects from the user: annotations and features."""
+    videos = {"train": [f"vid{n}_0_10" for n in range(12)], "val": ["vid12_0_10", "vid13_0_10"],
+              "test": ["vid14_0_10", "vid15_0_10", "vid16_0_10"]}
+    annotations = folder / "annotations" / "msvd"
+    annotations.mkdir(parents=True)
+    captions = {v: [f"a clip number {v[3:-5]} {word}" for word in ("runs", "jumps", "sings")] for s in videos.values() for v in s}
+    (annotations / "captions_msvd.json").write_text(json.dumps(captions))
+    for split, ids in videos.items():
+        (annotations / f"{split}_list.txt").write_text("".join(f"{v}\n" for v in ids))
+    every = [v for ids in videos.values() for v in ids]
+    np.save(folder / "feats.npy", np.random.default_rng(0).standard_normal((len(every), 16)).astype(np.float32))
+    (folder / "feat_ids.txt").write_text("".join(f"YouTubeClips/{v}.avi\n" for v in every))
+
+
+def run_command(command: str) -> None:
+    argv = shlex.split(command)
+    if argv[:3] == ["python", "-m", "grcm"]:
+        argv = ["grcm", *argv[3:]]
+    assert argv[0] == "grcm", f"README command {command!r}: only grcm commands (or skipped ones) may appear"
+    args = argv[1:]
+    args += tiny_overrides(args)
+    try:
+        main(args)
+    except SystemExit as exit_:
+        assert exit_.code in (0, None), f"README command failed (exit {exit_.code}): {command}"
+
+
+def test_readme_lists_commands_this_test_knows():
+    commands = readme_commands((ROOT / "README.md").read_text())
+    assert any(c.startswith("grcm fit") for c in commands) and any(c.startswith("grcm predict") for c in commands)
+
+
+def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRCM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "experiments").symlink_to(ROOT / "experiments")
+    write_msvd_fixture(tmp_path)
+    ran, skipped = [], []
+    for command in readme_commands((ROOT / "README.md").read_text()):
+        reason = next((why for prefix, why in SKIPPED.items() if command.startswith(prefix)), None)
+        if reason:
+            skipped.append(command)
+            continue
+        run_command(command)
+        ran.append(command)
+    capsys.readouterr()
+    # what the commands promise was written
+    runs = tmp_path / "runs" / "synthetic"
+    assert (runs / "ace_retriever" / "checkpoints" / "best.ckpt").is_file()
+    for run in ("ace_retriever", "dual_tower"):
+        lines = (runs / run / "predictions" / "best.jsonl").read_text().splitlines()
+        record = json.loads(lines[0])
+        assert len(lines) == 48 and record["items"] and len(record["items"]) == len(record["scores"])
+    assert (runs / "ace_tokenizer" / "bundle_last").is_dir() and (runs / "ace_tokenizer" / "sids.png").is_file()
+    assert (tmp_path / "data" / "msvd" / "corpus" / "corpus.json").is_file()
+    assert (tmp_path / "runs" / "msvd" / "dual_tower" / "checkpoints" / "last.ckpt").is_file()
+    assert len(ran) >= 17 and len(skipped) == 4, (ran, skipped)
+
+
+@pytest.mark.parametrize("command", ["make demo", "wandb sweep experiments/sweeps/dual_tower.yaml"])
+def test_skipped_commands_have_a_reason(command):
+    assert any(command.startswith(prefix) for prefix in SKIPPED)
