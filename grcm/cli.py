@@ -46,6 +46,7 @@ MODEL_CLASSES = {
     "grcm.rerank.dual_tower.DualTower": "dual-tower (CLIP-style) dense retriever over FAISS",
     "grcm.tokenizers.module.ACETokenizer": "ACE coarse-fine SID tokenizer (K-Means + RQ-VAE + unique token)",
     "grcm.retriever.module.GenerativeRetriever": "generative retriever: query -> SID -> items (beam search)",
+    "grcm.retriever.grdr.GRDRRetriever": "GRDR generative retriever (multi-view SIDs, query routing)",
 }
 DATA_CLASSES = {
     "grcm.data.datamodules.SyntheticDataModule": "the embedded synthetic corpus (nothing to download)",
