@@ -12,7 +12,8 @@ embedding size, optimiser and epochs:
 Both kinds of model store one ``embed_dim`` float32 vector per item in a FAISS Flat index, so
 index bytes per item are equal. With ``--ace-checkpoint`` (a trained
 ``experiments/synthetic/ace_retriever.yaml`` checkpoint) it also runs two-stage retrieval:
-the same generative recall (beam 25) re-ranked by each dense model.
+the same generative recall (beam 25, decoded once for the test queries) re-ranked by each
+dense model.
 
 Usage::
 
@@ -68,17 +69,56 @@ def _run_arm(config: Path, overrides: list[str], out: Path, reuse: bool) -> tupl
     return {key: float(value) for key, value in results.items()}, best, seconds
 
 
-def _run_two_stage(config: Path, ace_checkpoint: str, dense_checkpoint: str, overrides: list[str]) -> dict:
-    from grcm.cli import GrcmCLI
-    from grcm.rerank.two_stage import TwoStageEvaluation
+def _two_stage(ace_checkpoint: str, dense_checkpoints: dict[str, str], cache: Path, quick: bool) -> dict:
+    """Generative recall once (beam 25, test queries), re-ranked by each dense model; item-level metrics.
 
-    args = ["-c", str(config), "--data.init_args.token_features=true", "--trainer.logger=false",
-            "--trainer.enable_progress_bar=false", *overrides]
-    cli = GrcmCLI(args=args, run=False)
-    model = type(cli.model).load_from_checkpoint(ace_checkpoint, weights_only=True)
-    cli.trainer.callbacks.append(TwoStageEvaluation(dense_checkpoint=dense_checkpoint, beam_size=25))
-    results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
-    return {key: float(value) for key, value in results.items()}
+    The candidates are decoded once and cached in ``cache`` (a later run with another dense model
+    reuses them), so every reranker sees exactly the same pools. Reranking is
+    :func:`grcm.rerank.two_stage.rerank_candidates`, the item embeddings come from
+    :func:`grcm.rerank.dense_models.corpus_item_embeddings` (what ``TwoStageEvaluation`` uses).
+    """
+    import torch
+
+    from grcm.data import SyntheticDataModule
+    from grcm.decoding import beams_to_items
+    from grcm.metrics import ItemRetrievalMetrics, candidate_recall
+    from grcm.rerank.dense_models import corpus_item_embeddings, load_dense_model
+    from grcm.rerank.two_stage import full_dense_ranking, rerank_candidates
+    from grcm.retriever.module import GenerativeRetriever
+
+    dm = SyntheticDataModule(num_items=200 if quick else 2000, feature_dim=256, token_features=True)
+    queries = dm.query_batches("test")
+    if cache.is_file():
+        candidates = torch.load(cache, weights_only=True)
+    else:
+        retriever = GenerativeRetriever.load_from_checkpoint(ace_checkpoint, weights_only=True).eval()
+        blocks = []
+        with torch.no_grad():
+            for start in range(0, len(queries), 250):
+                rows = list(range(start, min(start + 250, len(queries))))
+                batch = queries(rows)
+                output = retriever.decode(batch["input_ids"], batch["attention_mask"], beam_size=25)
+                blocks.append(beams_to_items(output, retriever.trie))
+        width = max(block.shape[1] for block in blocks)
+        candidates = torch.cat([torch.nn.functional.pad(b, (0, width - b.shape[1]), value=-1) for b in blocks])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(candidates, cache)
+    gold = queries.gold_items
+    report = {"candidate_recall@25": float(candidate_recall(candidates, gold).float().mean()),
+              "num_queries": len(queries)}
+    for name, path in dense_checkpoints.items():
+        dense = load_dense_model(path)
+        items = torch.from_numpy(corpus_item_embeddings(dense, dm.corpus))
+        with torch.no_grad():
+            q = dense.encode_queries(queries.input_ids, queries.attention_mask)
+        reranked, _ = rerank_candidates(q, candidates, items, 10)
+        metrics, full = ItemRetrievalMetrics(ks=(1, 5, 10), mrr_k=10), ItemRetrievalMetrics(ks=(1, 5, 10), mrr_k=10)
+        metrics.update(reranked, gold, queries.query_index)
+        full.update(full_dense_ranking(q, items, 10), gold, queries.query_index)
+        report[name] = {"two_stage": {k: float(v) for k, v in metrics.compute().items()},
+                        "full_dense": {k: float(v) for k, v in full.compute().items()}, "load_after": _uptime()}
+        print("two-stage +", name, report[name], flush=True)
+    return report
 
 
 def main() -> None:
@@ -104,14 +144,8 @@ def main() -> None:
                                 "load_after": _uptime()}
         print(name, {k: round(v, 4) for k, v in metrics.items()}, f"fit {seconds:.0f} s", flush=True)
     if args.ace_checkpoint:
-        quick = ["--data.init_args.num_items=200"] if args.quick else []
-        for name in ("dual_tower", "hybrid_tower"):
-            if name in checkpoints:
-                metrics = _run_two_stage(experiments / "ace_retriever.yaml", args.ace_checkpoint, checkpoints[name],
-                                         quick)
-                report["two_stage"][name] = {"metrics": metrics, "load_after": _uptime()}
-                print("two-stage +", name, {k: round(v, 4) for k, v in metrics.items() if "two_stage" in k},
-                      flush=True)
+        dense = {name: path for name, path in checkpoints.items() if name in ("dual_tower", "hybrid_tower")}
+        report["two_stage"] = _two_stage(args.ace_checkpoint, dense, runs / "ace_test_candidates.pt", args.quick)
     report["load_after"] = _uptime()
     write_json_atomic(Path(args.out), report)
     print(f"wrote {args.out}")
