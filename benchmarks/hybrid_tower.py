@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--ace-checkpoint", help="trained ace_retriever.yaml checkpoint: also run two-stage")
     parser.add_argument("--quick", action="store_true", help="tiny corpus and models, 1 epoch (smoke run)")
     parser.add_argument("--reuse", action="store_true", help="test an arm's existing best.ckpt instead of fitting")
+    parser.add_argument("--override", action="append", default=[], help="an extra dotted override for every arm (repeatable)")
     args = parser.parse_args()
     experiments, runs = Path(args.experiments), Path(args.runs)
     report: dict = {"load_before": _uptime(), "arms": {}, "two_stage": {}}
@@ -138,6 +139,7 @@ def main() -> None:
         config, overrides = ARMS[name]
         if args.quick:
             overrides = [*overrides, *QUICK] + (["--model.init_args.item_width=32"] if "hybrid" in name else [])
+        overrides = [*overrides, *args.override]
         metrics, checkpoint, seconds = _run_arm(experiments / config, overrides, runs / name, args.reuse)
         checkpoints[name] = checkpoint
         report["arms"][name] = {"metrics": metrics, "fit_seconds": seconds, "checkpoint": checkpoint,
