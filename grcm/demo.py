@@ -75,7 +75,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(GRDR, "grdr.yaml", overrides=GRDR_DEMO),
     Stage("two-stage: GRDR recall + dense rerank", "grdr.yaml", fit=False, test_from=GRDR, two_stage=True,
           overrides=GRDR_DEMO),
-    # 2 of the config's 8 epochs keep this stage near a minute on 2 cores (benchmarks/hybrid_tower.py runs all 8)
+    # 2 of the config's 8 epochs (about 2 minutes on 2 cores; benchmarks/hybrid_tower.py runs all 8)
     Stage(HYBRID, "hybrid_tower.yaml", overrides=["--trainer.max_epochs=2"]),
     Stage("generative recall + hybrid-tower rerank", "ace_retriever.yaml", fit=False, test_from=ACE, two_stage=True,
           reranker=HYBRID, overrides=TOKENS),
