@@ -41,8 +41,9 @@ class Stage:
         test_from: name of an earlier fitted stage whose best checkpoint is tested instead of training,
             reloaded with ``hparams`` overriding its hyperparameters (an evaluation-only ablation).
         hparams: hyperparameter overrides applied when reloading ``test_from``.
-        two_stage: rerank the decoded candidates with the dual tower of stage ``DENSE`` (adds the
+        two_stage: rerank the decoded candidates with the dense model of stage ``reranker`` (adds the
             :class:`~grcm.rerank.two_stage.TwoStageEvaluation` callback; the row shows its metrics).
+        reranker: the fitted dense stage whose best checkpoint reranks (empty: ``DENSE``; or ``HYBRID``).
     """
 
     name: str
@@ -53,9 +54,14 @@ class Stage:
     test_from: str | None = None
     hparams: dict = field(default_factory=dict)
     two_stage: bool = False
+    reranker: str = ""
 
 
 DENSE = "dual tower (FAISS Flat, exact)"
+HYBRID = "hybrid tower (token features, FAISS Flat)"
+# The hybrid tower reads token features: the corpus is generated with them (same items and captions;
+# pooled features = mean of the tokens), also when the ACE retriever is tested with the hybrid reranker.
+TOKENS = ["--data.init_args.token_features=true"]
 ACE = "ACE generative (beam 25)"
 GRDR = "GRDR generative (4 views, beam 25)"
 #: The GRDR stage's CPU budget: cheap query-guidance embeddings (MiniLM word embeddings, no transformer).
@@ -70,6 +76,10 @@ STAGES: tuple[Stage, ...] = (
     Stage(GRDR, "grdr.yaml", overrides=GRDR_DEMO),
     Stage("two-stage: GRDR recall + dense rerank", "grdr.yaml", fit=False, test_from=GRDR, two_stage=True,
           overrides=GRDR_DEMO),
+    # 2 of the config's 8 epochs (about 2 minutes on 2 cores; benchmarks/hybrid_tower.py runs all 8)
+    Stage(HYBRID, "hybrid_tower.yaml", overrides=["--trainer.max_epochs=2"]),
+    Stage("generative recall + hybrid-tower rerank", "ace_retriever.yaml", fit=False, test_from=ACE, two_stage=True,
+          reranker=HYBRID, overrides=TOKENS),
 )
 
 
@@ -106,7 +116,8 @@ def _run_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str], out
         from grcm.rerank.two_stage import TwoStageEvaluation
 
         beam_size = int(getattr(model.hparams, "beam_size", 25))
-        cli.trainer.callbacks.append(TwoStageEvaluation(dense_checkpoint=checkpoints[DENSE], beam_size=beam_size))
+        callback = TwoStageEvaluation(dense_checkpoint=checkpoints[stage.reranker or DENSE], beam_size=beam_size)
+        cli.trainer.callbacks.append(callback)
     results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
     metrics = {key: float(value) for key, value in results.items()}
     if stage.two_stage:  # the row shows the reranked metrics; stage-1 metrics stay in results.json

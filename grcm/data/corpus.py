@@ -12,6 +12,14 @@ feature vector each, plus captions that serve as queries. On disk::
       captions.csv         header item_id,text,split   (split in train/val/test)
       extra_queries.csv    optional, header item_id,text[,source] (extra training queries;
                            source says where each came from, e.g. "synthetic" or a model name)
+      token_features.npy   optional, (N, T, D) float16/float32 multi-token item features
+                           (frames, patches or audio segments; memory-mapped on load)
+      token_lengths.npy    optional, (N,) integer: item i's valid tokens are rows 0..len-1 of
+                           token_features[i]; the rest is padding (finite, zeros recommended)
+
+Token features are named in ``corpus.json`` by ``"token_features"`` (and
+``"token_lengths"``; without it every item has all ``T`` tokens). ``D`` equals the
+pooled feature dimension; the pooled row is normally the mean of the item's valid tokens.
 
 Every check on load names the file, the offending id or row, and the fix.
 """
@@ -32,6 +40,8 @@ from grcm.io import atomic_path, write_json_atomic
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+TOKEN_FEATURES_FILE = "token_features.npy"
+TOKEN_LENGTHS_FILE = "token_lengths.npy"
 
 
 class CorpusError(GrcmError, ValueError):
@@ -54,6 +64,10 @@ class Corpus:
         extra_item: ``(E,)`` int64 item index of each extra training query.
         extra_text: ``E`` extra training queries (generated/pseudo queries).
         extra_source: ``E`` provenance strings of the extra queries (empty list: unknown).
+        token_features: optional ``(N, T, D)`` float16/float32 per-item tokens (frames, patches,
+            audio segments), same ``D`` as ``features``; may be a read-only memmap.
+        token_lengths: optional ``(N,)`` int64 number of valid tokens of each item (1..T); positions
+            ``>= token_lengths[i]`` are padding. ``None`` with token features means all ``T`` are valid.
     """
 
     name: str
@@ -66,10 +80,29 @@ class Corpus:
     extra_item: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     extra_text: list[str] = field(default_factory=list)
     extra_source: list[str] = field(default_factory=list)
+    token_features: np.ndarray | None = None
+    token_lengths: np.ndarray | None = None
 
     @property
     def num_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def has_token_features(self) -> bool:
+        return self.token_features is not None
+
+    @property
+    def max_tokens(self) -> int:
+        """``T``, the padded number of tokens per item (0 without token features)."""
+        return 0 if self.token_features is None else int(self.token_features.shape[1])
+
+    def item_token_lengths(self) -> np.ndarray:
+        """``(N,)`` int64 valid-token count per item (all ``T`` when no lengths are stored)."""
+        if self.token_features is None:
+            raise CorpusError(f"corpus {self.name!r} has no token features.")
+        if self.token_lengths is None:
+            return np.full(self.num_items, self.max_tokens, dtype=np.int64)
+        return np.asarray(self.token_lengths, dtype=np.int64)
 
     @property
     def feature_dim(self) -> int:
@@ -115,7 +148,47 @@ class Corpus:
             raise CorpusError(f"{source}: extra_source must be empty or give one source per extra query.")
         if self.extra_item.size and (self.extra_item.min() < 0 or self.extra_item.max() >= n):
             raise CorpusError(f"{source}: an extra query points at an item index outside [0, {n}).")
+        if self.token_features is not None or self.token_lengths is not None:
+            self._validate_tokens(source)
         return self
+
+    def _validate_tokens(self, source: str) -> None:
+        """Check ``token_features`` / ``token_lengths`` against the items and the pooled features."""
+        n, tokens, lengths = len(self.item_ids), self.token_features, self.token_lengths
+        where = f"{source}: token_features"
+        if tokens is None:
+            raise CorpusError(f"{source}: token_lengths given without token_features; add token_features.npy "
+                              "(N, T, D) or drop token_lengths.")
+        if tokens.ndim != 3 or tokens.shape[0] != n or tokens.shape[2] != self.features.shape[1] or not tokens.shape[1]:
+            raise CorpusError(
+                f"{where} have shape {tuple(tokens.shape)} but there are {n} items with "
+                f"{self.features.shape[1]}-d pooled features; expected (num_items, num_tokens >= 1, "
+                f"{self.features.shape[1]}) with token_features[i] belonging to item id i."
+            )
+        if tokens.dtype not in (np.float16, np.float32):
+            raise CorpusError(f"{where} dtype is {tokens.dtype}; store float16 or float32.")
+        if lengths is not None:
+            where_len = f"{source}: token_lengths"
+            if lengths.shape != (n,) or not np.issubdtype(lengths.dtype, np.integer):
+                raise CorpusError(
+                    f"{where_len} have shape {tuple(lengths.shape)} and dtype {lengths.dtype}; expected ({n},) "
+                    "integers, the number of valid tokens of each item."
+                )
+            bad = np.flatnonzero((lengths < 1) | (lengths > tokens.shape[1]))
+            if bad.size:
+                ids = ", ".join(f"{self.item_ids[i]!r} ({int(lengths[i])})" for i in bad[:5])
+                raise CorpusError(
+                    f"{where_len}: item(s) {ids} have a length outside [1, {tokens.shape[1]}] "
+                    f"({bad.size} item(s) in all); every item needs 1..T valid tokens, padding after them."
+                )
+        flat = tokens.reshape(n, -1)  # a view, also of a memmap
+        bad_rows = _non_finite_rows(flat, chunk=max(1, (1 << 24) // max(flat.shape[1], 1)))
+        if bad_rows.size:
+            ids = ", ".join(repr(self.item_ids[i]) for i in bad_rows[:5])
+            raise CorpusError(
+                f"{where} of item(s) {ids} contain NaN or inf ({bad_rows.size} item(s) in all); re-extract "
+                "those items' tokens (padding positions must be finite too: write zeros)."
+            )
 
     def feature_checksum(self) -> str:
         """SHA-256 over the item ids and the raw feature bytes (identifies what a SID bundle was built from)."""
@@ -137,7 +210,11 @@ def _non_finite_rows(features: np.ndarray, chunk: int = 65536) -> np.ndarray:
 
 
 def save_corpus(corpus: Corpus, root: str | Path, feature_format: str = "npy") -> Path:
-    """Write ``corpus`` to ``root`` in the on-disk layout above, each file atomically."""
+    """Write ``corpus`` to ``root`` in the on-disk layout above, each file atomically.
+
+    Token features (when present) are always written as ``token_features.npy`` and
+    ``token_lengths.npy`` (int64), so they memory-map on load.
+    """
     corpus.validate()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -170,11 +247,19 @@ def save_corpus(corpus: Corpus, root: str | Path, feature_format: str = "npy") -
                 for i, text, source in zip(corpus.extra_item.tolist(), corpus.extra_text, sources)
             ),
         )
-    write_json_atomic(
-        root / "corpus.json",
-        {"format_version": FORMAT_VERSION, "name": corpus.name, "modality": corpus.modality, "features": feature_file},
-    )
+    header = {"format_version": FORMAT_VERSION, "name": corpus.name, "modality": corpus.modality,
+              "features": feature_file}
+    if corpus.token_features is not None:
+        _save_npy(root / TOKEN_FEATURES_FILE, corpus.token_features)
+        _save_npy(root / TOKEN_LENGTHS_FILE, corpus.item_token_lengths())
+        header.update(token_features=TOKEN_FEATURES_FILE, token_lengths=TOKEN_LENGTHS_FILE)
+    write_json_atomic(root / "corpus.json", header)
     return root
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.asarray(array))
 
 
 def _write_csv(path: Path, header: Sequence[str], rows) -> None:
@@ -232,6 +317,31 @@ def unreadable_features(path: Path, error: Exception) -> CorpusError:
     )
 
 
+def load_token_features(root: str | Path, header: dict) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The ``(N, T, D)`` token features (memory-mapped) and ``(N,)`` lengths a header names, or ``(None, None)``."""
+    root = Path(root)
+    if "token_features" not in header:
+        if "token_lengths" in header:
+            raise CorpusError(f"{root / 'corpus.json'}: 'token_lengths' is set but 'token_features' is not; "
+                              f"name the (N, T, D) file as \"token_features\": \"{TOKEN_FEATURES_FILE}\".")
+        return None, None
+    arrays = []
+    for key, shape in (("token_features", "(N, T, D) float"), ("token_lengths", "(N,) int")):
+        if key not in header:
+            arrays.append(None)
+            continue
+        path = root / str(header[key])
+        if not path.is_file() or path.suffix != ".npy":
+            raise CorpusError(f"{path}: corpus.json field {key!r} names a missing or non-.npy file; write the "
+                              f"{shape} array with numpy.save beside corpus.json or drop the field.")
+        try:
+            arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+        except ValueError as error:
+            raise CorpusError(f"{path}: cannot read corpus.json field {key!r} ({error}); rewrite it with "
+                              "numpy.save.") from error
+    return arrays[0], arrays[1]
+
+
 def load_corpus(root: str | Path) -> Corpus:
     """Load and validate a corpus directory; every error names the file, the id and the fix."""
     root = Path(root)
@@ -285,6 +395,7 @@ def load_corpus(root: str | Path) -> Corpus:
             extra_item.append(item)
             extra_text.append(row["text"])
             extra_source.append(row.get("source") or "unknown")
+    token_features, token_lengths = load_token_features(root, header)
     corpus = Corpus(
         name=str(header.get("name", root.name)),
         modality=str(header.get("modality", "unknown")),
@@ -296,6 +407,8 @@ def load_corpus(root: str | Path) -> Corpus:
         extra_item=np.asarray(extra_item, dtype=np.int64),
         extra_text=extra_text,
         extra_source=extra_source,
+        token_features=token_features,
+        token_lengths=token_lengths,
     )
     return corpus.validate(source=str(root))
 

@@ -6,7 +6,11 @@ Two kinds of batches, chosen by ``serve``:
   ``{"input_ids": (B, T), "attention_mask": (B, T) bool, "item_index": (B,), "query_index": (B,)}``;
   val/test/predict batches are
   ``{"input_ids", "attention_mask", "query_index": (B,), "gold_items": (B, G) padded with -1}``.
-- ``"items"`` (SID tokenizers): ``{"item_index": (B,), "features": (B, D) float32}``.
+- ``"items"`` (SID tokenizers): ``{"item_index": (B,), "features": (B, D) float32}``, plus
+  ``"token_features": (B, T', D)`` float32 and ``"token_mask": (B, T')`` bool (True = a real
+  token, False = padding) when the corpus has token features; ``T'`` is the longest item of
+  the batch. :func:`item_token_batch` builds the same pair for any item indices (the hybrid
+  tower gathers its training items' tokens with it).
 
 Sizes a model needs (``feature_dim``, ``vocab_size``, ``pad_token_id``) are known
 after ``__init__`` so that the CLI can link them into the model's arguments.
@@ -97,18 +101,56 @@ class QueryBatches:
         return batch
 
 
-class ItemBatches:
-    """Collate: item rows -> ``{"item_index": (B,), "features": (B, D) float32}`` (memmap friendly)."""
+def token_batch(
+    token_features: np.ndarray, token_lengths: np.ndarray | None, index: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``index`` ``(B,)`` of ``(N, T, D)`` token features -> ``(B, T', D)`` float32 and ``(B, T')`` bool mask.
 
-    def __init__(self, features: np.ndarray):
+    ``mask[b, t]`` is True for item ``b``'s real tokens (``t < token_lengths[index[b]]``; all ``T``
+    when ``token_lengths`` is None); ``T'`` is the longest item in the batch (padding columns no
+    item uses are dropped). Reads only the requested rows of a memmap.
+    """
+    index = np.asarray(index, dtype=np.int64)
+    full = token_features.shape[1]
+    lengths = np.full(len(index), full) if token_lengths is None else np.asarray(token_lengths[index])
+    lengths = torch.from_numpy(lengths.astype(np.int64))
+    width = int(lengths.max()) if len(index) else 1
+    tokens = torch.from_numpy(np.asarray(token_features[index, :width], dtype=np.float32))
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    return tokens, mask
+
+
+def item_token_batch(corpus: Corpus, items: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token features and padding mask of ``items`` ``(B,)`` of ``corpus`` (see :func:`token_batch`)."""
+    if corpus.token_features is None:
+        raise CorpusError(
+            f"corpus {corpus.name!r} has no token features; generate the synthetic corpus with "
+            "data.token_features=true or add token_features.npy (see grcm/data/corpus.py)."
+        )
+    index = items.cpu().numpy() if isinstance(items, torch.Tensor) else items
+    return token_batch(corpus.token_features, corpus.token_lengths, index)
+
+
+class ItemBatches:
+    """Collate: item rows -> ``{"item_index": (B,), "features": (B, D) float32}`` (memmap friendly).
+
+    With a ``corpus`` that has token features, batches also hold ``"token_features"`` ``(B, T', D)``
+    and ``"token_mask"`` ``(B, T')`` (see :func:`item_token_batch`).
+    """
+
+    def __init__(self, features: np.ndarray, corpus: Corpus | None = None):
         self.features = features
+        self.corpus = corpus if corpus is not None and corpus.has_token_features else None
 
     def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
         index = np.sort(np.asarray(rows, dtype=np.int64))
-        return {
+        batch = {
             "item_index": torch.from_numpy(index),
             "features": torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)),
         }
+        if self.corpus is not None:
+            batch["token_features"], batch["token_mask"] = item_token_batch(self.corpus, index)
+        return batch
 
 
 class RetrievalDataModule(L.LightningDataModule):
@@ -294,7 +336,8 @@ class RetrievalDataModule(L.LightningDataModule):
             self.setup()
         if self.serve == "items":
             batch = self.batch_size if shuffle else self.eval_batch_size
-            return self._loader(ItemBatches(self.corpus.features), self.corpus.num_items, batch, shuffle)
+            items = ItemBatches(self.corpus.features, self.corpus)
+            return self._loader(items, self.corpus.num_items, batch, shuffle)
         queries = self._splits[split]
         if len(queries) == 0:
             raise CorpusError(f"corpus {self.corpus.name!r} has no {split} captions to serve.")
@@ -360,6 +403,9 @@ class SyntheticDataModule(RetrievalDataModule):
         generated_queries_per_item: deterministic generated queries per item
             (:mod:`grcm.data.synthetic_queries`, ACE §3.3's generated queries), added to the corpus's
             extra queries (source "synthetic") and trained on when ``use_extra_queries`` is true.
+        token_features: also generate ``(N, T, D)`` token features (one per aspect plus background
+            tokens); the pooled features are then the mean of each item's tokens.
+        noise_tokens: most background tokens per item when ``token_features`` is on.
         **kwargs: see :class:`RetrievalDataModule`.
     """
 
@@ -371,6 +417,8 @@ class SyntheticDataModule(RetrievalDataModule):
         captions_per_item: int = 5,
         near_duplicate_fraction: float = 0.05,
         generated_queries_per_item: int = 0,
+        token_features: bool = False,
+        noise_tokens: int = 4,
         **kwargs,
     ):
         if generated_queries_per_item < 0:
@@ -378,11 +426,13 @@ class SyntheticDataModule(RetrievalDataModule):
         self.generated_queries_per_item = generated_queries_per_item
         self.num_items, self.seed = num_items, seed
         self.captions_per_item, self.near_duplicate_fraction = captions_per_item, near_duplicate_fraction
+        self.token_features, self.noise_tokens = token_features, noise_tokens
         super().__init__(feature_dim=feature_dim, **kwargs)
 
     def load_corpus(self) -> Corpus:
         options = {"captions_per_item": self.captions_per_item, "near_duplicate_fraction": self.near_duplicate_fraction}
-        corpus = generate_synthetic_corpus(self.num_items, self.feature_dim, self.seed, **options)
+        tokens = {"token_features": True, "noise_tokens": self.noise_tokens} if self.token_features else {}
+        corpus = generate_synthetic_corpus(self.num_items, self.feature_dim, self.seed, **options, **tokens)
         if self.generated_queries_per_item:
             from grcm.data.synthetic_queries import SOURCE, generate_synthetic_queries
 

@@ -19,6 +19,18 @@ Nothing is downloaded. How it is built (also in README.md):
    synonyms and sentence templates, so several items fit most captions and no
    single ID captures every way an item is described. Captions are split per
    item into train/val/test.
+5. **Token features (optional, ``token_features=True``).** Each item also gets
+   multi-token features, like the frames of a video: one token per aspect
+   (subject with its colour, action, scene with its time of day, camera style),
+   each the modality encoder applied to that aspect's latent plus item noise, and
+   0..``noise_tokens`` *background* tokens (the encoder applied to a random
+   latent: frames that show nothing a caption mentions), in a random order and
+   padded to ``T = 4 + noise_tokens``. Every token is L2-normalised. The pooled
+   feature of an item is then the L2-normalised **mean of its valid tokens**, so a
+   model that reads only pooled features sees the same tokens, averaged. Captions
+   and attributes are the same as without tokens; the token draws use their own
+   seeded stream, and with ``token_features=False`` (the default) the corpus is
+   unchanged.
 
 The generator scales from 1k to 1M items: features are produced in chunks and
 :func:`generate_synthetic_features` skips captions entirely.
@@ -161,6 +173,13 @@ SLOT_WEIGHTS: dict[str, float] = {
     "style": 0.35,
 }
 ASPECTS: tuple[str, ...] = ("subject", "action", "scene", "style")
+# The slots shown by each aspect's token (captions attach the colour to the subject, the time to the scene).
+ASPECT_TOKEN_SLOTS: dict[str, tuple[str, ...]] = {
+    "subject": ("subject", "colour"),
+    "action": ("action",),
+    "scene": ("scene", "time"),
+    "style": ("style",),
+}
 
 
 @dataclass(frozen=True)
@@ -202,6 +221,10 @@ class SyntheticConfig:
         sensor_noise: noise added after the modality encoder.
         near_duplicate_fraction: share of items copying another item's attributes.
         captions_per_item: train captions per item; one val and one test caption are added.
+        token_features: also produce ``(N, T, D)`` token features (one per aspect plus background
+            tokens); the pooled features become the mean of the valid tokens (module docstring, step 5).
+        noise_tokens: most background tokens per item (each item draws 0..noise_tokens);
+            ``T = len(ASPECTS) + noise_tokens``.
         seed: everything is a function of this seed.
     """
 
@@ -214,6 +237,8 @@ class SyntheticConfig:
     sensor_noise: float = 0.05
     near_duplicate_fraction: float = 0.05
     captions_per_item: int = 5
+    token_features: bool = False
+    noise_tokens: int = 4
     seed: int = 0
 
 
@@ -267,6 +292,45 @@ def _features(config: SyntheticConfig, attributes: np.ndarray, rng: np.random.Ge
     return out
 
 
+def _token_chunks(config: SyntheticConfig, attributes: np.ndarray, rng: np.random.Generator, chunk: int = 16384):
+    """Yield ``(start, tokens (n, T, D) float32, lengths (n,) int64)`` chunk by chunk (module docstring, step 5).
+
+    The concept vectors and the modality encoder are drawn from ``rng`` exactly as in
+    :func:`_features`; token noise, background latents, counts and order come from a separate
+    stream seeded by ``[seed, 2]``.
+    """
+    if config.noise_tokens < 0:
+        raise ValueError(f"noise_tokens must be >= 0, got {config.noise_tokens}")
+    vectors = _concept_vectors(config, rng)
+    encoder = _ModalityEncoder(config.latent_dim, config.feature_dim, rng)
+    token_rng = np.random.default_rng([config.seed, 2])
+    num_aspects, unit = len(ASPECTS), 1.0 / np.sqrt(config.latent_dim)
+    width = num_aspects + config.noise_tokens
+    for start in range(0, config.num_items, chunk):
+        rows = attributes[start : start + chunk]
+        n = len(rows)
+        latent = np.empty((n, width, config.latent_dim))
+        for a, aspect in enumerate(ASPECTS):
+            latent[:, a] = sum(vectors[slot][rows[:, SLOTS.index(slot)]] for slot in ASPECT_TOKEN_SLOTS[aspect])
+        latent[:, :num_aspects] += token_rng.standard_normal((n, num_aspects, config.latent_dim)) * config.item_noise * unit
+        latent[:, num_aspects:] = token_rng.standard_normal((n, config.noise_tokens, config.latent_dim)) * unit
+        lengths = num_aspects + token_rng.integers(0, config.noise_tokens + 1, size=n)
+        feats = encoder(latent.reshape(n * width, -1).astype(np.float32))
+        feats += token_rng.standard_normal(feats.shape).astype(np.float32) * config.sensor_noise * feats.std()
+        feats = (feats / np.linalg.norm(feats, axis=1, keepdims=True)).reshape(n, width, -1)
+        valid = np.arange(width)[None, :] < lengths[:, None]  # (n, T)
+        order = np.argsort(np.where(valid, token_rng.random((n, width)), 2.0), axis=1)  # shuffle the valid ones
+        tokens = np.take_along_axis(feats, order[:, :, None], axis=1)
+        tokens[~valid] = 0.0
+        yield start, tokens.astype(np.float32), lengths.astype(np.int64)
+
+
+def _pooled(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """L2-normalised mean of the valid tokens: ``(n, T, D)``, ``(n,)`` -> ``(n, D)`` float32 (padding is zero)."""
+    mean = tokens.sum(axis=1) / lengths[:, None]
+    return (mean / np.linalg.norm(mean, axis=1, keepdims=True)).astype(np.float32)
+
+
 def generate_synthetic_features(num_items: int, feature_dim: int = 256, seed: int = 0, **overrides) -> np.ndarray:
     """Item features ``(N, D)`` float32 of the synthetic corpus, without captions (for 1M-item benchmarks).
 
@@ -275,7 +339,12 @@ def generate_synthetic_features(num_items: int, feature_dim: int = 256, seed: in
     config = SyntheticConfig(num_items=num_items, feature_dim=feature_dim, seed=seed, **overrides)
     rng = np.random.default_rng(config.seed)
     attributes = _sample_attributes(config, rng)
-    return _features(config, attributes, rng)
+    if not config.token_features:
+        return _features(config, attributes, rng)
+    out = np.empty((config.num_items, config.feature_dim), dtype=np.float32)
+    for start, tokens, lengths in _token_chunks(config, attributes, rng):
+        out[start : start + len(tokens)] = _pooled(tokens, lengths)
+    return out
 
 
 _OPENERS = ("", "", "a video of ", "footage showing ", "we see ", "a clip where ")
@@ -340,12 +409,20 @@ def generate_synthetic_corpus(
 
     Returns:
         A validated :class:`Corpus` with ``N`` items, ``(N, D)`` float32 features and, per item,
-        ``captions_per_item`` train captions plus one val and one test caption.
+        ``captions_per_item`` train captions plus one val and one test caption; with
+        ``token_features=True`` also ``(N, T, D)`` token features and their ``(N,)`` lengths.
     """
     config = SyntheticConfig(num_items=num_items, feature_dim=feature_dim, seed=seed, **overrides)
     rng = np.random.default_rng(config.seed)
     attributes = _sample_attributes(config, rng)
-    features = _features(config, attributes, rng)
+    token_features = token_lengths = None
+    if config.token_features:
+        chunks = list(_token_chunks(config, attributes, rng))
+        token_features = np.concatenate([tokens for _, tokens, _ in chunks])
+        token_lengths = np.concatenate([lengths for _, _, lengths in chunks])
+        features = _pooled(token_features, token_lengths)
+    else:
+        features = _features(config, attributes, rng)
     caption_rng = np.random.default_rng([config.seed, 1])
     per_item = config.captions_per_item + 2
     splits = np.array(["train"] * config.captions_per_item + ["val", "test"])
@@ -363,6 +440,8 @@ def generate_synthetic_corpus(
         caption_item=np.repeat(np.arange(config.num_items, dtype=np.int64), per_item),
         caption_text=texts,
         caption_split=np.tile(splits, config.num_items),
+        token_features=token_features,
+        token_lengths=token_lengths,
     )
     return corpus.validate(source="synthetic")
 

@@ -57,6 +57,7 @@ from grcm.metrics import (
     first_occurrence,
     ranks_from_scores,
 )
+from grcm.rerank.dense_models import corpus_item_embeddings, load_dense_model
 from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
 
@@ -369,8 +370,9 @@ class TwoStageEvaluation(L.Callback):
     and ``recall@1_vs_full_dense`` (their ratio).
 
     Args:
-        dense_checkpoint: path of a :class:`~grcm.rerank.dual_tower.DualTower` checkpoint
-            trained on the same corpus and query vocabulary.
+        dense_checkpoint: path of a :class:`~grcm.rerank.dual_tower.DualTower` or
+            :class:`~grcm.rerank.hybrid_tower.HybridTower` checkpoint trained on the same corpus and
+            query vocabulary.
         beam_size: stage-1 beam width B (GRDR: 20-50 on a full corpus; ACE: 5/25/50); it must
             equal the retriever's ``beam_size``. ``None`` (default) takes the retriever's.
         rerank_store: FAISS index holding the item embeddings, a
@@ -433,7 +435,8 @@ class TwoStageEvaluation(L.Callback):
 
     # ------------------------------------------------------------------ set-up
     def load_dense_model(self) -> DualTower:
-        """The dual-tower model of ``dense_checkpoint`` (loaded once, tensors only, frozen, eval mode)."""
+        """The dense model of ``dense_checkpoint``: a dual or hybrid tower (loaded once, tensors only, frozen,
+        eval mode)."""
         if self.dense is None:
             path = Path(self.dense_checkpoint)
             if not path.is_file():
@@ -442,8 +445,7 @@ class TwoStageEvaluation(L.Callback):
                     "(grcm fit -c experiments/<dataset>/dual_tower.yaml) and point dense_checkpoint at its "
                     "checkpoint file"
                 )
-            dense = DualTower.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-            self.dense = dense.eval().requires_grad_(False)
+            self.dense = load_dense_model(path)  # DualTower or HybridTower, as the checkpoint records
         return self.dense
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -485,7 +487,7 @@ class TwoStageEvaluation(L.Callback):
         corpus = self._corpus(trainer)
         dense = self.load_dense_model().to(pl_module.device)
         self._check_compatible(trainer, corpus)
-        embeddings = dense.encode_corpus(corpus.features)  # (N, E) float32
+        embeddings = corpus_item_embeddings(dense, corpus)  # (N, E) float32; token features for a hybrid tower
         self.store = build_rerank_store(embeddings, self.rerank_store_config)
         self.item_embeddings = torch.from_numpy(embeddings).to(pl_module.device) if self.full_dense_reference else None
         self._epoch_beam = None

@@ -1,0 +1,180 @@
+"""Hybrid-Tower / PIG dense model: pseudo-query interaction on the item side, at two-tower cost.
+
+The text tower, the temperature, the FAISS evaluation and the optimiser are the dual
+tower's (:class:`~grcm.rerank.dual_tower.DualTower`, which this class extends). The item
+tower reads an item's *token* features (frames, patches, audio segments) instead of one
+pooled vector: :class:`~grcm.rerank.pseudo_query.HybridItemEncoder` selects the
+informative tokens, generates a pseudo-query from them, and lets it attend to all
+tokens; the result is the item's one stored vector. Online, retrieval is a dot product
+against a FAISS index of those vectors, exactly like the dual tower, so the index costs
+the same bytes per item.
+
+Loss: symmetric InfoNCE with a learnable temperature, plus ``generation_weight`` times
+the L2 distance between each training query's text embedding (no gradient into the text
+tower) and its item's pseudo-query.
+
+A checkpoint records its class (``checkpoint["dense_model_class"]``) so that
+:func:`grcm.rerank.dense_models.load_dense_model` (used by two-stage retrieval) loads the
+right model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from grcm.data.corpus import CorpusError
+from grcm.data.datamodules import item_token_batch, token_batch
+from grcm.rerank.contrastive import symmetric_info_nce
+from grcm.rerank.dense_models import DENSE_MODEL_CLASS_KEY
+from grcm.rerank.dual_tower import DualTower
+from grcm.rerank.index import DenseIndex, DenseIndexConfig
+from grcm.rerank.pseudo_query import HybridItemEncoder, pseudo_query_loss
+
+
+class HybridTower(DualTower):
+    """Dual-tower text side + PIG item side (token selector, pseudo-query generator, cross-attention pooling).
+
+    Args:
+        vocab_size, feature_dim, pad_token_id: linked from the data (token features are
+            ``feature_dim``-d, like the pooled ones).
+        embed_dim: shared embedding size (the stored vector per item).
+        text_backbone, text_layers, text_width, text_heads, text_ffn, dropout: the text tower, as in
+            :class:`DualTower`.
+        item_width: token width inside the item tower.
+        item_heads: attention heads of the item tower.
+        use_selector: informativeness top-k token selection before the generator (off = all tokens).
+        top_k: tokens kept by the selector.
+        use_generator: pseudo-query generation (off = pooling with one learned query, X-Pool-like).
+        generation_weight: weight of the pseudo-query L2 loss (ignored without the generator).
+        lr, weight_decay, warmup_steps, temperature, index, ks, mrr_k, eval_item_batch_size: as in
+            :class:`DualTower`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        embed_dim: int = 256,
+        text_backbone: Literal["scratch", "minilm"] = "scratch",
+        text_layers: int = 2,
+        text_width: int = 256,
+        text_heads: int = 4,
+        text_ffn: int = 512,
+        dropout: float = 0.1,
+        item_width: int = 256,
+        item_heads: int = 4,
+        use_selector: bool = True,
+        top_k: int = 4,
+        use_generator: bool = True,
+        generation_weight: float = 1.0,
+        pad_token_id: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 100,
+        temperature: float = 0.07,
+        index: DenseIndexConfig | None = None,
+        ks: tuple[int, ...] = (1, 5, 10),
+        mrr_k: int = 10,
+        eval_item_batch_size: int = 1024,
+    ):
+        super().__init__(
+            vocab_size,
+            feature_dim,
+            embed_dim=embed_dim,
+            text_backbone=text_backbone,
+            text_layers=text_layers,
+            text_width=text_width,
+            text_heads=text_heads,
+            text_ffn=text_ffn,
+            dropout=dropout,
+            item_projection="linear",
+            pad_token_id=pad_token_id,
+            lr=lr,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            temperature=temperature,
+            index=index,
+            ks=ks,
+            mrr_k=mrr_k,
+            eval_item_batch_size=eval_item_batch_size,
+        )
+        if generation_weight < 0:
+            raise ValueError(f"generation_weight must be >= 0, got {generation_weight}")
+        # this class's own arguments replace the parent's (plain types only: weights_only loading)
+        self.save_hyperparameters(ignore=["index"])
+        self.hparams["index"] = dataclasses.asdict(self.index_config)
+        self.item_tower = HybridItemEncoder(
+            feature_dim,
+            embed_dim,
+            width=item_width,
+            num_heads=item_heads,
+            use_selector=use_selector,
+            top_k=top_k,
+            use_generator=use_generator,
+        )
+
+    # -- towers ---------------------------------------------------------------------------------
+    def encode_items(self, token_features: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T, D)`` item tokens and ``(B, T)`` bool mask -> ``(B, embed_dim)`` unit item embeddings."""
+        return self.item_tower(token_features, token_mask)[0]
+
+    @torch.no_grad()
+    def encode_corpus(
+        self, features: np.ndarray, token_features: np.ndarray | None = None, token_lengths: np.ndarray | None = None
+    ) -> np.ndarray:
+        """All items -> ``(N, embed_dim)`` float32 embeddings, in batches of ``eval_item_batch_size``.
+
+        Args:
+            features: ``(N, D)`` pooled features (only their count is used).
+            token_features: ``(N, T, D)`` token features (required).
+            token_lengths: ``(N,)`` valid tokens per item, or None when all ``T`` are valid.
+        """
+        if token_features is None:
+            raise CorpusError(
+                "HybridTower reads item token features but the corpus has none; generate the synthetic corpus "
+                "with data.token_features=true or add token_features.npy to the corpus (see README)."
+            )
+        num_items = features.shape[0]
+        if token_features.shape[0] != num_items:
+            raise CorpusError(f"token features hold {token_features.shape[0]} items but there are {num_items}.")
+        out = np.empty((num_items, self.hparams.embed_dim), dtype=np.float32)
+        step = self.hparams.eval_item_batch_size
+        for start in range(0, num_items, step):
+            tokens, mask = token_batch(token_features, token_lengths, np.arange(start, min(start + step, num_items)))
+            out[start : start + step] = self.encode_items(tokens.to(self.device), mask.to(self.device)).float().cpu()
+        return out
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        corpus = self.trainer.datamodule.corpus
+        items = batch["item_index"]
+        unique_items, inverse = torch.unique(items, return_inverse=True)
+        tokens, mask = item_token_batch(corpus, unique_items)
+        queries = self.encode_queries(batch["input_ids"], batch["attention_mask"])
+        item_embeddings, pseudo_queries = self.item_tower(tokens.to(self.device), mask.to(self.device))
+        scale = self.log_logit_scale.exp().clamp(max=100.0)
+        nce = symmetric_info_nce(queries, item_embeddings[inverse], items, scale)
+        loss = nce
+        if pseudo_queries is not None:
+            generation = pseudo_query_loss(pseudo_queries[inverse], queries.detach())
+            loss = nce + self.hparams.generation_weight * generation
+            self.log("train/generation_loss", generation, batch_size=len(items))
+        self.log("train/nce_loss", nce, batch_size=len(items))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(items))
+        self.log("train/logit_scale", scale, batch_size=len(items))
+        return loss
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def build_index(self) -> DenseIndex:
+        """Encode the whole corpus from its token features and build the configured FAISS index."""
+        corpus = self.trainer.datamodule.corpus
+        embeddings = self.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths)
+        self.dense_index = DenseIndex.build(embeddings, self.index_config)
+        return self.dense_index
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[DENSE_MODEL_CLASS_KEY] = type(self).__name__
