@@ -93,16 +93,17 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     dm = SyntheticDataModule(num_items=120, feature_dim=DIM, batch_size=64, eval_batch_size=50,
                              token_features=True, noise_tokens=2)
+    root = tmp_path_factory.mktemp("hybrid")
     model = HybridTower(vocab_size=dm.vocab_size, feature_dim=DIM, embed_dim=DIM, text_layers=1, text_width=DIM,
                         text_heads=2, text_ffn=32, item_width=DIM, item_heads=2, top_k=3, warmup_steps=2, lr=5e-3,
-                        eval_item_batch_size=32)
-    root = tmp_path_factory.mktemp("hybrid")
+                        eval_item_batch_size=32, index_path=str(root / "items.faiss"))
     losses = LossRecorder()
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[losses])
     trainer.fit(model, datamodule=dm)
     assert np.mean(losses.epochs[-1]) < np.mean(losses.epochs[0])  # NCE + generation loss go down
+    assert (root / "items.faiss").is_file()  # index_path: the item index is written when fitting ends
     path = root / "hybrid.ckpt"
     trainer.save_checkpoint(path)
     return model.eval(), trainer, dm, str(path)

@@ -50,8 +50,8 @@ class HybridTower(DualTower):
         top_k: tokens kept by the selector.
         use_generator: pseudo-query generation (off = pooling with one learned query, X-Pool-like).
         generation_weight: weight of the pseudo-query L2 loss (ignored without the generator).
-        lr, weight_decay, warmup_steps, temperature, index, ks, mrr_k, eval_item_batch_size: as in
-            :class:`DualTower`.
+        lr, weight_decay, warmup_steps, temperature, index, ks, mrr_k, eval_item_batch_size,
+            gather_negatives, index_path: as in :class:`DualTower`.
     """
 
     def __init__(
@@ -80,6 +80,8 @@ class HybridTower(DualTower):
         ks: tuple[int, ...] = (1, 5, 10),
         mrr_k: int = 10,
         eval_item_batch_size: int = 1024,
+        gather_negatives: bool = True,
+        index_path: str | None = None,
     ):
         super().__init__(
             vocab_size,
@@ -101,6 +103,8 @@ class HybridTower(DualTower):
             ks=ks,
             mrr_k=mrr_k,
             eval_item_batch_size=eval_item_batch_size,
+            gather_negatives=gather_negatives,
+            index_path=index_path,
         )
         if generation_weight < 0:
             raise ValueError(f"generation_weight must be >= 0, got {generation_weight}")
