@@ -44,6 +44,7 @@ LIGHTNING_COMMANDS = {
 #: tests/test_cli_help.py checks this list against the classes in the package.
 MODEL_CLASSES = {
     "grcm.rerank.dual_tower.DualTower": "dual-tower (CLIP-style) dense retriever over FAISS",
+    "grcm.rerank.hybrid_tower.HybridTower": "Hybrid-Tower (PIG) dense retriever over item token features",
     "grcm.tokenizers.module.ACETokenizer": "ACE coarse-fine SID tokenizer (K-Means + RQ-VAE + unique token)",
     "grcm.retriever.module.GenerativeRetriever": "generative retriever: query -> SID -> items (beam search)",
     "grcm.retriever.grdr.GRDRRetriever": "GRDR generative retriever (multi-view SIDs, query routing)",

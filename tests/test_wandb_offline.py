@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-from grcm.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = str(ROOT / "experiments" / "synthetic" / "ace_tokenizer.yaml")
@@ -41,25 +42,23 @@ def read_wandb_records(path: Path) -> list:
     return records
 
 
-def test_offline_run_holds_metrics_config_and_sid_health(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
-    try:
-        main([
-            "fit", "-c", TOKENIZER, "-c", WANDB, f"--trainer.logger.init_args.save_dir={tmp_path / 'wandb_runs'}",
-            "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-            "--data.init_args.num_items=120", "--data.init_args.feature_dim=16", "--data.init_args.batch_size=60",
-            "--data.init_args.eval_batch_size=120", "--model.init_args.coarse_codebook_size=4",
-            "--model.init_args.codebook_size=8", "--model.init_args.latent_dim=8",
-            "--model.init_args.hidden_dims=[16]", "--model.init_args.health_pairs=100",
-            "--model.init_args.bundle_dir=bundle",
-        ])
-    finally:
-        wandb.finish()
-        wandb.teardown()  # stops the W&B service, which flushes the offline transaction log
+def test_offline_run_holds_metrics_config_and_sid_health(tmp_path):
+    pytest.importorskip("wandb")
+    # its own process: W&B keeps process-wide state (settings, service) from any earlier run in this one
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    env.pop("WANDB_RUN_ID", None)
+    command = [
+        sys.executable, "-m", "grcm",
+        "fit", "-c", TOKENIZER, "-c", WANDB, f"--trainer.default_root_dir={tmp_path / 'wandb_runs'}",
+        "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        "--data.init_args.num_items=120", "--data.init_args.feature_dim=16", "--data.init_args.batch_size=60",
+        "--data.init_args.eval_batch_size=120", "--model.init_args.coarse_codebook_size=4",
+        "--model.init_args.codebook_size=8", "--model.init_args.latent_dim=8",
+        "--model.init_args.hidden_dims=[16]", "--model.init_args.health_pairs=100",
+        "--model.init_args.bundle_dir=bundle",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
     (run,) = (tmp_path / "wandb_runs" / "wandb").glob("offline-run-*")
     records = read_wandb_records(next(run.glob("run-*.wandb")))
     history: dict[str, object] = {}
