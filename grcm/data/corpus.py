@@ -282,10 +282,20 @@ def read_corpus_header(root: str | Path) -> dict:
     return header
 
 
-def load_features(path: Path) -> np.ndarray:
-    """Load a ``(N, D)`` feature matrix: ``.npy`` memory-mapped, ``.safetensors`` tensor ``features``."""
+def load_features(
+    path: Path,
+    missing_hint: str = "write features.npy (N, D) beside corpus.json",
+    single_tensor_ok: bool = False,
+) -> np.ndarray:
+    """Load a ``(N, D)`` feature matrix: ``.npy`` memory-mapped, ``.safetensors`` tensor ``features``.
+
+    Args:
+        path: the feature file.
+        missing_hint: the fix named when the file does not exist.
+        single_tensor_ok: also accept a ``.safetensors`` file holding exactly one tensor of another name.
+    """
     if not path.is_file():
-        raise CorpusError(f"{path}: feature file not found; write features.npy (N, D) beside corpus.json.")
+        raise CorpusError(f"{path}: feature file not found; {missing_hint}.")
     if path.suffix not in (".npy", ".safetensors"):
         raise CorpusError(f"{path}: unsupported feature format {path.suffix!r}; use .npy or .safetensors.")
     try:
@@ -295,9 +305,12 @@ def load_features(path: Path) -> np.ndarray:
             from safetensors.numpy import load_file
 
             tensors = load_file(str(path))
-            if "features" not in tensors:
-                raise CorpusError(f"{path}: no tensor named 'features' (found {sorted(tensors)}).")
-            features = tensors["features"]
+            if "features" in tensors:
+                features = tensors["features"]
+            elif single_tensor_ok and len(tensors) == 1:
+                features = next(iter(tensors.values()))
+            else:
+                raise CorpusError(f"{path}: holds tensors {sorted(tensors)}; name the (N, D) matrix 'features'.")
     except CorpusError:
         raise
     except Exception as error:  # noqa: BLE001 -- truncated or garbage files fail in many ways inside numpy

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from grcm.data.corpus import SPLITS, Corpus, CorpusError, save_corpus, unreadable_features
+from grcm.data.corpus import SPLITS, Corpus, CorpusError, load_features, save_corpus
 from grcm.data.datasets.captions import CaptionSet
 from grcm.data.datasets.files import read_id_list
 from grcm.io import atomic_directory, write_json_atomic
@@ -34,31 +34,9 @@ def read_feature_ids(path: str | Path) -> list[str]:
 def load_feature_matrix(path: str | Path) -> np.ndarray:
     """A ``(N, D)`` float feature matrix: ``.npy`` (memory-mapped) or ``.safetensors``."""
     path = Path(path)
-    if not path.is_file():
-        raise CorpusError(f"{path}: feature file not found; pass an (N, D) .npy or .safetensors matrix.")
-    if path.suffix not in (".npy", ".safetensors"):
-        raise CorpusError(f"{path}: unsupported feature format {path.suffix!r}; use .npy or .safetensors.")
-    try:
-        if path.suffix == ".npy":
-            features = np.load(path, mmap_mode="r", allow_pickle=False)
-        else:
-            from safetensors.numpy import load_file
-
-            tensors = load_file(str(path))
-            if "features" in tensors:
-                features = tensors["features"]
-            elif len(tensors) == 1:
-                features = next(iter(tensors.values()))
-            else:
-                raise CorpusError(f"{path}: holds tensors {sorted(tensors)}; name the (N, D) matrix 'features'.")
-    except CorpusError:
-        raise
-    except Exception as error:  # noqa: BLE001 -- truncated or garbage files fail in many ways inside numpy
-        raise unreadable_features(path, error) from error
-    if features.ndim != 2:
-        raise CorpusError(
-            f"{path}: features have shape {tuple(features.shape)}; expected (num_items, feature_dim)."
-        )
+    features = load_features(
+        path, missing_hint="pass an (N, D) .npy or .safetensors matrix", single_tensor_ok=True
+    )
     if features.dtype not in (np.float16, np.float32, np.float64):
         raise CorpusError(f"{path}: features dtype is {features.dtype}; store float16 or float32.")
     return features
