@@ -15,3 +15,15 @@ if "GRCM_CACHE_DIR" not in os.environ:
     import tempfile
 
     os.environ["GRCM_CACHE_DIR"] = tempfile.mkdtemp(prefix="grcm-cache-")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: one intra-op thread avoids synchronisation overhead on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -20,12 +20,7 @@ from grcm.tokenizers.bundle import SIDBundle
 D, HEADS, S = 16, 2, 2
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # ------------------------------------------------------------ coarse gate form

@@ -19,12 +19,7 @@ from grcm.rerank.two_stage import TwoStageEvaluation
 DIM = 16
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _padded_tokens(lengths: list[int], width: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,12 +15,7 @@ SID_VOCABS = [6, 5, 4, 7]
 NUM_QUERIES = 5
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _model(fusion: str, seed: int = 0, num_decoder_layers: int = 2) -> GenerativeRetrieverModel:

@@ -38,12 +38,7 @@ class KillAt(L.Callback):
             raise Killed(f"killed before step {self.step}")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _fit(make_model, make_data, root: Path, *, max_epochs: int, every: int, kill: int | None = None, resume=False,

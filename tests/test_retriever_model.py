@@ -230,13 +230,6 @@ def test_dropout_makes_two_training_passes_differ():
     assert parts["kl"] > 0
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids synchronisation overhead on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_tiny_model_overfits_query_to_sid_pairs(single_thread):

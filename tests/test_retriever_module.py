@@ -19,13 +19,7 @@ NUM_ITEMS = 50
 SID_VOCABS = [4, 3, 5]  # 50 of the 60 code combinations are valid SIDs
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids synchronisation overhead on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _codes(num_items: int) -> torch.Tensor:

@@ -30,13 +30,7 @@ FEATURE_DIM = 16
 BEAM = 6
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread avoids synchronisation overhead on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------- brute-force references
