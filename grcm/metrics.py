@@ -34,6 +34,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
     "ItemRetrievalMetrics",
+    "QueryMean",
     "candidate_recall",
     "deduplicate_ranked",
     "first_occurrence",
@@ -269,3 +270,34 @@ class ItemRetrievalMetrics(Metric):
         if isinstance(self.query_ids, list) and not self.query_ids:
             return 0
         return int(torch.unique(dim_zero_cat(self.query_ids)).numel())
+
+
+class QueryMean(Metric):
+    """Mean of one value per query, counting each query id once (DDP-safe, like :class:`ItemRetrievalMetrics`).
+
+    A mean over batches would count the queries DDP repeats to pad the last shard twice; this keeps
+    the first value seen for each query id after gathering all ranks.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("query_ids", default=[], dist_reduce_fx="cat")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def update(self, values: Tensor, query_ids: Tensor) -> None:
+        """Add (B,) values of the (B,) queries ``query_ids``."""
+        values = torch.as_tensor(values).reshape(-1)
+        if not isinstance(query_ids, Tensor) or query_ids.dim() != 1 or query_ids.numel() != values.numel():
+            raise ValueError("query_ids must be a 1-D torch.Tensor with one id per value")
+        self.query_ids.append(query_ids.to(device=self.device, dtype=torch.long))
+        self.values.append(values.to(device=self.device, dtype=torch.float32))
+
+    def compute(self) -> Tensor:
+        """Mean over distinct query ids; 0 when nothing was added."""
+        if isinstance(self.query_ids, list) and not self.query_ids:
+            return torch.zeros((), device=self.device)
+        ids = dim_zero_cat(self.query_ids)
+        return dim_zero_cat(self.values)[first_occurrence(ids)].mean()

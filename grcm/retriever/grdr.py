@@ -28,6 +28,17 @@ beams expand to).
 
 The SID table, routes, item ids and health travel inside every checkpoint: a
 checkpoint alone decodes (``GRDRRetriever.load_from_checkpoint(path).retrieve(...)``).
+The phase follows from the epoch; the built levels, anchor codes, routes and the
+codes ``train/code_drift`` compares with are checkpointed, so a fit resumed with
+``--ckpt_path`` continues in the same phase with the same frozen parameters.
+
+DDP: the query embeddings and routes (in ``setup``), each level's K-Means
+initialisation and the ``nearest`` re-routing are computed on rank 0 and broadcast,
+so every replica holds the same state (:class:`grcm.ddp.ReplicaConsistencyCheck`).
+Phases freeze parameter groups and some phases leave parameters out of the loss, so
+under a DDP strategy the module turns on DDP's ``find_unused_parameters`` unless the
+strategy sets it. Evaluation is sharded by query; every metric, ``pool_size``
+included, counts each query id once (DDP pads the last shard with repeats).
 """
 
 from __future__ import annotations
@@ -41,14 +52,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from grcm.decoding import SIDTrie, beams_to_items, constrained_beam_search, sid_table_nbytes
 from grcm.decoding.beam import BeamSearchOutput
 from grcm.errors import GrcmError
-from grcm.metrics import ItemRetrievalMetrics
+from grcm.metrics import ItemRetrievalMetrics, QueryMean
 from grcm.rerank.text_encoder import masked_mean
 from grcm.retriever.model import GenerativeRetrieverModel
 from grcm.retriever.phases import GROUPS, TRAINABLE, Phase, build_schedule, phase_at, resolve_weights
@@ -122,6 +133,9 @@ class GRDRRetriever(L.LightningModule):
         seed: K-Means and routing seed.
         ks, mrr_k: reported cut-offs.
     """
+
+    #: arguments that ``grcm test/validate/predict --ckpt_path=...`` may change (decoding and reporting only)
+    EVAL_OVERRIDABLE = ("beam_size", "eval_max_items", "ks", "mrr_k")
 
     def __init__(
         self,
@@ -202,7 +216,7 @@ class GRDRRetriever(L.LightningModule):
         self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.val_pool = ItemRetrievalMetrics(ks=CANDIDATE_KS, mrr_k=10)
         self.test_pool = ItemRetrievalMetrics(ks=CANDIDATE_KS, mrr_k=10)
-        self.val_pool_size, self.test_pool_size = MeanMetric(), MeanMetric()
+        self.val_pool_size, self.test_pool_size = QueryMean(), QueryMean()
         self._decode_seconds, self._decoded_queries = 0.0, 0
 
     # ------------------------------------------------------------ parameter groups
@@ -240,8 +254,33 @@ class GRDRRetriever(L.LightningModule):
     def _datamodule(self) -> Any:
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
+    def _is_rank_zero(self) -> bool:
+        return self._trainer is None or self.trainer.is_global_zero
+
+    def _broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (identity in a single process)."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return obj
+        return self.trainer.strategy.broadcast(obj, src=0)
+
+    def _prepare_ddp(self) -> None:
+        """Before DDP wraps the module: every parameter trainable, unused-parameter detection on.
+
+        DDP registers the parameters that require grad when it wraps the module; phases then
+        freeze groups (and ``pretrain`` leaves the decoder out of the loss), so DDP must look for
+        unused parameters. An explicit ``find_unused_parameters`` in the strategy is kept.
+        """
+        for param in self.parameters():
+            param.requires_grad_(True)
+        strategy = self.trainer.strategy
+        options = getattr(strategy, "_ddp_kwargs", None)
+        if isinstance(strategy, DDPStrategy) and isinstance(options, dict):
+            options.setdefault("find_unused_parameters", True)
+
     def setup(self, stage: str) -> None:
         """Read item features and (for fit) embed and route the training queries."""
+        if stage == "fit" and self._trainer is not None:
+            self._prepare_ddp()
         datamodule = self._datamodule()
         corpus = getattr(datamodule, "corpus", None)
         if corpus is None:
@@ -262,18 +301,23 @@ class GRDRRetriever(L.LightningModule):
             self._prepare_queries(datamodule, corpus)
 
     def _prepare_queries(self, datamodule: Any, corpus: Any) -> None:
+        """Embed and route every training query: computed on rank 0, broadcast to the other ranks."""
         train = datamodule.query_batches("train")
         query_index = train.query_index.numpy()
         item = train.item_index.numpy()
-        offset = len(corpus.caption_text)
-        texts = [corpus.caption_text[q] if q < offset else corpus.extra_text[q - offset] for q in query_index]
         size = int(query_index.max()) + 1
         need_embeddings = self.hparams.routing != "random" or self.hparams.view_separation in ("infonce", "both")
-        embeddings = embed_queries(texts, self.hparams.query_encoder) if need_embeddings else None
-        if self.hparams.routing == "random":
-            routes = random_routes(item, self.hparams.num_views, self.hparams.seed)
-        else:
-            routes = cluster_routes(embeddings, item, self.hparams.num_views, self.hparams.seed)
+        embeddings = routes = None
+        if self._is_rank_zero():
+            if need_embeddings:
+                offset = len(corpus.caption_text)
+                texts = [corpus.caption_text[q] if q < offset else corpus.extra_text[q - offset] for q in query_index]
+                embeddings = embed_queries(texts, self.hparams.query_encoder)
+            if self.hparams.routing == "random":
+                routes = random_routes(item, self.hparams.num_views, self.hparams.seed)
+            else:
+                routes = cluster_routes(embeddings, item, self.hparams.num_views, self.hparams.seed)
+        embeddings, routes = self._broadcast((embeddings, routes))
         table = torch.full((size,), -1, dtype=torch.long)
         table[torch.from_numpy(query_index)] = torch.from_numpy(routes)
         self.query_routes = table.to(self.device)
@@ -300,7 +344,13 @@ class GRDRRetriever(L.LightningModule):
             self._current_phase = phase.index
         features = self._features_on_device()
         if phase.initialises_level and self.decode_levels <= phase.level:
-            self.tokenizer.init_level(features, phase.level, seed=self.hparams.seed + phase.level)
+            codebook = self.tokenizer.codebooks[phase.level]
+            centroids = None
+            if self._is_rank_zero():
+                self.tokenizer.init_level(features, phase.level, seed=self.hparams.seed + phase.level)
+                centroids = codebook.detach().cpu()
+            centroids = self._broadcast(centroids)
+            codebook.data.copy_(centroids.to(codebook))
             self.initialised_levels.fill_(phase.level + 1)
             rank_zero_info(f"GRDR: level-{phase.level} codebook K-Means-initialised from its residuals")
         if int(self.anchored_phase) < phase.index:  # snapshot once per phase (kept across resumes)
@@ -312,10 +362,15 @@ class GRDRRetriever(L.LightningModule):
 
     @torch.no_grad()
     def _reroute_nearest(self) -> None:
+        """Route each query to its item's closest view: computed on rank 0, broadcast."""
         known = (self.query_item >= 0).nonzero().flatten()
-        queries = self.tokenizer.query_projection(self.query_embeddings[known].to(self.device))
-        views = self.tokenizer.view_latents(self._features_on_device()[self.query_item[known].to(self.device)])
-        self.query_routes[known.to(self.device)] = nearest_view_routes(queries, views)
+        routes = None
+        if self._is_rank_zero():
+            queries = self.tokenizer.query_projection(self.query_embeddings[known].to(self.device))
+            views = self.tokenizer.view_latents(self._features_on_device()[self.query_item[known].to(self.device)])
+            routes = nearest_view_routes(queries, views).cpu()
+        routes = self._broadcast(routes)
+        self.query_routes[known.to(self.device)] = routes.to(self.device)
 
     @torch.no_grad()
     def _refresh_codes(self) -> Tensor:
@@ -332,16 +387,17 @@ class GRDRRetriever(L.LightningModule):
         if previous is not None and 0 < previous.shape[-1] <= levels:
             earlier = previous.shape[-1]
             changed = (codes[:, :, :earlier] != previous.to(codes.device)).any(-1).any(-1)
-            self.log("train/code_drift", changed.float().mean())
+            self.log("train/code_drift", changed.float().mean(), sync_dist=True)
         self._previous_codes = codes
+        # the values below are equal on every rank; sync_dist keeps DDP quiet
         if levels:
             health = multiview_health(codes, self.tokenizer.vocab_sizes[:levels])
             self._extras["health"] = health
             keep = [k for k in health if "level0_utilisation" in k or "_level" not in k]
-            self.log_dict({f"sid/{k}": float(health[k]) for k in keep})
+            self.log_dict({f"sid/{k}": float(health[k]) for k in keep}, sync_dist=True)
         phase = self.phase_of_epoch(self.current_epoch)
-        self.log("phase/index", float(phase.index), prog_bar=True)
-        self.log("phase/level", float(phase.level))
+        self.log("phase/index", float(phase.index), prog_bar=True, sync_dist=True)
+        self.log("phase/level", float(phase.level), sync_dist=True)
 
     # --------------------------------------------------------------- training
     def _pooled_query(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -488,7 +544,7 @@ class GRDRRetriever(L.LightningModule):
         depth = max(CANDIDATE_KS)
         pool_metrics.update(F.pad(pool, (0, max(0, depth - pool.shape[1])), value=-1)[:, :depth],
                             batch["gold_items"], batch["query_index"])
-        pool_size.update((pool >= 0).sum(1).float())
+        pool_size.update((pool >= 0).sum(1).float(), batch["query_index"])
         return {"candidates": pool, "beam_size": int(self.hparams.beam_size), "decode_seconds": seconds}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
@@ -504,11 +560,13 @@ class GRDRRetriever(L.LightningModule):
         )
         if self._decoded_queries == 0:
             return
-        self.log_dict({f"{stage}/{k}": v for k, v in metrics.compute().items()}, prog_bar=True)
+        # computed over all ranks (each query id once): equal on every rank, sync_dist keeps DDP quiet
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.compute().items()}, prog_bar=True, sync_dist=True)
         candidates = pool_metrics.compute()
-        self.log_dict({f"{stage}/candidate_recall@{k}": candidates[f"recall@{k}"] for k in CANDIDATE_KS})
-        self.log(f"{stage}/pool_size", pool_size.compute())
-        self.log(f"{stage}/queries_per_s", self._decoded_queries / max(self._decode_seconds, 1e-9))
+        self.log_dict({f"{stage}/candidate_recall@{k}": candidates[f"recall@{k}"] for k in CANDIDATE_KS},
+                      sync_dist=True)
+        self.log(f"{stage}/pool_size", pool_size.compute(), sync_dist=True)
+        self.log(f"{stage}/queries_per_s", self._decoded_queries / max(self._decode_seconds, 1e-9), sync_dist=True)
         for metric in (metrics, pool_metrics, pool_size):
             metric.reset()
 
@@ -518,7 +576,7 @@ class GRDRRetriever(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test")
         if self._decoded_queries:
-            self.log("test/index_bytes_per_item", self.index_bytes_per_item())
+            self.log("test/index_bytes_per_item", self.index_bytes_per_item(), sync_dist=True)
 
     def index_bytes_per_item(self) -> float:
         """Trie plus the (N * V, L) SID table in narrow dtypes, per item."""
@@ -532,6 +590,8 @@ class GRDRRetriever(L.LightningModule):
             "item_ids": list(self._extras.get("item_ids", [])),
             "health": {k: float(v) for k, v in self._extras.get("health", {}).items()},
         }
+        if self._previous_codes is not None:  # what the next train/code_drift compares with (exact resume)
+            checkpoint[CHECKPOINT_KEY]["previous_codes"] = self._previous_codes.cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -539,6 +599,8 @@ class GRDRRetriever(L.LightningModule):
             raise GrcmError(f"the checkpoint has no GRDR SID table (key {CHECKPOINT_KEY!r}); "
                             "it was not written by GRDRRetriever.")
         self._extras = dict(checkpoint[CHECKPOINT_KEY])
+        previous = self._extras.pop("previous_codes", None)
+        self._previous_codes = previous.to(self.device) if previous is not None else None
         for name in ("sid_codes", "anchor_codes", "query_routes"):  # resized; filled by load_state_dict
             setattr(self, name, torch.empty_like(state[name], device=self.device))
         self._trie = None
