@@ -336,12 +336,26 @@ class GRDRRetriever(L.LightningModule):
         return self.features
 
     # --------------------------------------------------------------- phases
-    def on_train_epoch_start(self) -> None:
+    def _enter_phase(self) -> Phase:
+        """Freeze and unfreeze the parameter groups for the current epoch's phase."""
         phase = self.phase_of_epoch(self.current_epoch)
         self.apply_phase(phase)
         if phase.index != self._current_phase:
             rank_zero_info(f"GRDR {phase}: losses {self.weights[phase.name]}, trainable {TRAINABLE[phase.name]}")
             self._current_phase = phase.index
+        return phase
+
+    def on_train_start(self) -> None:
+        """A fit resumed mid-epoch skips ``on_train_epoch_start``: enter the phase of the epoch it resumes in.
+
+        The rest of the epoch-start work (K-Means of a new level, anchor snapshot, re-routing) was
+        done before the checkpoint was written and travels in it (``initialised_levels``,
+        ``anchored_phase``, ``anchor_codes``, ``query_routes``).
+        """
+        self._enter_phase()
+
+    def on_train_epoch_start(self) -> None:
+        phase = self._enter_phase()
         features = self._features_on_device()
         if phase.initialises_level and self.decode_levels <= phase.level:
             codebook = self.tokenizer.codebooks[phase.level]
