@@ -53,7 +53,7 @@ def _lookup(config: dict, dotted: str):
 
 def test_every_method_has_a_sweep():
     names = {path.stem for path in SWEEPS}
-    assert {"dual_tower", "ace_tokenizer", "ace_retriever"} <= names
+    assert {"dual_tower", "ace_tokenizer", "ace_retriever", "grdr"} <= names
 
 
 @pytest.mark.parametrize("sweep", SWEEPS, ids=[path.stem for path in SWEEPS])
