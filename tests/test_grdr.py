@@ -1,12 +1,18 @@
-"""GRDR: query routing, multi-view tokenizer, shared codebook, phase schedule, item-level decoding, checkpoints."""
+"""GRDR: query routing, multi-view tokenizer, shared codebook, phase schedule, item-level decoding, checkpoints,
+evaluation overrides with ``--ckpt_path``."""
 
 from __future__ import annotations
+
+import csv
+from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from grcm.cli import main
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import SIDTrie, beams_to_items
 from grcm.decoding.beam import BeamSearchOutput
@@ -163,3 +169,55 @@ def test_code_usage_balance_is_zero_for_even_use_and_high_for_collapse():
     collapsed = torch.eye(8)[torch.zeros(8, dtype=torch.long)].reshape(8, 1, 8)  # every item on code 0
     assert float(code_usage_balance(tokenizer, spread)) < 0.01
     assert float(code_usage_balance(tokenizer, collapsed)) > 0.9
+
+
+GRDR_CLI = [
+    "--data.init_args.num_items=40", "--data.init_args.feature_dim=16", "--data.init_args.batch_size=32",
+    "--data.init_args.eval_batch_size=64", "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false", "--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=3",
+    "--model.init_args.num_views=2", "--model.init_args.num_levels=2", "--model.init_args.codebook_size=8",
+    "--model.init_args.d_model=16", "--model.init_args.tokenizer_hidden=16", "--model.init_args.num_heads=2",
+    "--model.init_args.num_encoder_layers=1", "--model.init_args.num_decoder_layers=1",
+    "--model.init_args.ffn_dim=32", "--model.init_args.beam_size=4", "--model.init_args.query_encoder=minilm_static",
+    "--model.init_args.pretrain_epochs=[1,0]", "--model.init_args.main_epochs=[1,1]",
+    "--model.init_args.fit_epochs=[0,0]", "--trainer.default_root_dir=runs/grdr",
+]
+
+
+def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, monkeypatch, capsys):
+    """``grcm test -c grdr.yaml --ckpt_path=... --model.init_args.beam_size=50`` (GRDRRetriever.EVAL_OVERRIDABLE)."""
+    def grcm(*args: str) -> int:
+        try:
+            main(list(args))
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        return 0
+
+    def last_version(run: Path) -> Path:
+        return max((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+    def test_metrics(run: Path) -> dict[str, float]:
+        rows = list(csv.DictReader((last_version(run) / "metrics.csv").open()))
+        return {key: float(value) for row in rows for key, value in row.items() if value not in ("", None)}
+
+    config = str(Path(__file__).resolve().parents[1] / "experiments" / "synthetic" / "grdr.yaml")
+    monkeypatch.chdir(tmp_path)
+    run, ckpt = tmp_path / "runs" / "grdr", "--ckpt_path=runs/grdr/checkpoints/last.ckpt"
+    assert grcm("fit", "-c", config, *GRDR_CLI) == 0
+    assert GRDRRetriever.EVAL_OVERRIDABLE == ("beam_size", "eval_max_items", "ks", "mrr_k")
+
+    assert grcm("test", "-c", config, *GRDR_CLI, ckpt) == 0
+    trained = test_metrics(run)
+    assert grcm("test", "-c", config, *GRDR_CLI, ckpt, "--model.init_args.beam_size=50",
+                "--model.init_args.ks=[1,3]", "--model.init_args.mrr_k=5", "--model.init_args.eval_max_items=20") == 0
+    hparams = yaml.safe_load((last_version(run) / "hparams.yaml").read_text())
+    assert (hparams["beam_size"], hparams["ks"], hparams["mrr_k"], hparams["eval_max_items"]) == (50, [1, 3], 5, 20)
+    wide = test_metrics(run)
+    assert {"test/recall@3", "test/mrr@5"} <= set(wide) and "test/recall@5" not in wide
+    assert wide["test/pool_size"] > trained["test/pool_size"], "50 beams expand to more items than 4"
+
+    capsys.readouterr()
+    assert grcm("test", "-c", config, *GRDR_CLI, ckpt, "--model.init_args.num_views=1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--model.init_args.num_views=1" in err and "cannot change" in err
+    assert "beam_size, eval_max_items, ks, mrr_k" in err
