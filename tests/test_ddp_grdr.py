@@ -24,7 +24,15 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-from test_ddp_launch import DATA, ROOT, _assert_replicas_identical, _launch, _metrics, _no_partial_files, _validate
+from test_ddp_launch import (
+    DATA,
+    ROOT,
+    _assert_replicas_identical,
+    _launch,
+    _metrics,
+    _no_partial_files,
+    _validate,
+)
 
 import grcm.retriever.grdr as grdr
 from grcm.retriever.grdr import GRDRRetriever
