@@ -55,3 +55,30 @@ def corpus_item_embeddings(model: Any, corpus: Any) -> np.ndarray:
     if isinstance(model, HybridTower):
         return model.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths)
     return model.encode_corpus(corpus.features)
+
+
+def dense_query_tokenizer(path: str | Path, vocab_size: int, max_length: int = 32) -> Any:
+    """The query tokenizer the dense checkpoint at ``path`` was trained with.
+
+    A data module with a trained WordPiece vocabulary stores it in the checkpoint (its
+    ``state_dict()["query_tokenizer"]``); otherwise the checkpoint read the MiniLM vocabulary,
+    which ``vocab_size`` (the dense model's embedding rows) must then match.
+
+    Returns:
+        :class:`~grcm.data.query_tokenizer.QueryTokenizer`.
+    """
+    from grcm.data.query_tokenizer import QueryTokenizer
+    from grcm.errors import GrcmError
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for value in checkpoint.values():
+        if isinstance(value, dict) and isinstance(value.get("query_tokenizer"), str):
+            return QueryTokenizer.from_json(value["query_tokenizer"], max_length)
+    minilm = QueryTokenizer.minilm(max_length)
+    if int(vocab_size) != minilm.vocab_size:
+        raise GrcmError(
+            f"{path}: the dense model reads a {vocab_size}-token query vocabulary, neither MiniLM's "
+            f"({minilm.vocab_size}) nor a WordPiece vocabulary stored in the checkpoint; retrain it with "
+            "data.query_vocab=minilm or wordpiece"
+        )
+    return minilm

@@ -57,7 +57,7 @@ from grcm.metrics import (
     first_occurrence,
     ranks_from_scores,
 )
-from grcm.rerank.dense_models import corpus_item_embeddings, load_dense_model
+from grcm.rerank.dense_models import corpus_item_embeddings, dense_query_tokenizer, load_dense_model
 from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
 
@@ -422,6 +422,7 @@ class TwoStageEvaluation(L.Callback):
         self.item_embeddings: Tensor | None = None  # float32 (N, E), kept only for the full-dense reference
         self.store: DenseIndex | None = None
         self._epoch_beam: int | None = None  # the beam of this epoch's candidates
+        self._dense_tokenizer: Any = None  # set per epoch: the dense model's tokenizer when it differs
         self.final_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.stage1_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.full_dense_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
@@ -474,13 +475,29 @@ class TwoStageEvaluation(L.Callback):
                 f"the dense checkpoint {self.dense_checkpoint} encodes {hparams.feature_dim}-d item features but "
                 f"corpus {corpus.name!r} has {corpus.feature_dim}-d features; train the dual tower on this corpus"
             )
-        vocab_size = getattr(trainer.datamodule, "vocab_size", None)
-        if vocab_size is not None and int(hparams.vocab_size) != int(vocab_size):
-            raise ValueError(
-                f"the dense checkpoint {self.dense_checkpoint} reads a {hparams.vocab_size}-token query "
-                f"vocabulary but the data module's has {vocab_size} tokens; train the dual tower with the same "
-                "data.query_vocab as the generative retriever"
-            )
+        self._dense_tokenizer = self._query_tokenizer_for_dense(trainer.datamodule)
+
+    def _query_tokenizer_for_dense(self, datamodule: Any) -> Any:
+        """None when the batches' ``input_ids`` are in the dense model's vocabulary; else the dense model's
+        :class:`~grcm.data.query_tokenizer.QueryTokenizer`, which re-tokenizes each batch's query texts (a
+        retriever trained on its own WordPiece vocabulary reranked by a MiniLM-vocabulary dual tower)."""
+        mine = getattr(datamodule, "query_tokenizer", None)
+        max_length = int(getattr(datamodule, "max_query_length", 32))
+        dense = dense_query_tokenizer(self.dense_checkpoint, int(self.dense.hparams.vocab_size), max_length)
+        if mine is not None and mine.to_json() == dense.to_json():
+            return None
+        if mine is None and int(getattr(datamodule, "vocab_size", -1)) == int(self.dense.hparams.vocab_size):
+            return None  # no tokenizer to compare with: the vocabulary sizes agree, trust the batch ids
+        return dense
+
+    def _dense_inputs(self, trainer: L.Trainer, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(B, T)`` query ids and mask in the dense model's vocabulary."""
+        if self._dense_tokenizer is None:
+            return batch["input_ids"], batch["attention_mask"]
+        texts = trainer.datamodule.corpus.caption_text
+        ids, mask = self._dense_tokenizer.encode([texts[int(i)] for i in batch["query_index"]])
+        device = batch["input_ids"].device
+        return ids.to(device), mask.to(device)
 
     @torch.no_grad()
     def _start_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -554,7 +571,7 @@ class TwoStageEvaluation(L.Callback):
         device = pl_module.device
         candidates = candidates.to(device).long()
         start = self.clock.now()
-        queries = self.dense.encode_queries(batch["input_ids"], batch["attention_mask"])
+        queries = self.dense.encode_queries(*self._dense_inputs(pl_module.trainer, batch))
         ranked, _ = rerank_from_store(queries, candidates, self.store, self.depth, self.max_gather_elements)
         rerank_seconds = self.clock.now() - start
         self._stage1_seconds += stage1_seconds
