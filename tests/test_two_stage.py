@@ -480,25 +480,30 @@ def test_callback_reports_a_missing_checkpoint(tmp_path, datamodule):
         _trainer(tmp_path, callbacks=[callback]).validate(FakeRetriever(NUM_ITEMS), datamodule=datamodule)
 
 
-def test_callback_retokenizes_queries_for_a_dense_model_of_another_vocabulary(tmp_path, datamodule, dense_checkpoint):
-    """A retriever on its own WordPiece vocabulary, reranked by the MiniLM-vocabulary dual tower: the callback
-    encodes each query's text with the dense model's tokenizer, so the metrics equal those computed on the
-    MiniLM batches of the same queries."""
-    wordpiece = SyntheticDataModule(
+@pytest.mark.parametrize("query_vocab", ["wordpiece", "minilm_compact"])
+def test_callback_retokenizes_queries_for_a_dense_model_of_another_vocabulary(
+    tmp_path, datamodule, dense_checkpoint, query_vocab
+):
+    """A retriever on its own vocabulary (a trained WordPiece, or MiniLM's tokens restricted to the training
+    queries with new ids), reranked by the MiniLM-vocabulary dual tower: the callback encodes each query's text
+    with the dense model's tokenizer, so the metrics equal those computed on the MiniLM batches of the same
+    queries."""
+    own = SyntheticDataModule(
         num_items=NUM_ITEMS, feature_dim=FEATURE_DIM, batch_size=32, eval_batch_size=48,
-        query_vocab="wordpiece", wordpiece_vocab_size=512,
+        query_vocab=query_vocab, wordpiece_vocab_size=512, compact_vocab_size=512,
     )
-    wordpiece.setup()
-    assert wordpiece.vocab_size != datamodule.vocab_size
+    own.setup()
+    assert own.vocab_size != datamodule.vocab_size
     module = FakeRetriever(NUM_ITEMS)
     callback = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM)
-    logged = _trainer(tmp_path, callbacks=[callback]).validate(module, datamodule=wordpiece, verbose=False)[0]
+    logged = _trainer(tmp_path, callbacks=[callback]).validate(module, datamodule=own, verbose=False)[0]
     assert callback._dense_tokenizer is not None
+    assert callback._dense_tokenizer.to_json() == datamodule.query_tokenizer.to_json(), "MiniLM's tokenizer"
 
     queries, items, batches = _dense_inputs(dense_checkpoint, datamodule)  # MiniLM batches, same queries in order
-    wp_batches = list(wordpiece.val_dataloader())
-    assert [b["query_index"].tolist() for b in batches] == [b["query_index"].tolist() for b in wp_batches]
-    assert not torch.equal(batches[0]["input_ids"][:, :4], wp_batches[0]["input_ids"][:, :4])
+    own_batches = list(own.val_dataloader())
+    assert [b["query_index"].tolist() for b in batches] == [b["query_index"].tolist() for b in own_batches]
+    assert not torch.equal(batches[0]["input_ids"][:, :4], own_batches[0]["input_ids"][:, :4])
     expected = _expected_metrics(queries, items, batches, module.pools)
     assert 0 < expected["recall@1"]
     for name, value in expected.items():

@@ -14,6 +14,22 @@ Two kinds of batches, chosen by ``serve``:
 
 Sizes a model needs (``feature_dim``, ``vocab_size``, ``pad_token_id``) are known
 after ``__init__`` so that the CLI can link them into the model's arguments.
+
+Query vocabularies (``query_vocab``; :mod:`grcm.data.query_tokenizer`):
+
+- ``"minilm"``: MiniLM's WordPiece vocabulary as shipped (30,522 tokens, ``[PAD]`` = 0); the one a
+  pretrained MiniLM query encoder needs.
+- ``"minilm_compact"``: MiniLM's tokenization restricted to the tokens of the training queries (train
+  captions, plus the extra queries when ``use_extra_queries``) and the special tokens, with new ids
+  (``[PAD]`` = 0). ``vocab_size`` is the capacity ``compact_vocab_size``; when the training queries use
+  more tokens, the most frequent are kept and a warning names the numbers. A val/test word whose MiniLM
+  pieces were all kept tokenizes exactly as MiniLM does; other words become other kept pieces or
+  ``[UNK]``. For scratch text encoders: far fewer embedding rows for the optimizer to update.
+- ``"wordpiece"``: a WordPiece vocabulary of at most ``wordpiece_vocab_size`` tokens trained on the
+  training queries (``[PAD]`` = 0); it tokenizes differently from MiniLM.
+
+The two built vocabularies depend on the training split alone (the same on every rank) and travel
+with checkpoints (:meth:`RetrievalDataModule.state_dict`).
 """
 
 from __future__ import annotations
@@ -38,6 +54,8 @@ from grcm.data.synthetic import generate_synthetic_corpus
 from grcm.resume import ResumableDataLoader, ResumableSampler, gather_rng_states, set_rng_state
 
 Serve = Literal["queries", "items"]
+QueryVocab = Literal["minilm", "minilm_compact", "wordpiece"]
+BUILT_VOCABS = ("minilm_compact", "wordpiece")  # built from the training queries at set-up, stored in checkpoints
 log = logging.getLogger(__name__)
 
 
@@ -165,8 +183,12 @@ class RetrievalDataModule(L.LightningDataModule):
         eval_batch_size: validation/test/predict batch size.
         num_workers: DataLoader workers.
         pin_memory: pin host memory (useful with CUDA).
-        query_vocab: ``"minilm"`` (shipped vocabulary) or ``"wordpiece"`` (trained on train captions).
+        query_vocab: ``"minilm"`` (shipped vocabulary), ``"minilm_compact"`` (MiniLM's tokens that the
+            training queries use, new ids) or ``"wordpiece"`` (trained on the training queries); see the
+            module docstring.
         wordpiece_vocab_size: size of the trained WordPiece vocabulary.
+        compact_vocab_size: capacity of the ``minilm_compact`` vocabulary, special tokens included (the
+            model's embedding rows); the most frequent training tokens are kept when more occur.
         max_query_length: queries are truncated to this many tokens.
         max_val_queries: validate on a fixed random subset of this many val queries (None = all).
         use_extra_queries: train on the corpus's extra (generated) queries too.
@@ -187,8 +209,9 @@ class RetrievalDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         pin_memory: bool = False,
-        query_vocab: Literal["minilm", "wordpiece"] = "minilm",
+        query_vocab: QueryVocab = "minilm",
         wordpiece_vocab_size: int = 4096,
+        compact_vocab_size: int = 4096,
         max_query_length: int = 32,
         max_val_queries: int | None = None,
         use_extra_queries: bool = True,
@@ -215,13 +238,15 @@ class RetrievalDataModule(L.LightningDataModule):
             self.query_tokenizer: QueryTokenizer | None = QueryTokenizer.minilm(max_query_length)
             self.vocab_size = self.query_tokenizer.vocab_size
             self.pad_token_id = self.query_tokenizer.pad_token_id
-        elif query_vocab == "wordpiece":
-            self.query_tokenizer = None  # trained in setup() or restored from a checkpoint
-            self.vocab_size = int(wordpiece_vocab_size)
+        elif query_vocab in BUILT_VOCABS:
+            self.query_tokenizer = None  # built in setup() or restored from a checkpoint
+            self.vocab_size = int(wordpiece_vocab_size if query_vocab == "wordpiece" else compact_vocab_size)
             self.pad_token_id = 0
         else:
-            raise ValueError(f"data.query_vocab must be 'minilm' or 'wordpiece', got {query_vocab!r}")
-        self.wordpiece_vocab_size = wordpiece_vocab_size
+            raise ValueError(
+                f"data.query_vocab must be 'minilm', 'minilm_compact' or 'wordpiece', got {query_vocab!r}"
+            )
+        self.wordpiece_vocab_size, self.compact_vocab_size = wordpiece_vocab_size, compact_vocab_size
         self.corpus: Corpus | None = None
         self._splits: dict[str, QueryBatches] = {}
         self._rng_to_restore: dict[str, Any] | None = None
@@ -279,9 +304,16 @@ class RetrievalDataModule(L.LightningDataModule):
             offset = len(corpus.caption_text)
             train_query = np.concatenate([train, offset + np.arange(len(corpus.extra_text))])
         if self.query_tokenizer is None:
-            self.query_tokenizer = QueryTokenizer.train_wordpiece(
-                train_text, self.wordpiece_vocab_size, self.max_query_length
-            )
+            if self.query_vocab == "minilm_compact":
+                self.query_tokenizer = QueryTokenizer.minilm_compact(
+                    train_text, self.compact_vocab_size, self.max_query_length
+                )
+                log.info("minilm_compact query vocabulary: %d tokens (capacity %d)",
+                         self.query_tokenizer.vocab_size, self.compact_vocab_size)
+            else:
+                self.query_tokenizer = QueryTokenizer.train_wordpiece(
+                    train_text, self.wordpiece_vocab_size, self.max_query_length
+                )
             self.pad_token_id = self.query_tokenizer.pad_token_id
         if self.query_tokenizer.vocab_size > self.vocab_size:
             raise ValueError(
@@ -363,7 +395,7 @@ class RetrievalDataModule(L.LightningDataModule):
     # -- the trained vocabulary and every rank's random state travel with checkpoints -------------
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {}
-        if self.query_vocab == "wordpiece" and self.query_tokenizer is not None:
+        if self.query_vocab in BUILT_VOCABS and self.query_tokenizer is not None:
             state["query_tokenizer"] = self.query_tokenizer.to_json()
         if self.trainer is not None and self.trainer.state.fn == "fit":
             state["rng_states"] = gather_rng_states()  # called on every rank while a checkpoint is written
@@ -377,7 +409,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return batch
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the trained query vocabulary; splits already built (Lightning restores after ``setup()``)
+        """Restore the built query vocabulary; splits already built (Lightning restores after ``setup()``)
         are re-encoded with it, so every split stays served."""
         states = state_dict.get("rng_states")
         if states:

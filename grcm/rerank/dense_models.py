@@ -60,8 +60,8 @@ def corpus_item_embeddings(model: Any, corpus: Any) -> np.ndarray:
 def dense_query_tokenizer(path: str | Path, vocab_size: int, max_length: int = 32) -> Any:
     """The query tokenizer the dense checkpoint at ``path`` was trained with.
 
-    A data module with a trained WordPiece vocabulary stores it in the checkpoint (its
-    ``state_dict()["query_tokenizer"]``); otherwise the checkpoint read the MiniLM vocabulary,
+    A data module with a vocabulary built at set-up (``minilm_compact`` or ``wordpiece``) stores it in
+    the checkpoint (its ``state_dict()["query_tokenizer"]``); otherwise the checkpoint read the MiniLM vocabulary,
     which ``vocab_size`` (the dense model's embedding rows) must then match.
 
     Returns:
@@ -78,7 +78,7 @@ def dense_query_tokenizer(path: str | Path, vocab_size: int, max_length: int = 3
     if int(vocab_size) != minilm.vocab_size:
         raise GrcmError(
             f"{path}: the dense model reads a {vocab_size}-token query vocabulary, neither MiniLM's "
-            f"({minilm.vocab_size}) nor a WordPiece vocabulary stored in the checkpoint; retrain it with "
-            "data.query_vocab=minilm or wordpiece"
+            f"({minilm.vocab_size}) nor a vocabulary stored in the checkpoint; retrain it with "
+            "data.query_vocab=minilm, minilm_compact or wordpiece"
         )
     return minilm

@@ -480,7 +480,7 @@ class TwoStageEvaluation(L.Callback):
     def _query_tokenizer_for_dense(self, datamodule: Any) -> Any:
         """None when the batches' ``input_ids`` are in the dense model's vocabulary; else the dense model's
         :class:`~grcm.data.query_tokenizer.QueryTokenizer`, which re-tokenizes each batch's query texts (a
-        retriever trained on its own WordPiece vocabulary reranked by a MiniLM-vocabulary dual tower)."""
+        retriever on its own WordPiece or minilm_compact vocabulary reranked by a MiniLM-vocabulary dual tower)."""
         mine = getattr(datamodule, "query_tokenizer", None)
         max_length = int(getattr(datamodule, "max_query_length", 32))
         dense = dense_query_tokenizer(self.dense_checkpoint, int(self.dense.hparams.vocab_size), max_length)
