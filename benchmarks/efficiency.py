@@ -676,10 +676,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--feature-dim", type=int, default=256)
     parser.add_argument("--embed-dim", type=int, default=256, help="dual-tower embedding dimension")
     parser.add_argument("--dense-text-layers", type=int, default=2)
-    parser.add_argument("--d-model", type=int, default=256, help="generative retriever width")
+    parser.add_argument("--d-model", type=int, default=128,
+                        help="generative retriever width (128: experiments/synthetic/ace_retriever.yaml; paper scale 256)")
     parser.add_argument("--encoder-layers", type=int, default=3)
-    parser.add_argument("--decoder-layers", type=int, default=3)
-    parser.add_argument("--ffn-dim", type=int, default=1024)
+    parser.add_argument("--decoder-layers", type=int, default=2)
+    parser.add_argument("--ffn-dim", type=int, default=512)
     parser.add_argument("--small-d-model", type=int, default=None,
                         help="also time a generative model of this width (ffn 4x, same depth), side by side")
     parser.add_argument("--coarse-clusters", type=int, default=128)
