@@ -67,8 +67,13 @@ HYBRID = "hybrid tower (token features, FAISS Flat)"
 TOKENS = ["--data.init_args.token_features=true"]
 ACE = "ACE generative (beam 25)"
 GRDR = "GRDR generative (4 views, beam 25)"
-#: The GRDR stage's CPU budget: cheap query-guidance embeddings (MiniLM word embeddings, no transformer).
-GRDR_DEMO = ["--model.init_args.query_encoder=minilm_static"]
+#: The GRDR stage's CPU budget: cheap query-guidance embeddings (MiniLM word embeddings, no transformer) and
+#: one epoch per phase (6 epochs; grdr.yaml's schedule is 14, about 2.3x the time: README, GRDR section).
+GRDR_DEMO = [
+    "--model.init_args.query_encoder=minilm_static",
+    "--model.init_args.pretrain_epochs=[1,0,0]", "--model.init_args.main_epochs=[1,1,1]",
+    "--model.init_args.fit_epochs=[0,0,2]", "--trainer.max_epochs=6", "--trainer.check_val_every_n_epoch=6",
+]
 STAGES: tuple[Stage, ...] = (
     Stage(DENSE, "dual_tower.yaml"),
     Stage("ACE tokenizer (SID bundle)", "ace_tokenizer.yaml", test=False),
