@@ -37,7 +37,7 @@ bench: install
 # (downloads: see the README, "Real-language benchmark").
 ANNOTATIONS ?= ../shared/data
 bench-real: install
-	$(BIN)/python benchmarks/real_language.py --annotation-dir $(ANNOTATIONS) --max-train-per-item 6 --threads 1 --out benchmarks/results/real_language.json
+	$(BIN)/python benchmarks/real_language.py --annotation-dir $(ANNOTATIONS) --threads 1 --out benchmarks/results/real_language.json
 
 clean:
 	rm -rf runs benchmarks/results .pytest_cache .ruff_cache
