@@ -47,7 +47,8 @@ READER_OPTIONS = {
     "msrvtt": {"transductive": True, "splits": ("train", "test")},
 }
 #: Per-dataset config overrides, on top of the experiment configs. ace_retriever.yaml's 2 epochs are sized for
-#: MSVD's ~23 training captions per video (~720 steps); MSR-VTT has 8 per video, so 8 epochs (~500 steps).
+#: MSVD's ~23.5 training captions per video (~720 steps); MSR-VTT has ~6.6 per video (20 captions, less 12
+#: held out / test / val and duplicates of a test query), so 8 epochs (~420 steps).
 DATASET_OVERRIDES = {
     "msrvtt": {"ace_retriever": ["--trainer.max_epochs=8", "--trainer.check_val_every_n_epoch=8",
                                  "--model.init_args.restart_period=8"]},
