@@ -9,7 +9,7 @@ from grcm.cli import main
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DATASETS = ("msrvtt", "msvd", "flickr30k", "coco", "clotho", "audiocaps")
-METHODS = ("dual_tower", "ace_tokenizer", "ace_retriever", "two_stage")
+METHODS = ("dual_tower", "ace_tokenizer", "ace_retriever", "two_stage", "grdr")
 REAL_LANGUAGE = sorted((EXPERIMENTS / "real_language").glob("*.yaml"))
 
 
@@ -26,3 +26,17 @@ def test_config_parses(config, capsys):
     assert root.startswith("runs/") and config.parent.name in root
     logger = printed["trainer"]["logger"]
     assert logger["init_args"]["save_dir"] == root  # interpolation resolved: each run writes under its own folder
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_grdr_validates_once_the_schedule_is_done(dataset):
+    """SIDs change until the last phase: max_epochs and the validation interval are the schedule's length."""
+    from grcm.retriever.phases import build_schedule
+
+    config = yaml.safe_load((EXPERIMENTS / dataset / "grdr.yaml").read_text())
+    args = config["model"]["init_args"]
+    phases = build_schedule(args["num_levels"], args.get("schedule", "joint"), args["pretrain_epochs"],
+                            args["main_epochs"], args["fit_epochs"])
+    assert config["trainer"]["max_epochs"] == config["trainer"]["check_val_every_n_epoch"] == phases[-1].end
+    ace = yaml.safe_load((EXPERIMENTS / dataset / "ace_retriever.yaml").read_text())
+    assert config["data"] == ace["data"]  # same corpus, DataModule and batch settings as the ACE retriever
