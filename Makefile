@@ -31,7 +31,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/decode_throughput.py --threads 1 --out benchmarks/results/decode_throughput.json
 	$(BIN)/python benchmarks/sid_tokenizer.py --threads 1 --out benchmarks/results/sid_tokenizer.json
-	$(BIN)/python benchmarks/efficiency.py --small-d-model 128 --out benchmarks/results/efficiency.json --plot benchmarks/results/efficiency.png
+	$(BIN)/python benchmarks/efficiency.py --out benchmarks/results/efficiency.json --plot benchmarks/results/efficiency.png
 
 # Real-language benchmark: the annotation files of MSVD and MSR-VTT under ANNOTATIONS/<dataset>/
 # (downloads: see the README, "Real-language benchmark").

@@ -132,7 +132,9 @@ def _run_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str], out
             rerank_store=stage.rerank_store or None,
         )
         cli.trainer.callbacks.append(callback)
-    results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
+    # an evaluation-only stage restores the data module's state (a trained query vocabulary) from the checkpoint
+    restore = checkpoints[stage.test_from] if stage.test_from is not None else None
+    results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False, ckpt_path=restore)[0]
     metrics = {key: float(value) for key, value in results.items()}
     if stage.two_stage:  # the row shows the reranked metrics; stage-1 metrics stay in results.json
         metrics.update({key.replace("test/two_stage/", "test/"): v for key, v in metrics.items() if "two_stage" in key})

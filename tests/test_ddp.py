@@ -32,3 +32,32 @@ def test_two_rank_metrics_equal_single_process(tmp_path):
     ddp = _test(tmp_path / "ddp", devices=2, strategy="ddp_spawn")
     for key in ("test/recall@1", "test/recall@5", "test/recall@10", "test/mrr@10"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
+
+
+
+def _train_vocabulary_on_rank(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One DDP rank: train a WordPiece vocabulary on the corpus captions, keep rank 0's, write it out."""
+    import os
+
+    from grcm.data.datamodules import _same_on_every_rank
+    from grcm.data.query_tokenizer import QueryTokenizer
+    from grcm.data.synthetic import generate_synthetic_corpus
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        texts = generate_synthetic_corpus(num_items=97, feature_dim=16).caption_text
+        shared = _same_on_every_rank(QueryTokenizer.train_wordpiece(texts, 1024))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
+            handle.write(shared.to_json())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_a_trained_wordpiece_vocabulary_is_rank_zeros_on_every_rank(tmp_path):
+    """WordPiece training may break ties differently in each process; under DDP every rank uses rank 0's."""
+    torch.multiprocessing.spawn(
+        _train_vocabulary_on_rank, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )
+    rank0, rank1 = (tmp_path / "rank0.json").read_text(), (tmp_path / "rank1.json").read_text()
+    assert rank0 == rank1 and '"WordPiece"' in rank0

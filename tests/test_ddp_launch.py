@@ -25,6 +25,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import yaml
 import torch
 import torch.distributed as dist
 
@@ -157,11 +158,20 @@ def test_tokenizer_kmeans_and_restarts_identical_on_both_ranks(ddp_runs, tmp_pat
     assert abs(metrics["sid/collision_rate"] - single_metrics["sid/collision_rate"]) <= 0.03
 
 
-def _validate(model: L.LightningModule, callbacks=()) -> dict[str, float]:
-    data = SyntheticDataModule(num_items=97, feature_dim=32, eval_batch_size=25, max_val_queries=500)
+def _vocabulary_of(config: Path) -> dict:
+    """The query-vocabulary arguments of a config's data module."""
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    return {key: data[key] for key in ("query_vocab", "wordpiece_vocab_size", "compact_vocab_size") if key in data}
+
+
+def _validate(model: L.LightningModule, callbacks=(), ckpt_path=None, **data_args) -> dict[str, float]:
+    """One-process validation on the launches' corpus (``data_args``: e.g. the config's query vocabulary;
+    ``ckpt_path``: restore the data module's state, a trained vocabulary, from that checkpoint)."""
+    data = SyntheticDataModule(num_items=97, feature_dim=32, eval_batch_size=25, max_val_queries=500, **data_args)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=list(callbacks))
-    return {key: float(value) for key, value in trainer.validate(model, data, verbose=False)[0].items()}
+    metrics = trainer.validate(model, data, verbose=False, ckpt_path=ckpt_path)[0]
+    return {key: float(value) for key, value in metrics.items()}
 
 
 def test_dual_tower_ddp_eval_equals_one_process_and_training_matches(ddp_runs, tmp_path, monkeypatch):
@@ -170,7 +180,7 @@ def test_dual_tower_ddp_eval_equals_one_process_and_training_matches(ddp_runs, t
     _no_partial_files(run)
     ddp = _metrics(run)
     model = DualTower.load_from_checkpoint(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
-    single_eval = _validate(model)
+    single_eval = _validate(model, **_vocabulary_of(EXPERIMENTS / "dual_tower.yaml"))
     # the FAISS index rank 0 wrote is the index of the final item tower
     index = DenseIndex.load(run / "index.faiss")
     data = SyntheticDataModule(num_items=97, feature_dim=32)
@@ -199,7 +209,8 @@ def test_retriever_and_two_stage_ddp_eval_equal_one_process(ddp_runs):
     model = GenerativeRetriever.load_from_checkpoint(
         run / "checkpoints/last.ckpt", map_location="cpu", weights_only=True
     )
-    single = _validate(model, [TwoStageEvaluation(str(ddp_runs / DENSE_CHECKPOINT), beam_size=5)])
+    single = _validate(model, [TwoStageEvaluation(str(ddp_runs / DENSE_CHECKPOINT), beam_size=5)],
+                       ckpt_path=run / "checkpoints/last.ckpt", **_vocabulary_of(EXPERIMENTS / "ace_retriever.yaml"))
     names = ["val/recall@1", "val/recall@5", "val/recall@10", "val/mrr@10"]
     names += [f"val/two_stage/{m}" for m in ("recall@1", "recall@10", "mrr@10", "candidate_recall@5",
                                               "candidates_per_query", "full_dense_recall@10")]

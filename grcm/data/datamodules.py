@@ -85,6 +85,23 @@ class _Indices(Dataset):
         return index
 
 
+def _same_on_every_rank(tokenizer: QueryTokenizer) -> QueryTokenizer:
+    """Rank 0's tokenizer on every rank of an initialised process group (else ``tokenizer`` itself).
+
+    WordPiece training (``tokenizers``) breaks ties between equally frequent merges in a
+    per-process hash order: two processes trained on the same texts can learn different
+    vocabularies. Under DDP every rank must tokenize alike, so rank 0's vocabulary is broadcast.
+    (A checkpoint stores the vocabulary; evaluation restores it from there.)
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return tokenizer
+    if torch.distributed.get_world_size() == 1:
+        return tokenizer
+    payload = [tokenizer.to_json() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    return QueryTokenizer.from_json(payload[0], tokenizer.max_length)
+
+
 class QueryBatches:
     """Collate: query rows -> a batch dict, trimmed to the longest query in the batch.
 
@@ -311,9 +328,9 @@ class RetrievalDataModule(L.LightningDataModule):
                 log.info("minilm_compact query vocabulary: %d tokens (capacity %d)",
                          self.query_tokenizer.vocab_size, self.compact_vocab_size)
             else:
-                self.query_tokenizer = QueryTokenizer.train_wordpiece(
+                self.query_tokenizer = _same_on_every_rank(QueryTokenizer.train_wordpiece(
                     train_text, self.wordpiece_vocab_size, self.max_query_length
-                )
+                ))
             self.pad_token_id = self.query_tokenizer.pad_token_id
         if self.query_tokenizer.vocab_size > self.vocab_size:
             raise ValueError(
