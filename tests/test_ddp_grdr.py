@@ -32,6 +32,7 @@ from test_ddp_launch import (
     _metrics,
     _no_partial_files,
     _validate,
+    _vocabulary_of,
 )
 
 import grcm.retriever.grdr as grdr
@@ -122,9 +123,9 @@ def test_grdr_ddp_eval_equals_one_process_and_rank_zero_wrote_the_checkpoint(ddp
     assert model.decode_levels == 2 and tuple(model.sid_codes.shape) == (97, 2, 2)
     routes = model.query_routes[model.query_routes >= 0]
     assert routes.numel() > 0 and set(routes.tolist()) == {0, 1}
-    # grdr.yaml's vocabulary, restored from the checkpoint (WordPiece training is not reproducible across processes)
-    single = _validate(model, ckpt_path=run / "checkpoints" / "last.ckpt", query_vocab="wordpiece",
-                       wordpiece_vocab_size=1024)
+    # grdr.yaml's query vocabulary (a trained one is restored from the checkpoint)
+    single = _validate(model, ckpt_path=run / "checkpoints" / "last.ckpt",
+                       **_vocabulary_of(ROOT / "experiments" / "synthetic" / "grdr.yaml"))
     names = ["val/recall@1", "val/recall@5", "val/recall@10", "val/mrr@10", "val/pool_size"]
     names += [f"val/candidate_recall@{k}" for k in (10, 50, 100)]
     for name in names:
