@@ -66,7 +66,7 @@ HYBRID = "hybrid tower (token features, FAISS Flat)"
 # pooled features = mean of the tokens), also when the ACE retriever is tested with the hybrid reranker.
 TOKENS = ["--data.init_args.token_features=true"]
 ACE = "ACE generative (beam 25)"
-GRDR = "GRDR generative (4 views, beam 25)"
+GRDR = "GRDR generative (4 views, beam 20)"
 #: The GRDR stage's CPU budget: cheap query-guidance embeddings (MiniLM word embeddings, no transformer) and
 #: one epoch per phase (6 epochs; grdr.yaml's schedule is 14, about 2.3x the time: README, GRDR section).
 GRDR_DEMO = [
