@@ -44,7 +44,7 @@ def test_links_and_dotted_overrides(tmp_path):
     cli = GrcmCLI(args=["-c", DUAL_TOWER, *SMALL, "--model.lr=3e-4", f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert cli.model.hparams.lr == pytest.approx(3e-4)
     assert cli.model.hparams.feature_dim == 32  # linked from data.feature_dim
-    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size == 30522
+    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size == 512  # dual_tower.yaml's compact_vocab_size
 
 
 def test_print_config_resolves(capsys):
