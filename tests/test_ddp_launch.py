@@ -25,9 +25,9 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-import yaml
 import torch
 import torch.distributed as dist
+import yaml
 
 from grcm.cli import main
 from grcm.data.datamodules import SyntheticDataModule
