@@ -29,6 +29,18 @@ from grcm.io import write_json_atomic
 __all__ = ["ReplicaConsistencyCheck", "ReplicaMismatchError", "mismatched_entries", "state_fingerprint"]
 
 
+def is_rank_zero(module: L.LightningModule) -> bool:
+    """Whether ``module`` runs on global rank 0 (True outside a trainer)."""
+    return module._trainer is None or module.trainer.is_global_zero
+
+
+def broadcast_from_rank_zero(module: L.LightningModule, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank of ``module``'s trainer (``obj`` itself in a single process)."""
+    if module._trainer is None or module.trainer.world_size <= 1:
+        return obj
+    return module.trainer.strategy.broadcast(obj, src=0)
+
+
 class ReplicaMismatchError(GrcmError):
     """DDP replicas disagree: some state was changed on one rank without being broadcast."""
 

@@ -43,9 +43,13 @@ def grcm(*args: str) -> int:
     return 0
 
 
+def last_version(run: Path) -> Path:
+    """The newest ``logs/version_N`` folder of a run directory."""
+    return max((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+
+
 def last_logged_hparams(run: Path) -> dict:
-    versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    return yaml.safe_load((versions[-1] / "hparams.yaml").read_text())
+    return yaml.safe_load((last_version(run) / "hparams.yaml").read_text())
 
 
 @pytest.fixture(scope="module")

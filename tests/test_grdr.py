@@ -10,9 +10,8 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-import yaml
+from test_cli_runs import grcm, last_logged_hparams, last_version
 
-from grcm.cli import main
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import SIDTrie, beams_to_items
 from grcm.decoding.beam import BeamSearchOutput
@@ -186,16 +185,6 @@ GRDR_CLI = [
 
 def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, monkeypatch, capsys):
     """``grcm test -c grdr.yaml --ckpt_path=... --model.init_args.beam_size=50`` (GRDRRetriever.EVAL_OVERRIDABLE)."""
-    def grcm(*args: str) -> int:
-        try:
-            main(list(args))
-        except SystemExit as exit_:
-            return int(exit_.code or 0)
-        return 0
-
-    def last_version(run: Path) -> Path:
-        return max((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-
     def test_metrics(run: Path) -> dict[str, float]:
         rows = list(csv.DictReader((last_version(run) / "metrics.csv").open()))
         return {key: float(value) for row in rows for key, value in row.items() if value not in ("", None)}
@@ -210,7 +199,7 @@ def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, mo
     trained = test_metrics(run)
     assert grcm("test", "-c", config, *GRDR_CLI, ckpt, "--model.init_args.beam_size=50",
                 "--model.init_args.ks=[1,3]", "--model.init_args.mrr_k=5", "--model.init_args.eval_max_items=20") == 0
-    hparams = yaml.safe_load((last_version(run) / "hparams.yaml").read_text())
+    hparams = last_logged_hparams(run)
     assert (hparams["beam_size"], hparams["ks"], hparams["mrr_k"], hparams["eval_max_items"]) == (50, [1, 3], 5, 20)
     wide = test_metrics(run)
     assert {"test/recall@3", "test/mrr@5"} <= set(wide) and "test/recall@5" not in wide

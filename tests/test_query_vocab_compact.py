@@ -14,9 +14,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from test_cli_runs import grcm
+from test_resume import KillAt, Killed
 
 from grcm.checkpoint import ModelCheckpoint
-from grcm.cli import main
 from grcm.data import SyntheticDataModule
 from grcm.data.query_tokenizer import SPECIAL_TOKENS, QueryTokenizer
 from grcm.rerank.dense_models import dense_query_tokenizer
@@ -237,14 +238,6 @@ def test_checkpoint_restores_the_vocabulary_and_serves_it_to_two_stage(tmp_path,
     assert dense is not None and dense.to_json() == payload, "a MiniLM retriever: queries re-tokenized"
 
 
-def _grcm(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    return 0
-
-
 def test_grcm_fit_and_test_with_ckpt_path(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = [
@@ -257,34 +250,21 @@ def test_grcm_fit_and_test_with_ckpt_path(tmp_path, monkeypatch, capsys):
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         "--trainer.log_every_n_steps=1", "--trainer.default_root_dir=runs/dt",
     ]
-    assert _grcm("fit", *args, "--trainer.max_epochs=1") == 0
+    assert grcm("fit", *args, "--trainer.max_epochs=1") == 0
     ckpt = tmp_path / "runs" / "dt" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["hyper_parameters"]["vocab_size"] == 300, "the capacity is linked into the model"
     built = SyntheticDataModule(num_items=40, feature_dim=16, query_vocab="minilm_compact", compact_vocab_size=300)
     built.setup()
     assert state["SyntheticDataModule"]["query_tokenizer"] == built.query_tokenizer.to_json()
-    assert _grcm("test", *args, f"--ckpt_path={ckpt}") == 0
+    assert grcm("test", *args, f"--ckpt_path={ckpt}") == 0
     assert "error" not in capsys.readouterr().err
     # a checkpoint of another capacity is refused with the sizes named
-    assert _grcm("test", *args, "--data.init_args.compact_vocab_size=301", f"--ckpt_path={ckpt}") == 2
+    assert grcm("test", *args, "--data.init_args.compact_vocab_size=301", f"--ckpt_path={ckpt}") == 2
     assert "vocab_size=300" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- exact resume
-
-class Killed(Exception):
-    """Stands for the process being killed."""
-
-
-class KillAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise Killed(f"killed before step {self.step}")
-
 
 def test_retriever_on_compact_vocabulary_resumes_exactly(tmp_path):
     """A retriever killed mid-epoch and resumed from last.ckpt ends bit-identical to an uninterrupted fit."""

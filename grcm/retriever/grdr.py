@@ -56,6 +56,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from grcm.ddp import broadcast_from_rank_zero, is_rank_zero
 from grcm.decoding import SIDTrie, beams_to_items, constrained_beam_search, sid_table_nbytes
 from grcm.decoding.beam import BeamSearchOutput
 from grcm.errors import GrcmError
@@ -254,15 +255,6 @@ class GRDRRetriever(L.LightningModule):
     def _datamodule(self) -> Any:
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
 
-    def _is_rank_zero(self) -> bool:
-        return self._trainer is None or self.trainer.is_global_zero
-
-    def _broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (identity in a single process)."""
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return obj
-        return self.trainer.strategy.broadcast(obj, src=0)
-
     def _prepare_ddp(self) -> None:
         """Before DDP wraps the module: every parameter trainable, unused-parameter detection on.
 
@@ -308,7 +300,7 @@ class GRDRRetriever(L.LightningModule):
         size = int(query_index.max()) + 1
         need_embeddings = self.hparams.routing != "random" or self.hparams.view_separation in ("infonce", "both")
         embeddings = routes = None
-        if self._is_rank_zero():
+        if is_rank_zero(self):
             if need_embeddings:
                 offset = len(corpus.caption_text)
                 texts = [corpus.caption_text[q] if q < offset else corpus.extra_text[q - offset] for q in query_index]
@@ -317,7 +309,7 @@ class GRDRRetriever(L.LightningModule):
                 routes = random_routes(item, self.hparams.num_views, self.hparams.seed)
             else:
                 routes = cluster_routes(embeddings, item, self.hparams.num_views, self.hparams.seed)
-        embeddings, routes = self._broadcast((embeddings, routes))
+        embeddings, routes = broadcast_from_rank_zero(self, (embeddings, routes))
         table = torch.full((size,), -1, dtype=torch.long)
         table[torch.from_numpy(query_index)] = torch.from_numpy(routes)
         self.query_routes = table.to(self.device)
@@ -360,10 +352,10 @@ class GRDRRetriever(L.LightningModule):
         if phase.initialises_level and self.decode_levels <= phase.level:
             codebook = self.tokenizer.codebooks[phase.level]
             centroids = None
-            if self._is_rank_zero():
+            if is_rank_zero(self):
                 self.tokenizer.init_level(features, phase.level, seed=self.hparams.seed + phase.level)
                 centroids = codebook.detach().cpu()
-            centroids = self._broadcast(centroids)
+            centroids = broadcast_from_rank_zero(self, centroids)
             codebook.data.copy_(centroids.to(codebook))
             self.initialised_levels.fill_(phase.level + 1)
             rank_zero_info(f"GRDR: level-{phase.level} codebook K-Means-initialised from its residuals")
@@ -379,11 +371,11 @@ class GRDRRetriever(L.LightningModule):
         """Route each query to its item's closest view: computed on rank 0, broadcast."""
         known = (self.query_item >= 0).nonzero().flatten()
         routes = None
-        if self._is_rank_zero():
+        if is_rank_zero(self):
             queries = self.tokenizer.query_projection(self.query_embeddings[known].to(self.device))
             views = self.tokenizer.view_latents(self._features_on_device()[self.query_item[known].to(self.device)])
             routes = nearest_view_routes(queries, views).cpu()
-        routes = self._broadcast(routes)
+        routes = broadcast_from_rank_zero(self, routes)
         self.query_routes[known.to(self.device)] = routes.to(self.device)
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from grcm.ddp import broadcast_from_rank_zero, is_rank_zero
 from grcm.tokenizers.bundle import SIDBundle, feature_checksum
 from grcm.tokenizers.health import sid_health
 from grcm.tokenizers.kmeans import CoarseKMeans, HierarchicalKMeans
@@ -263,23 +264,14 @@ class ACETokenizer(L.LightningModule):
             return
         fitted_prefixes = ("coarse.", "hierarchical.", "rqvae.quantizer.", "fitted")
         state = {k: v.cpu() for k, v in self.state_dict().items() if k.startswith(fitted_prefixes)}
-        state = self._broadcast(state)
+        state = broadcast_from_rank_zero(self, state)
         self.load_state_dict(state, strict=False)
-
-    def _is_rank_zero(self) -> bool:
-        return self._trainer is None or self.trainer.is_global_zero
-
-    def _broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (identity in a single process)."""
-        if self._trainer is None or self.trainer.world_size <= 1:
-            return obj
-        return self.trainer.strategy.broadcast(obj, src=0)
 
     def on_fit_start(self) -> None:
         """K-Means initialisation, computed once on rank 0 and broadcast (skipped when resuming a fitted state)."""
         if not bool(self.fitted):
             features = self._corpus().features
-            if self._is_rank_zero():
+            if is_rank_zero(self):
                 self.fit_kmeans(features)
             self._broadcast_fitted_state()
 
@@ -315,7 +307,7 @@ class ACETokenizer(L.LightningModule):
         """SID health over all items, then dead-code restarts; both computed on rank 0 and broadcast."""
         features = self._corpus().features
         health = None
-        if self._is_rank_zero():
+        if is_rank_zero(self):
             codes, recon_mse = self.encode_corpus(features)
             health = sid_health(
                 codes,
@@ -325,7 +317,7 @@ class ACETokenizer(L.LightningModule):
                 num_pairs=self.hparams.health_pairs,
                 seed=self.hparams.seed,
             )
-        health = self._broadcast(health)
+        health = broadcast_from_rank_zero(self, health)
         for key, value in health.items():
             if np.isfinite(value):
                 # identical on every rank (broadcast from rank 0); sync_dist keeps DDP quiet
@@ -338,12 +330,12 @@ class ACETokenizer(L.LightningModule):
         """Restart dead codes on rank 0 (seeded by epoch, so a resumed fit repeats it), broadcast the result."""
         quantizer = self.rqvae.quantizer
         restarted = None
-        if self._is_rank_zero():
+        if is_rank_zero(self):
             generator = torch.Generator().manual_seed(self.hparams.seed + 1000 * (self.current_epoch + 1))
             restarted = quantizer.restart_dead_codes(
                 self._latents(features), min_usage=self.hparams.dead_code_min_usage, generator=generator
             )
-        restarted = self._broadcast(restarted)
+        restarted = broadcast_from_rank_zero(self, restarted)
         # a restarted code starts afresh: clear its Adam moments (on every rank, from rank 0's list)
         state = self.optimizers(use_pl_optimizer=False).state.get(quantizer.codebooks, {})
         first_fine_level = 1 if self.coarse is not None else 0
