@@ -48,6 +48,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from grcm.data.query_tokenizer import QueryTokenizer
 from grcm.decoding import beams_to_items
 from grcm.errors import GrcmError
 from grcm.metrics import (
@@ -423,6 +424,7 @@ class TwoStageEvaluation(L.Callback):
         self.store: DenseIndex | None = None
         self._epoch_beam: int | None = None  # the beam of this epoch's candidates
         self._dense_tokenizer: Any = None  # set per epoch: the dense model's tokenizer when it differs
+        self._dense_checkpoint_tokenizer: Any = None  # the dense checkpoint's tokenizer, set with the model
         self.final_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.stage1_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.full_dense_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
@@ -447,6 +449,8 @@ class TwoStageEvaluation(L.Callback):
                     "checkpoint file"
                 )
             self.dense = load_dense_model(path)  # DualTower or HybridTower, as the checkpoint records
+            # the vocabulary the dense model reads, found in its checkpoint once (not at every epoch)
+            self._dense_checkpoint_tokenizer = dense_query_tokenizer(path, int(self.dense.hparams.vocab_size))
         return self.dense
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -483,7 +487,9 @@ class TwoStageEvaluation(L.Callback):
         retriever on its own WordPiece or minilm_compact vocabulary reranked by a MiniLM-vocabulary dual tower)."""
         mine = getattr(datamodule, "query_tokenizer", None)
         max_length = int(getattr(datamodule, "max_query_length", 32))
-        dense = dense_query_tokenizer(self.dense_checkpoint, int(self.dense.hparams.vocab_size), max_length)
+        dense = self._dense_checkpoint_tokenizer
+        if dense.max_length != max_length:  # truncate as the data module does
+            dense = QueryTokenizer.from_json(dense.to_json(), max_length)
         if mine is not None and mine.to_json() == dense.to_json():
             return None
         if mine is None and int(getattr(datamodule, "vocab_size", -1)) == int(self.dense.hparams.vocab_size):
