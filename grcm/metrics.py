@@ -24,7 +24,7 @@ gathering all ranks, counts every query id once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 __all__ = [
     "ItemRetrievalMetrics",
-    "QueryMean",
+    "PerQueryMeans",
     "candidate_recall",
     "deduplicate_ranked",
     "first_occurrence",
@@ -272,32 +272,43 @@ class ItemRetrievalMetrics(Metric):
         return int(torch.unique(dim_zero_cat(self.query_ids)).numel())
 
 
-class QueryMean(Metric):
-    """Mean of one value per query, counting each query id once (DDP-safe, like :class:`ItemRetrievalMetrics`).
+class PerQueryMeans(Metric):
+    """Means of named per-query values over distinct query ids (DDP-safe, like :class:`ItemRetrievalMetrics`).
 
     A mean over batches would count the queries DDP repeats to pad the last shard twice; this keeps
     the first value seen for each query id after gathering all ranks.
+
+    Args:
+        names: the value names; :meth:`update` takes one (B,) tensor per name.
     """
 
     is_differentiable = False
     full_state_update = False
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, names: Sequence[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.names = list(names)
+        if not self.names or len(set(self.names)) != len(self.names):
+            raise ValueError(f"PerQueryMeans needs distinct value names, got {self.names}")
         self.add_state("query_ids", default=[], dist_reduce_fx="cat")
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
-    def update(self, values: Tensor, query_ids: Tensor) -> None:
-        """Add (B,) values of the (B,) queries ``query_ids``."""
-        values = torch.as_tensor(values).reshape(-1)
-        if not isinstance(query_ids, Tensor) or query_ids.dim() != 1 or query_ids.numel() != values.numel():
+    def update(self, values: Mapping[str, Tensor], query_ids: Tensor) -> None:
+        """Add a batch: ``values[name]`` (B,) per name, ``query_ids`` (B,) dataset-wide ids."""
+        missing = set(self.names) - set(values)
+        if missing:
+            raise ValueError(f"PerQueryMeans.update is missing values {sorted(missing)}")
+        if not isinstance(query_ids, Tensor) or query_ids.dim() != 1 or any(
+            values[name].numel() != query_ids.numel() for name in self.names
+        ):
             raise ValueError("query_ids must be a 1-D torch.Tensor with one id per value")
         self.query_ids.append(query_ids.to(device=self.device, dtype=torch.long))
-        self.values.append(values.to(device=self.device, dtype=torch.float32))
+        self.values.append(torch.stack([values[name].float().to(self.device) for name in self.names], dim=1))
 
-    def compute(self) -> Tensor:
-        """Mean over distinct query ids; 0 when nothing was added."""
+    def compute(self) -> dict[str, Tensor]:
+        """Mean of every value over distinct query ids (the first value seen per id); zeros when empty."""
         if isinstance(self.query_ids, list) and not self.query_ids:
-            return torch.zeros((), device=self.device)
+            return {name: torch.zeros((), device=self.device) for name in self.names}
         ids = dim_zero_cat(self.query_ids)
-        return dim_zero_cat(self.values)[first_occurrence(ids)].mean()
+        values = dim_zero_cat(self.values).reshape(-1, len(self.names))[first_occurrence(ids)]
+        return {name: values[:, column].mean() for column, name in enumerate(self.names)}

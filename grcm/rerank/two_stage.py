@@ -46,16 +46,15 @@ import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from grcm.data.query_tokenizer import QueryTokenizer
 from grcm.decoding import beams_to_items
 from grcm.errors import GrcmError
 from grcm.metrics import (
     ItemRetrievalMetrics,
+    PerQueryMeans,
     candidate_recall,
     deduplicate_ranked,
-    first_occurrence,
     ranks_from_scores,
 )
 from grcm.rerank.dense_models import corpus_item_embeddings, dense_query_tokenizer, load_dense_model
@@ -278,41 +277,6 @@ def full_dense_ranking(
         for start in range(0, queries.shape[0], chunk)
     ]
     return torch.cat(ranked) if ranked else torch.zeros(0, k, dtype=torch.long, device=item_embeddings.device)
-
-
-class PerQueryMeans(Metric):
-    """Means of named per-query values over distinct query ids (DDP-safe, like :class:`ItemRetrievalMetrics`).
-
-    Args:
-        names: the value names; :meth:`update` takes one (B,) tensor per name.
-    """
-
-    is_differentiable = False
-    full_state_update = False
-
-    def __init__(self, names: Sequence[str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.names = list(names)
-        if not self.names or len(set(self.names)) != len(self.names):
-            raise ValueError(f"PerQueryMeans needs distinct value names, got {self.names}")
-        self.add_state("query_ids", default=[], dist_reduce_fx="cat")
-        self.add_state("values", default=[], dist_reduce_fx="cat")
-
-    def update(self, values: Mapping[str, Tensor], query_ids: Tensor) -> None:
-        """Add a batch: ``values[name]`` (B,) per name, ``query_ids`` (B,) dataset-wide ids."""
-        missing = set(self.names) - set(values)
-        if missing:
-            raise ValueError(f"PerQueryMeans.update is missing values {sorted(missing)}")
-        self.query_ids.append(query_ids.to(device=self.device, dtype=torch.long))
-        self.values.append(torch.stack([values[name].float().to(self.device) for name in self.names], dim=1))
-
-    def compute(self) -> dict[str, Tensor]:
-        """Mean of every value over distinct query ids (the first value seen per id); zeros when empty."""
-        if isinstance(self.query_ids, list) and not self.query_ids:
-            return {name: torch.zeros((), device=self.device) for name in self.names}
-        ids = dim_zero_cat(self.query_ids)
-        values = dim_zero_cat(self.values).reshape(-1, len(self.names))[first_occurrence(ids)]
-        return {name: values[:, column].mean() for column, name in enumerate(self.names)}
 
 
 class _Stopwatch:

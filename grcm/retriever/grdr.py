@@ -60,7 +60,7 @@ from grcm.ddp import broadcast_from_rank_zero, is_rank_zero
 from grcm.decoding import SIDTrie, beams_to_items, constrained_beam_search, sid_table_nbytes
 from grcm.decoding.beam import BeamSearchOutput
 from grcm.errors import GrcmError
-from grcm.metrics import ItemRetrievalMetrics, QueryMean
+from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans
 from grcm.rerank.text_encoder import masked_mean
 from grcm.retriever.model import GenerativeRetrieverModel
 from grcm.retriever.phases import GROUPS, TRAINABLE, Phase, build_schedule, phase_at, resolve_weights
@@ -217,7 +217,7 @@ class GRDRRetriever(L.LightningModule):
         self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.val_pool = ItemRetrievalMetrics(ks=CANDIDATE_KS, mrr_k=10)
         self.test_pool = ItemRetrievalMetrics(ks=CANDIDATE_KS, mrr_k=10)
-        self.val_pool_size, self.test_pool_size = QueryMean(), QueryMean()
+        self.val_pool_size, self.test_pool_size = PerQueryMeans(["pool_size"]), PerQueryMeans(["pool_size"])
         self._decode_seconds, self._decoded_queries = 0.0, 0
 
     # ------------------------------------------------------------ parameter groups
@@ -550,7 +550,7 @@ class GRDRRetriever(L.LightningModule):
         depth = max(CANDIDATE_KS)
         pool_metrics.update(F.pad(pool, (0, max(0, depth - pool.shape[1])), value=-1)[:, :depth],
                             batch["gold_items"], batch["query_index"])
-        pool_size.update((pool >= 0).sum(1).float(), batch["query_index"])
+        pool_size.update({"pool_size": (pool >= 0).sum(1).float()}, batch["query_index"])
         return {"candidates": pool, "beam_size": int(self.hparams.beam_size), "decode_seconds": seconds}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
@@ -571,7 +571,7 @@ class GRDRRetriever(L.LightningModule):
         candidates = pool_metrics.compute()
         self.log_dict({f"{stage}/candidate_recall@{k}": candidates[f"recall@{k}"] for k in CANDIDATE_KS},
                       sync_dist=True)
-        self.log(f"{stage}/pool_size", pool_size.compute(), sync_dist=True)
+        self.log(f"{stage}/pool_size", pool_size.compute()["pool_size"], sync_dist=True)
         self.log(f"{stage}/queries_per_s", self._decoded_queries / max(self._decode_seconds, 1e-9), sync_dist=True)
         for metric in (metrics, pool_metrics, pool_size):
             metric.reset()
