@@ -28,8 +28,9 @@ Query vocabularies (``query_vocab``; :mod:`grcm.data.query_tokenizer`):
 - ``"wordpiece"``: a WordPiece vocabulary of at most ``wordpiece_vocab_size`` tokens trained on the
   training queries (``[PAD]`` = 0); it tokenizes differently from MiniLM.
 
-The two built vocabularies depend on the training split alone (the same on every rank) and travel
-with checkpoints (:meth:`RetrievalDataModule.state_dict`).
+The compact vocabulary depends on the training split alone; WordPiece training is not reproducible
+across processes, so under DDP every rank takes rank 0's. Both travel with checkpoints
+(:meth:`RetrievalDataModule.state_dict`).
 """
 
 from __future__ import annotations
