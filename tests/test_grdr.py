@@ -159,6 +159,12 @@ def test_phased_fit_then_checkpoint_alone_decodes(tmp_path):
     got = restored.retrieve(batch["input_ids"], batch["attention_mask"])
     assert torch.equal(got, expected)
     assert got.shape[0] == batch["input_ids"].shape[0] and bool((got[:, 0] >= 0).all())
+    # the test step returns that pool with each item's beam log-probability, for the two-stage score fusion
+    step = restored.test_step(batch, 0)
+    assert torch.equal(step["candidates"], expected)
+    scores = step["candidate_scores"]
+    assert scores.shape == expected.shape and bool(torch.isfinite(scores[expected >= 0]).all())
+    assert bool((scores[expected < 0] == float("-inf")).all()) and bool((scores[expected >= 0] <= 0).all())
 
 
 def test_code_usage_balance_is_zero_for_even_use_and_high_for_collapse():

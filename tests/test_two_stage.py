@@ -145,6 +145,78 @@ def test_rerank_rejects_bad_inputs():
         rerank_candidates(queries, torch.tensor([[1, 3], [0, -1]]), items, 3)
 
 
+def python_fused_rerank(query, items, row, row_scores, weight) -> list[tuple[int, float]]:
+    """One query, plain Python: each distinct candidate's best stage-1 score, fused with its dot product,
+    sorted by (-fused score, item index)."""
+    best: dict[int, float] = {}
+    for item, score in zip(row, row_scores):
+        if item >= 0:
+            best[item] = max(best.get(item, -np.inf), float(score))
+    fused = {item: float(np.dot(query, items[item])) + weight * score for item, score in best.items()}
+    return sorted(fused.items(), key=lambda pair: (-pair[1], pair[0]))
+
+
+@pytest.mark.parametrize("weight", [0.25, 4.0])
+def test_fused_rerank_equals_a_python_reference(weight):
+    rng = np.random.default_rng(3)
+    num_items, num_queries, width, dim = 80, 12, 14, 8
+    items = rng.standard_normal((num_items, dim))
+    queries = rng.standard_normal((num_queries, dim))
+    candidates = rng.integers(-1, num_items, size=(num_queries, width))
+    candidates[:, 6:9] = candidates[:, :3]  # items recalled twice, with other scores
+    candidates[4] = -1  # nothing recalled
+    generative = -rng.exponential(2.0, size=(num_queries, width))
+    generative[candidates < 0] = -np.inf
+    store = build_rerank_store(items.astype(np.float32))
+    for max_gather in (1 << 25, width * dim * 3):
+        ranked, scores = rerank_candidates(
+            torch.from_numpy(queries), torch.from_numpy(candidates), torch.from_numpy(items), 10, max_gather,
+            torch.from_numpy(generative), weight,
+        )
+        for row in range(num_queries):
+            reference = python_fused_rerank(queries[row], items, candidates[row], generative[row], weight)[:10]
+            assert ranked[row, : len(reference)].tolist() == [item for item, _ in reference]
+            np.testing.assert_allclose(scores[row, : len(reference)].numpy(), [s for _, s in reference], rtol=1e-12)
+            assert (ranked[row, len(reference) :] == -1).all()
+    # the same over a flat store (float32 vectors)
+    from_store, _ = rerank_from_store(
+        torch.from_numpy(queries).float(), torch.from_numpy(candidates), store, 10,
+        generative_scores=torch.from_numpy(generative).float(), generative_weight=weight,
+    )
+    exact, _ = rerank_candidates(
+        torch.from_numpy(queries).float(), torch.from_numpy(candidates), torch.from_numpy(items).float(), 10,
+        generative_scores=torch.from_numpy(generative).float(), generative_weight=weight,
+    )
+    assert torch.equal(from_store, exact)
+    # the fusion moves items: the fused ranking is not the dense one
+    dense, _ = rerank_candidates(torch.from_numpy(queries), torch.from_numpy(candidates), torch.from_numpy(items), 10)
+    assert not torch.equal(ranked, dense)
+    # weight 0 ignores the scores (even -inf ones) and is the dense rerank
+    zero, _ = rerank_candidates(
+        torch.from_numpy(queries), torch.from_numpy(candidates), torch.from_numpy(items), 10,
+        generative_scores=torch.full(candidates.shape, float("-inf"), dtype=torch.float64), generative_weight=0.0,
+    )
+    assert torch.equal(zero, dense)
+
+
+def test_fused_rerank_rejects_bad_scores():
+    queries, items = torch.randn(2, 4), torch.randn(10, 4)
+    candidates = torch.tensor([[1, 2], [0, -1]])
+    with pytest.raises(ValueError, match="no generative_scores"):
+        rerank_candidates(queries, candidates, items, 3, generative_weight=0.5)
+    with pytest.raises(ValueError, match="shaped like candidate_items"):
+        rerank_candidates(queries, candidates, items, 3, generative_scores=torch.zeros(2, 3), generative_weight=0.5)
+    with pytest.raises(ValueError, match="finite for every candidate"):
+        bad = torch.tensor([[-1.0, float("-inf")], [-2.0, float("-inf")]])
+        rerank_candidates(queries, candidates, items, 3, generative_scores=bad, generative_weight=0.5)
+    ok = torch.tensor([[-1.0, -3.0], [-2.0, float("-inf")]])  # -inf on padding is fine
+    ranked, _ = rerank_candidates(queries, candidates, items, 3, generative_scores=ok, generative_weight=0.5)
+    assert ranked[1].tolist() == [0, -1, -1]
+    for weight in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(GrcmError, match="generative_weight"):
+            TwoStageEvaluation("dense.ckpt", generative_weight=weight)
+
+
 # --------------------------------------------------------------------------- rerank_from_store
 def _tied_pools():
     rng = np.random.default_rng(0)
@@ -464,6 +536,50 @@ def test_callback_with_the_generative_retriever(
     # the pool's generative order is the retriever's own ranking
     for k in (1, 5, 10):
         assert logged[f"val/two_stage/stage1_recall@{k}"] == pytest.approx(logged[f"val/recall@{k}"], abs=1e-6)
+
+
+def test_callback_fuses_the_retrievers_beam_scores(tmp_path, datamodule, dense_checkpoint):
+    """Pure and fused rerank side by side on one decode; the fused metrics equal a plain-Python fusion of the
+    dense scores and the beam log-probabilities of an independent decode."""
+    retriever = _retriever(tmp_path, datamodule, CountingRetriever)
+    weight = 0.5
+    callbacks = [
+        TwoStageEvaluation(dense_checkpoint),
+        TwoStageEvaluation(dense_checkpoint, name="fused", generative_weight=weight),
+    ]
+    logged = _trainer(tmp_path, callbacks=callbacks).validate(retriever, datamodule=datamodule, verbose=False)[0]
+    assert retriever.decode_calls == len(list(datamodule.val_dataloader()))  # still one decode per batch
+
+    queries, items, batches = _dense_inputs(dense_checkpoint, datamodule)
+    retriever.eval()
+    codes = retriever.sid_codes.tolist()
+    fused_hits: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for query_block, batch, output in zip(queries, batches, retriever.step_outputs):
+            beams = retriever.decode(batch["input_ids"], batch["attention_mask"], beam_size=BEAM)
+            sequences, beam_scores = beams.sequences.tolist(), beams.scores.tolist()
+            for row, (query, gold) in enumerate(zip(query_block, batch["gold_items"][:, 0].tolist())):
+                pool, pool_scores = [], []  # expanded independently of the trie: the SID table, item by item
+                for sid, score in zip(sequences[row], beam_scores[row]):
+                    matching = [item for item, code in enumerate(codes) if code == sid]
+                    pool.extend(matching)
+                    pool_scores.extend([score] * len(matching))
+                recalled = output["candidates"][row]
+                assert sorted(pool) == sorted(recalled[recalled >= 0].tolist())
+                ranked = [item for item, _ in python_fused_rerank(query, items, pool, pool_scores, weight)]
+                for name, value in hits(ranked, gold).items():
+                    fused_hits.setdefault(name, []).append(value)
+    for name, values in fused_hits.items():
+        assert logged[f"val/fused/{name}"] == pytest.approx(float(np.mean(values)), abs=1e-6), name
+    assert logged["val/fused/generative_weight"] == weight and logged["val/two_stage/generative_weight"] == 0
+    # same pool, same pool metrics; only the order differs
+    for name in (f"candidate_recall@{BEAM}", "candidates_per_query", "stage1_recall@1", "full_dense_recall@1"):
+        assert logged[f"val/fused/{name}"] == logged[f"val/two_stage/{name}"]
+
+    # a retriever whose steps return no candidate scores cannot be fused: one clear error
+    fused = TwoStageEvaluation(dense_checkpoint, beam_size=BEAM, generative_weight=weight)
+    with pytest.raises(GrcmError, match="without 'candidate_scores'"):
+        _trainer(tmp_path, callbacks=[fused]).validate(FakeRetriever(NUM_ITEMS), datamodule=datamodule, verbose=False)
 
 
 def test_callback_refuses_a_beam_other_than_the_retrievers(tmp_path, datamodule, dense_checkpoint):

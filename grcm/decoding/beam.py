@@ -270,7 +270,7 @@ def beams_to_scored_items(
     per_leaf = max(per_leaf, 1)
     items = trie.items_of_leaves(leaves.reshape(-1), per_leaf).reshape(num_queries, num_beams * per_leaf)
     item_scores = scores.repeat_interleave(per_leaf, dim=1)
-    items, item_scores = _dedupe_keep_first(items, item_scores)
+    items, item_scores = dedupe_scored_items(items, item_scores)
     if max_items is None:
         width = max(int((items >= 0).sum(dim=1).max()), 1)
     else:
@@ -287,8 +287,8 @@ def beams_to_items(output: BeamSearchOutput, trie: SIDTrie, max_items: int | Non
     return beams_to_scored_items(output, trie, max_items).items
 
 
-def _dedupe_keep_first(items: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop ``-1`` and repeated items per row, keep first occurrences in order, pad on the right.
+def dedupe_scored_items(items: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop ``-1`` and repeated items per row, keep first occurrences (and their scores) in order, pad on the right.
 
     Args:
         items: ``(B, W)`` long, ``-1`` = empty.

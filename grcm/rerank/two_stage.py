@@ -48,7 +48,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from grcm.data.query_tokenizer import QueryTokenizer
-from grcm.decoding import beams_to_items
+from grcm.decoding import beams_to_scored_items, dedupe_scored_items
 from grcm.errors import GrcmError
 from grcm.metrics import (
     ItemRetrievalMetrics,
@@ -105,14 +105,44 @@ def _check_rerank_inputs(query_embeddings: Tensor, candidate_items: Tensor, item
             )
 
 
+def _distinct_candidates(
+    candidate_items: Tensor, generative_scores: Tensor | None, generative_weight: float, device: torch.device
+) -> tuple[Tensor, Tensor | None]:
+    """Each row's distinct candidates ``(Q, M)`` (``-1`` padded) and, when fusing, each one's best stage-1 score."""
+    candidates = candidate_items.to(device)
+    if generative_weight == 0.0:
+        return deduplicate_ranked(candidates), None
+    if generative_scores is None:
+        raise ValueError(
+            f"generative_weight={generative_weight} fuses the stage-1 scores into the rerank, but no "
+            "generative_scores were given; pass the (Q, M) beam scores of the candidates or set the weight to 0"
+        )
+    if generative_scores.shape != candidate_items.shape or not generative_scores.dtype.is_floating_point:
+        raise ValueError(
+            f"generative_scores must be a float tensor shaped like candidate_items {tuple(candidate_items.shape)}; "
+            f"got {generative_scores.dtype} {tuple(generative_scores.shape)}"
+        )
+    padding = candidates == PAD_ITEM
+    dtype = torch.promote_types(generative_scores.dtype, torch.float32)
+    prior = generative_scores.to(device=device, dtype=dtype).masked_fill(padding, float("-inf"))
+    if not bool(torch.isfinite(prior[~padding]).all()):
+        raise ValueError("generative_scores must be finite for every candidate (only -1 padding may be -inf)")
+    # best stage-1 score first, then keep each item's first occurrence: an item recalled by several
+    # beams keeps its best beam's score (the rerank's output order does not depend on the input order)
+    order = prior.argsort(dim=1, descending=True, stable=True)
+    return dedupe_scored_items(candidates.gather(1, order), prior.gather(1, order))
+
+
 def rerank_candidates(
     query_embeddings: Tensor,
     candidate_items: Tensor,
     item_embeddings: Tensor,
     k: int,
     max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
+    generative_scores: Tensor | None = None,
+    generative_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Score each query's candidates by inner product and return its k best.
+    """Score each query's candidates by inner product (optionally fused with stage 1) and return its k best.
 
     Each query is scored only against its own candidates, through a gathered
     matmul: ``item_embeddings[candidates]`` (Q, M, E) times the query (Q, E, 1).
@@ -130,6 +160,10 @@ def rerank_candidates(
       non-candidate set to ``-inf``, cut at the number of distinct candidates.
     * When a query has fewer than ``k`` distinct candidates the row is padded
       with item ``-1`` and score ``-inf``.
+    * Score fusion: with ``generative_weight`` w > 0 a candidate's score is
+      ``<query, item> + w * generative_score``, where ``generative_score`` is the
+      stage-1 log-probability of the beam that recalled it (the best one when
+      several did). ``w = 0`` is the pure dense rerank.
 
     Args:
         query_embeddings: (Q, E) float query vectors (e.g. ``DualTower.encode_queries``).
@@ -137,6 +171,9 @@ def rerank_candidates(
         item_embeddings: (N, E) float item vectors, row i is item i (e.g. ``DualTower.encode_corpus``).
         k: number of ranked items returned per query, >= 1.
         max_gather_elements: memory bound of one chunk, in gathered scalars.
+        generative_scores: (Q, M) float stage-1 score of each candidate (finite except on padding);
+            needed only when ``generative_weight`` is not 0.
+        generative_weight: w, the weight of the stage-1 score in the fused score.
 
     Returns:
         ``(ranked, scores)``: LongTensor (Q, k) item indices padded with ``-1``, and
@@ -150,7 +187,9 @@ def rerank_candidates(
         raise ValueError(f"k must be >= 1, got {k}")
     device = item_embeddings.device
     dtype = torch.promote_types(torch.promote_types(query_embeddings.dtype, item_embeddings.dtype), torch.float32)
-    distinct = deduplicate_ranked(candidate_items.to(device))  # (Q, M): first occurrences, then -1
+    generative_weight = float(generative_weight)
+    # (Q, M): distinct items, then -1; prior (Q, M): their best stage-1 scores when fusing
+    distinct, prior = _distinct_candidates(candidate_items, generative_scores, generative_weight, device)
     queries = query_embeddings.to(device=device, dtype=dtype)
     num_queries, width = distinct.shape
     dim = item_embeddings.shape[1]
@@ -160,6 +199,8 @@ def rerank_candidates(
         rows = distinct[start : start + chunk]
         gathered = item_embeddings[rows.clamp(min=0)].to(dtype)  # (q, M, E)
         chunk_scores = torch.bmm(gathered, queries[start : start + chunk].unsqueeze(2)).squeeze(2)
+        if prior is not None:
+            chunk_scores = chunk_scores + generative_weight * prior[start : start + chunk].to(dtype)
         scores[start : start + chunk] = chunk_scores.masked_fill(rows == PAD_ITEM, float("-inf"))
     if torch.isnan(scores).any():
         raise ValueError("dense scores contain NaN; the query or item embeddings hold NaN values")
@@ -182,6 +223,8 @@ def rerank_from_store(
     store: DenseIndex,
     k: int,
     max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
+    generative_scores: Tensor | None = None,
+    generative_weight: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`rerank_candidates` with the item embeddings held in a FAISS index.
 
@@ -189,7 +232,7 @@ def rerank_from_store(
     (``store.reconstruct``: exact for ``flat``, the quantised vectors for ``sq8``
     and ``pq``) and scored by inner product with the queries; the rest of the
     corpus is never decoded. Conventions (padding, duplicates, ties by ascending
-    item index, ``-1``/``-inf`` padding of short rows) are those of
+    item index, ``-1``/``-inf`` padding of short rows) and the score fusion are those of
     :func:`rerank_candidates`, so a ``flat`` store gives exactly its result.
 
     Args:
@@ -198,6 +241,8 @@ def rerank_from_store(
         store: index over the (N, E) item embeddings, row i = item i.
         k: ranked items returned per query, >= 1.
         max_gather_elements: memory bound of one chunk (see :func:`rerank_candidates`).
+        generative_scores: (Q, M) stage-1 scores of the candidates, for ``generative_weight`` != 0.
+        generative_weight: weight of the stage-1 score in the fused score (see :func:`rerank_candidates`).
 
     Returns:
         ``(ranked, scores)``: LongTensor (Q, k) item indices padded with ``-1`` and
@@ -228,7 +273,9 @@ def rerank_from_store(
         vectors = torch.from_numpy(store.reconstruct(distinct.cpu().numpy())).to(device)  # (U, E)
         local = torch.searchsorted(distinct, candidates.clamp(min=0).contiguous())
         local = torch.where(candidates == PAD_ITEM, PAD_ITEM, local)
-    ranked_local, scores = rerank_candidates(query_embeddings, local, vectors, k, max_gather_elements)
+    ranked_local, scores = rerank_candidates(
+        query_embeddings, local, vectors, k, max_gather_elements, generative_scores, generative_weight
+    )
     if distinct.numel() == 0:
         return ranked_local, scores
     ranked = torch.where(ranked_local == PAD_ITEM, PAD_ITEM, distinct[ranked_local.clamp(min=0)])
@@ -304,9 +351,11 @@ class TwoStageEvaluation(L.Callback):
 
     Decode once: the candidates are the ones the module's ``validation_step`` /
     ``test_step`` already decoded, returned as ``{"candidates": LongTensor (B, M),
-    "beam_size": int, "decode_seconds": float}`` (every item recalled by the beams
-    in beam order, ``-1`` padded; :class:`~grcm.retriever.module.GenerativeRetriever`
-    does this). ``decode_seconds`` (optional) is the stage-1 time of the batch;
+    "candidate_scores": FloatTensor (B, M), "beam_size": int, "decode_seconds": float}``
+    (every item recalled by the beams in beam order, ``-1`` padded, with the
+    log-probability of the beam that recalled it;
+    :class:`~grcm.retriever.module.GenerativeRetriever` does this; ``candidate_scores``
+    is needed only for score fusion). ``decode_seconds`` (optional) is the stage-1 time of the batch;
     without it the time from batch start to batch end is used, an upper bound.
     When this callback's ``beam_size`` differs from the step's, evaluation stops
     with a :class:`~grcm.errors.GrcmError`: the top beams of a wider search are
@@ -332,7 +381,14 @@ class TwoStageEvaluation(L.Callback):
     when the module has it: SID table + trie + store, the whole two-stage index);
     and, with ``full_dense_reference``, ``full_dense_recall@k`` / ``full_dense_mrr@k``
     (the same dense model with exact float32 embeddings over all N items, not timed)
-    and ``recall@1_vs_full_dense`` (their ratio).
+    and ``recall@1_vs_full_dense`` (their ratio); ``generative_weight``.
+
+    Score fusion (``generative_weight`` w > 0): each candidate is ranked by
+    ``<query, item> + w * log p(SID | query)`` instead of the dense score alone
+    (:func:`rerank_candidates`). The reranker alone can beat full dense retrieval
+    only by leaving out a wrong item it would rank first; the fused score also lets
+    the generative model's confidence reorder the pool. Pick w on the validation
+    split (several callbacks with different ``name`` s score one decode).
 
     Args:
         dense_checkpoint: path of a :class:`~grcm.rerank.dual_tower.DualTower` or
@@ -349,6 +405,8 @@ class TwoStageEvaluation(L.Callback):
         full_dense_reference: also rank the whole corpus with the dense model (a reference, O(N) per query).
         name: the metric namespace, ``{stage}/{name}/...``.
         max_gather_elements: memory bound of the gathered matmul (see :func:`rerank_candidates`).
+        generative_weight: w >= 0, the weight of the stage-1 log-probability in the fused score;
+            0 (default) is the pure dense rerank.
     """
 
     def __init__(
@@ -361,6 +419,7 @@ class TwoStageEvaluation(L.Callback):
         full_dense_reference: bool = True,
         max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
         name: str = "two_stage",
+        generative_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not name or "/" in name:
@@ -377,6 +436,13 @@ class TwoStageEvaluation(L.Callback):
                 "one of 'flat', 'sq8' or 'pq'"
             )
         self.dense_checkpoint = str(dense_checkpoint)
+        generative_weight = float(generative_weight)
+        if not generative_weight >= 0.0 or generative_weight == float("inf"):
+            raise GrcmError(
+                f"TwoStageEvaluation.generative_weight must be a finite number >= 0 (0 = pure dense rerank), "
+                f"got {generative_weight}"
+            )
+        self.generative_weight = generative_weight
         self.beam_size = None if beam_size is None else int(beam_size)
         self.ks = tuple(int(k) for k in ks)
         self.mrr_k = int(mrr_k)
@@ -490,8 +556,9 @@ class TwoStageEvaluation(L.Callback):
     # ------------------------------------------------------------------ per batch
     def _candidates(
         self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]
-    ) -> tuple[Tensor, float, int]:
-        """Stage-1 candidates (B, M) of the batch, the stage-1 seconds they cost and their beam size."""
+    ) -> tuple[Tensor, Tensor | None, float, int]:
+        """Stage-1 candidates (B, M) of the batch, their beam scores (B, M) when known, the stage-1 seconds
+        they cost and their beam size."""
         if isinstance(outputs, Mapping) and "candidates" in outputs:
             reported = outputs.get("beam_size")
             reported = None if reported is None else int(reported)
@@ -511,7 +578,14 @@ class TwoStageEvaluation(L.Callback):
             seconds = outputs.get("decode_seconds")
             if seconds is None:
                 seconds = self.clock.now() - self._batch_started
-            return outputs["candidates"], float(seconds), beam
+            scores = outputs.get("candidate_scores")
+            if scores is None and self.generative_weight:
+                raise GrcmError(
+                    f"TwoStageEvaluation.generative_weight={self.generative_weight} fuses stage-1 scores, but "
+                    f"{type(pl_module).__name__} returns candidates without 'candidate_scores'; set "
+                    "generative_weight: 0 for this retriever"
+                )
+            return outputs["candidates"], scores, float(seconds), beam
         can_decode = hasattr(pl_module, "decode") and hasattr(pl_module, "trie")
         if not can_decode:
             raise TypeError(
@@ -526,12 +600,12 @@ class TwoStageEvaluation(L.Callback):
             )
         start = self.clock.now()
         output = pl_module.decode(batch["input_ids"], batch["attention_mask"], beam_size=int(beam))
-        candidates = beams_to_items(output, pl_module.trie)
-        return candidates, self.clock.now() - start, int(beam)
+        recalled = beams_to_scored_items(output, pl_module.trie)
+        return recalled.items, recalled.scores, self.clock.now() - start, int(beam)
 
     @torch.no_grad()
     def _evaluate_batch(self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]) -> None:
-        candidates, stage1_seconds, beam = self._candidates(pl_module, outputs, batch)
+        candidates, candidate_scores, stage1_seconds, beam = self._candidates(pl_module, outputs, batch)
         if self._epoch_beam is not None and beam != self._epoch_beam:
             raise GrcmError(
                 f"{type(pl_module).__name__} decoded batches of one epoch with beam sizes {self._epoch_beam} and "
@@ -542,7 +616,10 @@ class TwoStageEvaluation(L.Callback):
         candidates = candidates.to(device).long()
         start = self.clock.now()
         queries = self.dense.encode_queries(*self._dense_inputs(pl_module.trainer, batch))
-        ranked, _ = rerank_from_store(queries, candidates, self.store, self.depth, self.max_gather_elements)
+        ranked, _ = rerank_from_store(
+            queries, candidates, self.store, self.depth, self.max_gather_elements,
+            candidate_scores if self.generative_weight else None, self.generative_weight,
+        )
         rerank_seconds = self.clock.now() - start
         self._stage1_seconds += stage1_seconds
         self._rerank_seconds += rerank_seconds
@@ -574,6 +651,7 @@ class TwoStageEvaluation(L.Callback):
         values[f"candidate_recall@{beam}"] = pool.pop("candidate_recall")
         values.update(pool)
         values["beam_size"] = float(beam)
+        values["generative_weight"] = self.generative_weight
         values.update({f"stage1_{name}": value for name, value in self.stage1_metrics.compute().items()})
         if self.full_dense_reference:
             dense = self.full_dense_metrics.compute()

@@ -57,7 +57,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from grcm.ddp import broadcast_from_rank_zero, is_rank_zero
-from grcm.decoding import SIDTrie, beams_to_items, constrained_beam_search, sid_table_nbytes
+from grcm.decoding import (
+    SIDTrie,
+    beams_to_items,
+    beams_to_scored_items,
+    constrained_beam_search,
+    sid_table_nbytes,
+)
 from grcm.decoding.beam import BeamSearchOutput
 from grcm.errors import GrcmError
 from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans
@@ -536,7 +542,9 @@ class GRDRRetriever(L.LightningModule):
         if self.decode_levels == 0:
             return None
         start = time.perf_counter()
-        pool = self.retrieve(batch["input_ids"], batch["attention_mask"])  # (B, M) the whole expanded pool
+        # (B, M) the whole expanded pool, with the log-probability of the beam that recalled each item
+        recalled = beams_to_scored_items(self.decode(batch["input_ids"], batch["attention_mask"]), self.trie)
+        pool = recalled.items
         seconds = time.perf_counter() - start
         self._decode_seconds += seconds
         self._decoded_queries += pool.shape[0]
@@ -551,7 +559,8 @@ class GRDRRetriever(L.LightningModule):
         pool_metrics.update(F.pad(pool, (0, max(0, depth - pool.shape[1])), value=-1)[:, :depth],
                             batch["gold_items"], batch["query_index"])
         pool_size.update({"pool_size": (pool >= 0).sum(1).float()}, batch["query_index"])
-        return {"candidates": pool, "beam_size": int(self.hparams.beam_size), "decode_seconds": seconds}
+        return {"candidates": pool, "candidate_scores": recalled.scores, "beam_size": int(self.hparams.beam_size),
+                "decode_seconds": seconds}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
         return self._evaluate(batch, "val")

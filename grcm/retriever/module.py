@@ -421,13 +421,14 @@ class GenerativeRetriever(L.LightningModule):
 
         Returns:
             ``{"candidates": (B, M) every item the beams recall, in beam order, -1 padded;
+            "candidate_scores": (B, M) the log-probability of the beam that recalled each, -inf on padding;
             "beam_size": int; "decode_seconds": float}``, the stage-1 pool that
             :class:`~grcm.rerank.two_stage.TwoStageEvaluation` reranks without decoding again.
         """
         start = time.perf_counter()
         output = self.decode(batch["input_ids"], batch["attention_mask"])
         ranked = beams_to_items(output, self.trie, self.eval_max_items)
-        candidates = beams_to_items(output, self.trie)
+        recalled = beams_to_scored_items(output, self.trie)
         decode_seconds = time.perf_counter() - start
         self._decode_seconds += decode_seconds
         self._decoded_queries += ranked.shape[0]
@@ -441,7 +442,12 @@ class GenerativeRetriever(L.LightningModule):
             logits = self.model(batch["input_ids"], batch["attention_mask"], targets)
             loss, _ = sid_loss(logits, None, targets, 0.0)
             self.log(f"{stage}/ce", loss, batch_size=batch_size, sync_dist=True)
-        return {"candidates": candidates, "beam_size": int(self.hparams.beam_size), "decode_seconds": decode_seconds}
+        return {
+            "candidates": recalled.items,
+            "candidate_scores": recalled.scores,
+            "beam_size": int(self.hparams.beam_size),
+            "decode_seconds": decode_seconds,
+        }
 
     def valid_sid_share(self, output: BeamSearchOutput) -> Tensor:
         """(K,) share of queries whose rank-r beam (r = 1..K) is a SID of the corpus (an item's full SID).
