@@ -19,7 +19,13 @@ from grcm.metrics import ItemRetrievalMetrics
 from grcm.retriever.grdr import CosineCodeHead, GRDRRetriever
 from grcm.retriever.phases import GROUPS, TRAINABLE, build_schedule, phase_at
 from grcm.tokenizers.kmeans import fit_kmeans
-from grcm.tokenizers.multiview import MultiViewTokenizer, code_usage_balance, multiview_health, view_infonce
+from grcm.tokenizers.multiview import (
+    MultiViewTokenizer,
+    code_usage_balance,
+    multiview_health,
+    sum_codes,
+    view_infonce,
+)
 from grcm.tokenizers.query_routing import cluster_routes, random_routes
 
 
@@ -216,3 +222,49 @@ def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, mo
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--model.init_args.num_views=1" in err and "cannot change" in err
     assert "beam_size, eval_max_items, ks, mrr_k" in err
+
+
+def test_codebook_gradients_are_summed_without_racing_threads():
+    """Codebook lookups backpropagate through embedding_dense_backward (a fixed summation order), never through
+    index_put with accumulate, whose multi-threaded CPU/CUDA kernels add in a run-dependent order (two identical
+    GRDR fits trained different models). The gradients equal those of an explicit one-hot matmul."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    tokenizer = MultiViewTokenizer(feature_dim=8, num_views=3, num_levels=2, codebook_size=4, latent_dim=6,
+                                   hidden_dim=8)
+    latents = torch.nn.functional.normalize(torch.randn(32, 3, 6), dim=-1).requires_grad_()
+    ops = Ops()
+    with ops:
+        out = tokenizer.quantize(latents)
+        loss = out.vq_loss + (sum_codes(tokenizer, out.codes) * torch.linspace(-1, 1, 6)).sum()
+        loss.backward()
+    assert not [name for name in ops.names if "index_put" in name], "a codebook lookup backpropagates via index_put"
+    assert any("embedding_dense_backward" in name for name in ops.names)
+    got = [codebook.grad.clone() for codebook in tokenizer.codebooks]
+
+    # independent: the same losses with one-hot matrix products instead of lookups
+    for codebook in tokenizer.codebooks:
+        codebook.grad = None
+    normalize = torch.nn.functional.normalize
+    vq, total, residual = 0.0, 0.0, latents
+    for level, codebook in enumerate(tokenizer.codebooks):
+        one_hot = torch.nn.functional.one_hot(out.codes[..., level], 4).float()  # (B, V, K)
+        unit_r, chosen = normalize(residual, dim=-1), one_hot @ normalize(codebook, dim=-1)
+        vq = vq + (unit_r.detach() - chosen).pow(2).sum(-1).mean()
+        vq = vq + tokenizer.beta * (unit_r - chosen.detach()).pow(2).sum(-1).mean()
+        vector = one_hot @ codebook
+        residual, total = residual - vector, total + vector
+    (vq / 2 + (total * torch.linspace(-1, 1, 6)).sum()).backward()
+    for level, codebook in enumerate(tokenizer.codebooks):
+        assert got[level].abs().sum() > 0
+        torch.testing.assert_close(got[level], codebook.grad, rtol=1e-5, atol=1e-6)

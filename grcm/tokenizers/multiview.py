@@ -118,8 +118,11 @@ class MultiViewTokenizer(nn.Module):
             codebook = self.codebooks[level]
             unit_r, unit_e = F.normalize(residual, dim=-1), F.normalize(codebook, dim=-1)
             code = (unit_r @ unit_e.T).argmax(dim=-1)  # (B, V): the cosine-nearest code
-            vector = codebook[code]  # (B, V, d)
-            chosen = unit_e[code]
+            # F.embedding, not codebook[code]: its backward sums gradients in a fixed order, where the
+            # backward of advanced indexing (index_put with accumulate) adds them from several threads
+            # in a run-dependent order on CPU and CUDA, so two identical runs would train different models
+            vector = F.embedding(code, codebook)  # (B, V, d)
+            chosen = F.embedding(code, unit_e)
             vq = vq + (unit_r.detach() - chosen).pow(2).sum(-1).mean()
             vq = vq + self.beta * (unit_r - chosen.detach()).pow(2).sum(-1).mean()
             residuals.append(residual)
@@ -171,7 +174,7 @@ def sum_codes(tokenizer: MultiViewTokenizer, codes: Tensor) -> Tensor:
     """Sum of the code vectors of (B, V, l) codes -> (B, V, d)."""
     total = 0
     for level in range(codes.shape[-1]):
-        total = total + tokenizer.codebooks[level][codes[..., level]]
+        total = total + F.embedding(codes[..., level], tokenizer.codebooks[level])  # deterministic backward
     if isinstance(total, int):
         return torch.zeros(*codes.shape[:2], tokenizer.latent_dim, device=codes.device)
     return total
