@@ -37,6 +37,7 @@ __all__ = [
     "PerQueryMeans",
     "candidate_recall",
     "deduplicate_ranked",
+    "fixed_width",
     "first_occurrence",
     "item_level_hits",
     "metric_names",
@@ -73,6 +74,11 @@ def _check_ks(ks: Sequence[int], mrr_k: int) -> tuple[tuple[int, ...], int]:
 def metric_names(ks: Sequence[int] = (1, 5, 10), mrr_k: int = 10) -> list[str]:
     """Names of the values :func:`item_level_hits` returns, in order: ``recall@k`` for each k, then ``mrr@mrr_k``."""
     return [f"recall@{k}" for k in ks] + [f"mrr@{mrr_k}"]
+
+
+def fixed_width(ranked: Tensor, width: int) -> Tensor:
+    """The first ``width`` columns of (Q, M) ranked item indices, padded on the right with ``-1`` when M < width."""
+    return torch.nn.functional.pad(ranked, (0, max(0, int(width) - ranked.shape[1])), value=PAD_ITEM)[:, :width]
 
 
 def deduplicate_ranked(ranked: Tensor) -> Tensor:

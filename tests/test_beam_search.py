@@ -20,6 +20,7 @@ from grcm.decoding import (
     constrained_beam_search,
     stable_topk,
 )
+from grcm.metrics import fixed_width
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -295,6 +296,10 @@ def test_beams_to_items_expands_shared_sids_and_deduplicates():
     ]
     padded = beams_to_items(BeamSearchOutput(sequences, scores), trie, max_items=9)
     assert padded.shape == (2, 9) and padded[:, 6:].eq(-1).all()
+    # the retrievers cut the whole pool to their metric width instead of expanding the beams twice: the same
+    for width in range(1, 10):
+        assert torch.equal(fixed_width(ranked.items, width), beams_to_items(BeamSearchOutput(sequences, scores), trie,
+                                                                           max_items=width))
     # a -inf beam recalls nothing even if its sequence is a valid SID
     dead = BeamSearchOutput(torch.tensor([[[1, 0]]]), torch.tensor([[float("-inf")]]))
     assert beams_to_items(dead, trie).tolist() == [[-1]]

@@ -617,8 +617,8 @@ class TwoStageEvaluation(L.Callback):
         start = self.clock.now()
         queries = self.dense.encode_queries(*self._dense_inputs(pl_module.trainer, batch))
         ranked, _ = rerank_from_store(
-            queries, candidates, self.store, self.depth, self.max_gather_elements,
-            candidate_scores if self.generative_weight else None, self.generative_weight,
+            queries, candidates, self.store, self.depth, self.max_gather_elements, candidate_scores,
+            self.generative_weight,
         )
         rerank_seconds = self.clock.now() - start
         self._stage1_seconds += stage1_seconds

@@ -66,7 +66,7 @@ from grcm.decoding import (
 )
 from grcm.decoding.beam import BeamSearchOutput
 from grcm.errors import GrcmError
-from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans
+from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, fixed_width
 from grcm.rerank.text_encoder import masked_mean
 from grcm.retriever.model import GenerativeRetrieverModel
 from grcm.retriever.phases import GROUPS, TRAINABLE, Phase, build_schedule, phase_at, resolve_weights
@@ -548,16 +548,14 @@ class GRDRRetriever(L.LightningModule):
         seconds = time.perf_counter() - start
         self._decode_seconds += seconds
         self._decoded_queries += pool.shape[0]
-        width = self.eval_max_items
-        ranked = F.pad(pool, (0, max(0, width - pool.shape[1])), value=-1)[:, :width]
+        ranked = fixed_width(pool, self.eval_max_items)
         metrics, pool_metrics, pool_size = (
             (self.val_metrics, self.val_pool, self.val_pool_size) if stage == "val"
             else (self.test_metrics, self.test_pool, self.test_pool_size)
         )
         metrics.update(ranked, batch["gold_items"], batch["query_index"])
         depth = max(CANDIDATE_KS)
-        pool_metrics.update(F.pad(pool, (0, max(0, depth - pool.shape[1])), value=-1)[:, :depth],
-                            batch["gold_items"], batch["query_index"])
+        pool_metrics.update(fixed_width(pool, depth), batch["gold_items"], batch["query_index"])
         pool_size.update({"pool_size": (pool >= 0).sum(1).float()}, batch["query_index"])
         return {"candidates": pool, "candidate_scores": recalled.scores, "beam_size": int(self.hparams.beam_size),
                 "decode_seconds": seconds}

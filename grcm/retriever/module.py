@@ -36,7 +36,7 @@ from grcm.decoding import (
 )
 from grcm.decoding.beam import BeamSearchOutput
 from grcm.errors import GrcmError
-from grcm.metrics import ItemRetrievalMetrics
+from grcm.metrics import ItemRetrievalMetrics, fixed_width
 from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
 from grcm.retriever.model import GenerativeRetrieverModel
 from grcm.retriever.rdrop import sid_loss
@@ -427,8 +427,8 @@ class GenerativeRetriever(L.LightningModule):
         """
         start = time.perf_counter()
         output = self.decode(batch["input_ids"], batch["attention_mask"])
-        ranked = beams_to_items(output, self.trie, self.eval_max_items)
         recalled = beams_to_scored_items(output, self.trie)
+        ranked = fixed_width(recalled.items, self.eval_max_items)  # = beams_to_items(output, trie, eval_max_items)
         decode_seconds = time.perf_counter() - start
         self._decode_seconds += decode_seconds
         self._decoded_queries += ranked.shape[0]
