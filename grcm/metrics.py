@@ -25,7 +25,7 @@ gathering all ranks, counts every query id once.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -81,33 +81,46 @@ def fixed_width(ranked: Tensor, width: int) -> Tensor:
     return torch.nn.functional.pad(ranked, (0, max(0, int(width) - ranked.shape[1])), value=PAD_ITEM)[:, :width]
 
 
-def deduplicate_ranked(ranked: Tensor) -> Tensor:
-    """Drop repeated items from each ranked row, keeping first occurrences in order.
+@overload
+def deduplicate_ranked(ranked: Tensor) -> Tensor: ...
+@overload
+def deduplicate_ranked(ranked: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+def deduplicate_ranked(ranked: Tensor, scores: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Drop padding and repeated items from each ranked row, keeping first occurrences in order.
 
     Args:
         ranked: LongTensor (Q, K) of item indices, best first, ``-1`` = padding.
             Padding may appear anywhere in the row.
+        scores: optional float (Q, K), one score per entry of ``ranked``; each kept
+            item keeps the score of its first occurrence.
 
     Returns:
         LongTensor (Q, K): the distinct items of each row in their original order,
-        followed by ``-1`` padding.
+        followed by ``-1`` padding; with ``scores``, the pair (items, scores) where
+        the scores (Q, K) follow their items and are ``-inf`` on padding.
     """
     ranked = _check_item_matrix(ranked, "ranked")
-    num_queries, width = ranked.shape
+    if scores is not None and scores.shape != ranked.shape:
+        raise ValueError(f"scores must be shaped like ranked {tuple(ranked.shape)}; got {tuple(scores.shape)}")
     if ranked.numel() == 0:
-        return ranked.clone()
-    # A stable sort groups equal items with their earliest position first; every
-    # later member of a group is a repeat.
-    sorted_items, order = torch.sort(ranked, dim=1, stable=True)
-    repeat_in_sorted = torch.zeros_like(ranked, dtype=torch.bool)
-    repeat_in_sorted[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
+        return ranked.clone() if scores is None else (ranked.clone(), scores.clone())
+    present = ranked != PAD_ITEM
+    # A stable sort groups equal items with their earliest position first; every later member of a
+    # group is a repeat. Padding sorts last (as the largest key), so it never marks an item a repeat.
+    keys = torch.where(present, ranked, torch.iinfo(ranked.dtype).max)
+    sorted_keys, order = torch.sort(keys, dim=1, stable=True)
+    repeat_in_sorted = torch.zeros_like(present)
+    repeat_in_sorted[:, 1:] = sorted_keys[:, 1:] == sorted_keys[:, :-1]
     is_repeat = torch.zeros_like(repeat_in_sorted).scatter_(1, order, repeat_in_sorted)
-    keep = ~is_repeat & (ranked != PAD_ITEM)
+    keep = present & ~is_repeat
     # Move kept entries to the front; a stable sort on the drop flag preserves their order.
     front_first = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices
-    compacted = ranked.gather(1, front_first)
-    positions = torch.arange(width, device=ranked.device).expand(num_queries, width)
-    return torch.where(positions < keep.sum(dim=1, keepdim=True), compacted, PAD_ITEM)
+    items = torch.where(keep, ranked, PAD_ITEM).gather(1, front_first)
+    if scores is None:
+        return items
+    return items, torch.where(keep, scores, float("-inf")).gather(1, front_first)
 
 
 def _gold_mask(ranked: Tensor, gold_items: Tensor) -> Tensor:

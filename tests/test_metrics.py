@@ -79,6 +79,26 @@ def test_deduplicate_ranked_matches_reference_on_random_rows():
             assert got_row == distinct + [-1] * (width - len(distinct))
 
 
+def test_deduplicate_ranked_carries_each_kept_item_first_score():
+    rng = random.Random(1)
+    for width in (1, 5, 30):
+        ranked, _ = random_case(rng, num_queries=30, width=width, gold_width=1, num_items=6)
+        scores = torch.randn(ranked.shape, generator=torch.Generator().manual_seed(width))
+        items, kept_scores = deduplicate_ranked(ranked, scores)
+        assert torch.equal(items, deduplicate_ranked(ranked))
+        for row, score_row, got_items, got_scores in zip(ranked.tolist(), scores.tolist(), items.tolist(),
+                                                         kept_scores.tolist()):
+            first_score = {}
+            for item, score in zip(row, score_row):
+                if item >= 0 and item not in first_score:
+                    first_score[item] = score
+            expected = [first_score[item] for item in got_items if item >= 0]
+            assert got_scores[: len(expected)] == pytest.approx(expected)
+            assert all(s == float("-inf") for s in got_scores[len(expected):])
+    with pytest.raises(ValueError, match="shaped like"):
+        deduplicate_ranked(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 2))
+
+
 def test_deduplicate_ranked_empty_and_errors():
     assert deduplicate_ranked(torch.zeros(3, 0, dtype=torch.long)).shape == (3, 0)
     with pytest.raises(ValueError, match="integer"):

@@ -11,7 +11,6 @@ from grcm.decoding.beam import (
     beams_to_items,
     beams_to_scored_items,
     constrained_beam_search,
-    dedupe_scored_items,
     stable_topk,
 )
 from grcm.decoding.trie import SIDTrie, TrieLevel, sid_table_dtype, sid_table_nbytes
@@ -29,7 +28,6 @@ __all__ = [
     "beams_to_items",
     "beams_to_scored_items",
     "constrained_beam_search",
-    "dedupe_scored_items",
     "sid_table_dtype",
     "sid_table_nbytes",
     "stable_topk",

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from grcm.decoding.trie import SIDTrie
 from grcm.errors import GrcmError
+from grcm.metrics import deduplicate_ranked
 
 StepFn = Callable[[Tensor], Tensor]
 """``step_fn(prefix: LongTensor (B*K, t)) -> FloatTensor (B*K, V_t)`` logits for level ``t``.
@@ -270,7 +271,7 @@ def beams_to_scored_items(
     per_leaf = max(per_leaf, 1)
     items = trie.items_of_leaves(leaves.reshape(-1), per_leaf).reshape(num_queries, num_beams * per_leaf)
     item_scores = scores.repeat_interleave(per_leaf, dim=1)
-    items, item_scores = dedupe_scored_items(items, item_scores)
+    items, item_scores = deduplicate_ranked(items, item_scores)
     if max_items is None:
         width = max(int((items >= 0).sum(dim=1).max()), 1)
     else:
@@ -285,26 +286,3 @@ def beams_to_scored_items(
 def beams_to_items(output: BeamSearchOutput, trie: SIDTrie, max_items: int | None = None) -> Tensor:
     """``(B, M)`` ranked item indices padded with ``-1``; see :func:`beams_to_scored_items`."""
     return beams_to_scored_items(output, trie, max_items).items
-
-
-def dedupe_scored_items(items: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-    """Drop ``-1`` and repeated items per row, keep first occurrences (and their scores) in order, pad on the right.
-
-    Args:
-        items: ``(B, W)`` long, ``-1`` = empty.
-        scores: ``(B, W)`` float.
-
-    Returns:
-        ``(B, W)`` items and scores, compacted to the left, padded with ``-1`` / ``-inf``.
-    """
-    present = items >= 0
-    keys = torch.where(present, items, torch.iinfo(items.dtype).max)
-    sorted_keys, order = keys.sort(dim=1, stable=True)  # equal items stay in position order
-    repeat_sorted = torch.zeros_like(present)
-    repeat_sorted[:, 1:] = sorted_keys[:, 1:] == sorted_keys[:, :-1]
-    repeat = torch.zeros_like(present).scatter(1, order, repeat_sorted)
-    keep = present & ~repeat
-    compact = (~keep).to(torch.uint8).sort(dim=1, stable=True).indices
-    items = torch.where(keep, items, -1).gather(1, compact)
-    scores = torch.where(keep, scores, float("-inf")).gather(1, compact)
-    return items, scores

@@ -48,7 +48,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from grcm.data.query_tokenizer import QueryTokenizer
-from grcm.decoding import beams_to_scored_items, dedupe_scored_items
+from grcm.decoding import beams_to_scored_items
 from grcm.errors import GrcmError
 from grcm.metrics import (
     ItemRetrievalMetrics,
@@ -130,7 +130,7 @@ def _distinct_candidates(
     # best stage-1 score first, then keep each item's first occurrence: an item recalled by several
     # beams keeps its best beam's score (the rerank's output order does not depend on the input order)
     order = prior.argsort(dim=1, descending=True, stable=True)
-    return dedupe_scored_items(candidates.gather(1, order), prior.gather(1, order))
+    return deduplicate_ranked(candidates.gather(1, order), prior.gather(1, order))
 
 
 def rerank_candidates(
