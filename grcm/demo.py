@@ -1,6 +1,6 @@
 """``grcm demo``: the whole pipeline on the synthetic corpus, then one results table.
 
-Every stage is an ordinary experiment config run through :class:`grcm.cli.GrcmCLI`,
+Every stage is an ordinary experiment config run through :class:`grcm.lightning_cli.GrcmCLI`,
 exactly as ``grcm fit -c <config>`` / ``grcm test -c <config>`` would run it, so the
 table is reproducible stage by stage from the command line. Results, with every stage's
 wall time, are also written to ``<out>/results.json``. The ACE w/o fusion ablation is not
@@ -107,7 +107,7 @@ def _run_dir(out: Path, config: str) -> Path:
 
 
 def _run_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str], out: Path) -> dict[str, float]:
-    from grcm.cli import GrcmCLI
+    from grcm.lightning_cli import GrcmCLI  # imports Lightning: not at module level (grcm --help stays fast)
 
     overrides = [f"--trainer.default_root_dir={_run_dir(out, stage.config)}"]
     if stage.config in BUNDLE_OF:

@@ -6,7 +6,7 @@ Layout (pre-LN throughout: every sub-layer is ``x = x + Dropout(f(LayerNorm(x)))
   ``nn.TransformerEncoderLayer(norm_first=True)`` layers. The output of every
   layer passes its own LayerNorm (pre-LN residual streams are not normalised)
   and padding positions are zeroed; the S results are kept, because ACE
-  fusion reads all of them (:class:`EncoderOutput`).
+  fusion reads all of them (:class:`~grcm.retriever.encoder_output.EncoderOutput`).
 - Decoder input for levels ``0..t``: position 0 is a learned BOS vector,
   position j >= 1 is ``sqrt(d) * code_embedding[j-1](code_{j-1})``; each level
   has its own embedding table, and a learned level embedding is added per
@@ -37,63 +37,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from grcm.retriever.encoder_output import DecoderCache, DecoderMemory, EncoderOutput
 from grcm.retriever.fusion import FUSION_CHOICES, build_cross_block, merge_heads, split_heads
 from grcm.retriever.pretrained_encoder import PRETRAINED_CHOICES, PretrainedQueryEncoder
-
-DecoderCache = tuple[tuple[Tensor, Tensor], ...]
-"""Self-attention keys and values of the decoded positions: per decoder layer, two (R, h, t, d/h) tensors."""
-
-
-@dataclass
-class EncoderOutput:
-    """All encoder layer outputs of one query batch.
-
-    Attributes:
-        layer_outputs: S tensors (B, T, d), layer 1 first; padding positions are zero.
-        attention_mask: (B, T) bool, True = real token.
-    """
-
-    layer_outputs: tuple[Tensor, ...]
-    attention_mask: Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.attention_mask.shape[0]
-
-    @property
-    def key_padding_mask(self) -> Tensor:
-        """(B, T) bool, True = padding (the ``nn.MultiheadAttention`` convention)."""
-        return ~self.attention_mask
-
-    def repeat_interleave(self, k: int) -> EncoderOutput:
-        """Repeat every query ``k`` times (row ``b*k + j`` is query b), as beams are laid out."""
-        return EncoderOutput(
-            layer_outputs=tuple(layer.repeat_interleave(k, dim=0) for layer in self.layer_outputs),
-            attention_mask=self.attention_mask.repeat_interleave(k, dim=0),
-        )
-
-
-@dataclass
-class DecoderMemory:
-    """Encoder memory of B queries projected for every decoder layer's cross block (incremental decoding).
-
-    Attributes:
-        layers: per decoder layer, the cross block's ``project_memory`` output (tensors (B, h, T, d/h)).
-        attn_mask: (B, 1, 1, T) bool, True = real token (the ``scaled_dot_product_attention`` convention).
-    """
-
-    layers: tuple[tuple[Tensor, ...], ...]
-    attn_mask: Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.attn_mask.shape[0]
 
 
 class FusionDecoderLayer(nn.Module):

