@@ -3,8 +3,8 @@
 Both expose ``encode_queries(input_ids, attention_mask) -> (B, E)``, an ``encode_corpus``
 that returns ``(N, E)`` float32 item embeddings, and ``hparams.feature_dim`` /
 ``hparams.vocab_size``. :func:`corpus_item_embeddings` feeds each model what it reads
-(pooled features, or token features too); :func:`load_dense_model` picks a checkpoint's
-class.
+(pooled features, or token features too: each model's ``embed_corpus``); :func:`load_dense_model`
+picks a checkpoint's class.
 """
 
 from __future__ import annotations
@@ -15,15 +15,21 @@ from typing import Any
 import numpy as np
 import torch
 
-#: Checkpoint key naming the dense model class that wrote it (absent in older dual-tower checkpoints).
-DENSE_MODEL_CLASS_KEY = "dense_model_class"
+from grcm.rerank.dual_tower import DENSE_MODEL_CLASS_KEY, DualTower
+from grcm.rerank.hybrid_tower import HybridTower
+
+__all__ = [
+    "DENSE_MODEL_CLASS_KEY",
+    "corpus_item_embeddings",
+    "dense_model_class",
+    "dense_model_classes",
+    "dense_query_tokenizer",
+    "load_dense_model",
+]
 
 
 def dense_model_classes() -> dict[str, type]:
-    """The dense model classes a checkpoint may name (an allowlist: nothing else is imported)."""
-    from grcm.rerank.dual_tower import DualTower
-    from grcm.rerank.hybrid_tower import HybridTower
-
+    """The dense model classes a checkpoint may name (an allowlist: nothing else is loaded)."""
     return {"DualTower": DualTower, "HybridTower": HybridTower}
 
 
@@ -50,11 +56,7 @@ def load_dense_model(path: str | Path) -> Any:
 
 def corpus_item_embeddings(model: Any, corpus: Any) -> np.ndarray:
     """``(N, E)`` float32 item embeddings of ``corpus`` by ``model`` (token features for the hybrid tower)."""
-    from grcm.rerank.hybrid_tower import HybridTower
-
-    if isinstance(model, HybridTower):
-        return model.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths)
-    return model.encode_corpus(corpus.features)
+    return model.embed_corpus(corpus)
 
 
 def dense_query_tokenizer(path: str | Path, vocab_size: int, max_length: int = 32) -> Any:

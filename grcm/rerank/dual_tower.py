@@ -22,6 +22,11 @@ from grcm.rerank.contrastive import symmetric_info_nce
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
 from grcm.rerank.text_encoder import ItemProjection, TextEncoder
 
+#: Checkpoint key naming the dense model class that wrote it (:class:`~grcm.rerank.hybrid_tower.HybridTower`
+#: sets it; absent in dual-tower checkpoints, which :func:`grcm.rerank.dense_models.dense_model_class` reads
+#: from the CLI's ``_class_path`` or defaults to :class:`DualTower`).
+DENSE_MODEL_CLASS_KEY = "dense_model_class"
+
 
 class DualTower(L.LightningModule):
     """Trains a text tower against item features with symmetric InfoNCE; evaluates over the whole corpus.
@@ -141,6 +146,11 @@ class DualTower(L.LightningModule):
             out[start : start + step] = self.encode_items(batch).float().cpu().numpy()
         return out
 
+    def embed_corpus(self, corpus) -> np.ndarray:
+        """``(N, embed_dim)`` float32 embeddings of every item of a :class:`~grcm.data.corpus.Corpus`
+        (from its pooled features; the hybrid tower reads its token features)."""
+        return self.encode_corpus(corpus.features)
+
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         corpus = self.trainer.datamodule.corpus
@@ -178,8 +188,7 @@ class DualTower(L.LightningModule):
     # -- evaluation -----------------------------------------------------------------------------
     def build_index(self) -> DenseIndex:
         """Encode the whole corpus and build the configured FAISS index over it."""
-        corpus = self.trainer.datamodule.corpus
-        self.dense_index = DenseIndex.build(self.encode_corpus(corpus.features), self.index_config)
+        self.dense_index = DenseIndex.build(self.embed_corpus(self.trainer.datamodule.corpus), self.index_config)
         return self.dense_index
 
     def on_validation_epoch_start(self) -> None:

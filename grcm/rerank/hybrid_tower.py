@@ -29,9 +29,8 @@ import torch
 from grcm.data.corpus import CorpusError
 from grcm.data.datamodules import item_token_batch, token_batch
 from grcm.rerank.contrastive import symmetric_info_nce
-from grcm.rerank.dense_models import DENSE_MODEL_CLASS_KEY
-from grcm.rerank.dual_tower import DualTower
-from grcm.rerank.index import DenseIndex, DenseIndexConfig
+from grcm.rerank.dual_tower import DENSE_MODEL_CLASS_KEY, DualTower
+from grcm.rerank.index import DenseIndexConfig
 from grcm.rerank.pseudo_query import HybridItemEncoder, pseudo_query_loss
 
 
@@ -152,6 +151,11 @@ class HybridTower(DualTower):
             out[start : start + step] = self.encode_items(tokens.to(self.device), mask.to(self.device)).float().cpu()
         return out
 
+    def embed_corpus(self, corpus) -> np.ndarray:
+        """``(N, embed_dim)`` float32 embeddings of every item of a corpus, from its token features
+        (what :meth:`DualTower.build_index` and two-stage reranking index)."""
+        return self.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths)
+
     # -- training -------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         corpus = self.trainer.datamodule.corpus
@@ -172,13 +176,6 @@ class HybridTower(DualTower):
         self.log("train/logit_scale", scale, batch_size=len(items))
         return loss
 
-    # -- evaluation -----------------------------------------------------------------------------
-    def build_index(self) -> DenseIndex:
-        """Encode the whole corpus from its token features and build the configured FAISS index."""
-        corpus = self.trainer.datamodule.corpus
-        embeddings = self.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths)
-        self.dense_index = DenseIndex.build(embeddings, self.index_config)
-        return self.dense_index
-
+    # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[DENSE_MODEL_CLASS_KEY] = type(self).__name__
