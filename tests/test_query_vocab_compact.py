@@ -22,6 +22,7 @@ from grcm.data import SyntheticDataModule
 from grcm.data.query_tokenizer import SPECIAL_TOKENS, QueryTokenizer
 from grcm.rerank.dense_models import dense_query_tokenizer
 from grcm.rerank.dual_tower import DualTower
+from grcm.rerank.query_bridge import dense_tokenizer_for
 from grcm.rerank.two_stage import TwoStageEvaluation
 from grcm.retriever.module import GenerativeRetriever
 from grcm.tokenizers.bundle import SIDBundle
@@ -231,10 +232,11 @@ def test_checkpoint_restores_the_vocabulary_and_serves_it_to_two_stage(tmp_path,
     # the dense checkpoint's query tokenizer is the stored compact vocabulary
     assert dense_query_tokenizer(path, 512).to_json() == payload
     callback = TwoStageEvaluation(str(path), beam_size=2)
-    callback.load_dense_model()
-    assert callback._query_tokenizer_for_dense(dm) is None, "same vocabulary: the batch ids as they are"
+    vocab_size = int(callback.load_dense_model().hparams.vocab_size)
+    loaded = callback._dense_checkpoint_tokenizer  # what the callback bridges the batches' queries with
+    assert dense_tokenizer_for(dm, loaded, vocab_size) is None, "same vocabulary: the batch ids as they are"
     minilm_dm = SyntheticDataModule(num_items=200, feature_dim=8)
-    dense = callback._query_tokenizer_for_dense(minilm_dm)
+    dense = dense_tokenizer_for(minilm_dm, loaded, vocab_size)
     assert dense is not None and dense.to_json() == payload, "a MiniLM retriever: queries re-tokenized"
 
 

@@ -10,18 +10,12 @@ import torch
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import beams_to_items
 from grcm.errors import GrcmError
-from grcm.metrics import ranks_from_scores
+from grcm.metrics import PerQueryMeans, ranks_from_scores
+from grcm.rerank.candidate_rerank import count_candidates, full_dense_ranking, rerank_candidates
 from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
-from grcm.rerank.two_stage import (
-    PerQueryMeans,
-    TwoStageEvaluation,
-    build_rerank_store,
-    count_candidates,
-    full_dense_ranking,
-    rerank_candidates,
-    rerank_from_store,
-)
+from grcm.rerank.rerank_store import build_rerank_store, rerank_from_store
+from grcm.rerank.two_stage import TwoStageEvaluation
 from grcm.retriever.module import GenerativeRetriever
 from grcm.tokenizers.bundle import SIDBundle
 

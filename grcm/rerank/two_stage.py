@@ -7,18 +7,23 @@ text tower against the item tower's embeddings) and re-ranks them. The dense
 model never touches the rest of the corpus, so the work per query is
 ``B x items per SID`` dot products instead of ``N``.
 
-* :func:`rerank_candidates` is the pure, vectorised stage 2: a gathered matmul
-  ``item_embeddings[candidates] @ query`` per query.
-* :func:`rerank_from_store` is the same over a compact *rerank store*: the item
-  embeddings live in a FAISS index (:class:`~grcm.rerank.index.DenseIndex` of
-  kind ``flat``, ``sq8`` or ``pq``) and only the candidates are decoded from it
-  (``reconstruct``) and scored. Two-stage storage is then the SID table + trie +
-  the compressed store.
-* :class:`TwoStageEvaluation` is a Lightning callback that runs stage 2 behind
+The pieces, one module each:
+
+* :mod:`grcm.rerank.candidate_rerank`: the pure, vectorised stage 2
+  (:func:`rerank_candidates`, a gathered matmul ``item_embeddings[candidates] @ query``
+  per query, optionally fused with the beam scores; :func:`count_candidates`;
+  :func:`full_dense_ranking`, the reference).
+* :mod:`grcm.rerank.rerank_store`: the same over a compact *rerank store*
+  (:func:`build_rerank_store`, :func:`rerank_from_store`): the item embeddings live in a
+  FAISS index (:class:`~grcm.rerank.index.DenseIndex` of kind ``flat``, ``sq8`` or ``pq``)
+  and only the candidates are decoded from it (``reconstruct``) and scored. Two-stage
+  storage is then the SID table + trie + the compressed store.
+* :mod:`grcm.rerank.query_bridge`: feeds the dense model queries in its own vocabulary.
+* this module, :class:`TwoStageEvaluation`: a Lightning callback that runs stage 2 behind
   the generative retriever's validation/test steps, on the candidates those
   steps already decoded, and logs item-level metrics (DDP-safe), the stage-1
   pool recall, the share of the corpus scored, the end-to-end latency and the
-  bytes per item of the two-stage index.
+  bytes per item of the two-stage index. The functions above stay importable from here.
 
 Why a callback rather than code inside ``GenerativeRetriever``: the dense model
 is a separate, separately trained network with its own checkpoint. Keeping it
@@ -38,7 +43,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +51,20 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from grcm.data.query_tokenizer import QueryTokenizer
 from grcm.decoding import beams_to_scored_items
 from grcm.errors import GrcmError
-from grcm.metrics import (
-    ItemRetrievalMetrics,
-    PerQueryMeans,
-    candidate_recall,
-    deduplicate_ranked,
-    ranks_from_scores,
+from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, candidate_recall
+from grcm.rerank.candidate_rerank import (
+    DEFAULT_MAX_GATHER_ELEMENTS,
+    count_candidates,
+    full_dense_ranking,
+    rerank_candidates,
 )
 from grcm.rerank.dense_models import corpus_item_embeddings, dense_query_tokenizer, load_dense_model
 from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
+from grcm.rerank.query_bridge import dense_query_inputs, dense_tokenizer_for
+from grcm.rerank.rerank_store import build_rerank_store, check_rerank_store_kind, rerank_from_store
 
 __all__ = [
     "PerQueryMeans",
@@ -70,260 +75,6 @@ __all__ = [
     "rerank_candidates",
     "rerank_from_store",
 ]
-
-PAD_ITEM = -1
-DEFAULT_MAX_GATHER_ELEMENTS = 1 << 25  # gathered (queries x candidates x dim) entries per chunk: 128 MiB in float32
-
-
-def _check_rerank_inputs(query_embeddings: Tensor, candidate_items: Tensor, item_embeddings: Tensor) -> None:
-    if not all(isinstance(t, Tensor) for t in (query_embeddings, candidate_items, item_embeddings)):
-        raise TypeError("rerank_candidates takes torch tensors (query_embeddings, candidate_items, item_embeddings)")
-    if query_embeddings.dim() != 2 or item_embeddings.dim() != 2:
-        raise ValueError(
-            f"query_embeddings must be (Q, E) and item_embeddings (N, E); got {tuple(query_embeddings.shape)} "
-            f"and {tuple(item_embeddings.shape)}"
-        )
-    if query_embeddings.shape[1] != item_embeddings.shape[1]:
-        raise ValueError(
-            f"query embeddings are {query_embeddings.shape[1]}-d but item embeddings are "
-            f"{item_embeddings.shape[1]}-d; encode both with the same dual-tower model"
-        )
-    if candidate_items.dim() != 2 or candidate_items.shape[0] != query_embeddings.shape[0]:
-        raise ValueError(
-            f"candidate_items must be (Q, M) with one row per query (Q={query_embeddings.shape[0]}); "
-            f"got shape {tuple(candidate_items.shape)}"
-        )
-    if candidate_items.dtype.is_floating_point or candidate_items.dtype == torch.bool:
-        raise ValueError(f"candidate_items must hold integer item indices, got dtype {candidate_items.dtype}")
-    if candidate_items.numel():
-        low, high = int(candidate_items.min()), int(candidate_items.max())
-        if low < PAD_ITEM or high >= item_embeddings.shape[0]:
-            raise ValueError(
-                f"candidate_items span [{low}, {high}] but item indices must lie in [0, "
-                f"{item_embeddings.shape[0]}) with -1 as padding; the candidates and the item embeddings "
-                "must come from the same corpus"
-            )
-
-
-def _distinct_candidates(
-    candidate_items: Tensor, generative_scores: Tensor | None, generative_weight: float, device: torch.device
-) -> tuple[Tensor, Tensor | None]:
-    """Each row's distinct candidates ``(Q, M)`` (``-1`` padded) and, when fusing, each one's best stage-1 score."""
-    candidates = candidate_items.to(device)
-    if generative_weight == 0.0:
-        return deduplicate_ranked(candidates), None
-    if generative_scores is None:
-        raise ValueError(
-            f"generative_weight={generative_weight} fuses the stage-1 scores into the rerank, but no "
-            "generative_scores were given; pass the (Q, M) beam scores of the candidates or set the weight to 0"
-        )
-    if generative_scores.shape != candidate_items.shape or not generative_scores.dtype.is_floating_point:
-        raise ValueError(
-            f"generative_scores must be a float tensor shaped like candidate_items {tuple(candidate_items.shape)}; "
-            f"got {generative_scores.dtype} {tuple(generative_scores.shape)}"
-        )
-    padding = candidates == PAD_ITEM
-    dtype = torch.promote_types(generative_scores.dtype, torch.float32)
-    prior = generative_scores.to(device=device, dtype=dtype).masked_fill(padding, float("-inf"))
-    if not bool(torch.isfinite(prior[~padding]).all()):
-        raise ValueError("generative_scores must be finite for every candidate (only -1 padding may be -inf)")
-    # best stage-1 score first, then keep each item's first occurrence: an item recalled by several
-    # beams keeps its best beam's score (the rerank's output order does not depend on the input order)
-    order = prior.argsort(dim=1, descending=True, stable=True)
-    return deduplicate_ranked(candidates.gather(1, order), prior.gather(1, order))
-
-
-def rerank_candidates(
-    query_embeddings: Tensor,
-    candidate_items: Tensor,
-    item_embeddings: Tensor,
-    k: int,
-    max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
-    generative_scores: Tensor | None = None,
-    generative_weight: float = 0.0,
-) -> tuple[Tensor, Tensor]:
-    """Score each query's candidates by inner product (optionally fused with stage 1) and return its k best.
-
-    Each query is scored only against its own candidates, through a gathered
-    matmul: ``item_embeddings[candidates]`` (Q, M, E) times the query (Q, E, 1).
-    Queries are processed in chunks so that at most ``max_gather_elements``
-    gathered entries exist at a time.
-
-    Conventions:
-
-    * ``-1`` is padding: it is never scored and never ranked.
-    * A candidate repeated in a row (an item recalled through several SIDs) is
-      scored once; it appears at most once in the output.
-    * Ties: equal scores are ordered by ascending item index, the tie-break of
-      :func:`grcm.metrics.ranks_from_scores`. The result therefore equals
-      ``ranks_from_scores`` over the full score matrix with every
-      non-candidate set to ``-inf``, cut at the number of distinct candidates.
-    * When a query has fewer than ``k`` distinct candidates the row is padded
-      with item ``-1`` and score ``-inf``.
-    * Score fusion: with ``generative_weight`` w > 0 a candidate's score is
-      ``<query, item> + w * generative_score``, where ``generative_score`` is the
-      stage-1 log-probability of the beam that recalled it (the best one when
-      several did). ``w = 0`` is the pure dense rerank.
-
-    Args:
-        query_embeddings: (Q, E) float query vectors (e.g. ``DualTower.encode_queries``).
-        candidate_items: (Q, M) integer item indices, ``-1`` = padding, duplicates allowed.
-        item_embeddings: (N, E) float item vectors, row i is item i (e.g. ``DualTower.encode_corpus``).
-        k: number of ranked items returned per query, >= 1.
-        max_gather_elements: memory bound of one chunk, in gathered scalars.
-        generative_scores: (Q, M) float stage-1 score of each candidate (finite except on padding);
-            needed only when ``generative_weight`` is not 0.
-        generative_weight: w, the weight of the stage-1 score in the fused score.
-
-    Returns:
-        ``(ranked, scores)``: LongTensor (Q, k) item indices padded with ``-1``, and
-        FloatTensor (Q, k) their scores (``-inf`` on padding), best first. Both live on
-        ``item_embeddings.device``; scores have the promoted float dtype of the inputs
-        (at least float32).
-    """
-    _check_rerank_inputs(query_embeddings, candidate_items, item_embeddings)
-    k = int(k)
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    device = item_embeddings.device
-    dtype = torch.promote_types(torch.promote_types(query_embeddings.dtype, item_embeddings.dtype), torch.float32)
-    generative_weight = float(generative_weight)
-    # (Q, M): distinct items, then -1; prior (Q, M): their best stage-1 scores when fusing
-    distinct, prior = _distinct_candidates(candidate_items, generative_scores, generative_weight, device)
-    queries = query_embeddings.to(device=device, dtype=dtype)
-    num_queries, width = distinct.shape
-    dim = item_embeddings.shape[1]
-    scores = torch.full((num_queries, width), float("-inf"), dtype=dtype, device=device)
-    chunk = max(1, int(max_gather_elements) // max(width * dim, 1))
-    for start in range(0, num_queries, chunk):
-        rows = distinct[start : start + chunk]
-        gathered = item_embeddings[rows.clamp(min=0)].to(dtype)  # (q, M, E)
-        chunk_scores = torch.bmm(gathered, queries[start : start + chunk].unsqueeze(2)).squeeze(2)
-        if prior is not None:
-            chunk_scores = chunk_scores + generative_weight * prior[start : start + chunk].to(dtype)
-        scores[start : start + chunk] = chunk_scores.masked_fill(rows == PAD_ITEM, float("-inf"))
-    if torch.isnan(scores).any():
-        raise ValueError("dense scores contain NaN; the query or item embeddings hold NaN values")
-    # Sort by item index first, then stably by descending score: ties keep ascending item order.
-    by_item = torch.where(distinct == PAD_ITEM, torch.iinfo(torch.long).max, distinct).argsort(dim=1, stable=True)
-    items = distinct.gather(1, by_item)
-    scores = scores.gather(1, by_item)
-    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
-    ranked_items, ranked_scores = items.gather(1, order), scores.gather(1, order)
-    if ranked_items.shape[1] < k:
-        pad = k - ranked_items.shape[1]
-        ranked_items = torch.nn.functional.pad(ranked_items, (0, pad), value=PAD_ITEM)
-        ranked_scores = torch.nn.functional.pad(ranked_scores, (0, pad), value=float("-inf"))
-    return ranked_items, ranked_scores
-
-
-def rerank_from_store(
-    query_embeddings: Tensor,
-    candidate_items: Tensor,
-    store: DenseIndex,
-    k: int,
-    max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
-    generative_scores: Tensor | None = None,
-    generative_weight: float = 0.0,
-) -> tuple[Tensor, Tensor]:
-    """:func:`rerank_candidates` with the item embeddings held in a FAISS index.
-
-    Only the distinct candidates of the batch are decoded from the store
-    (``store.reconstruct``: exact for ``flat``, the quantised vectors for ``sq8``
-    and ``pq``) and scored by inner product with the queries; the rest of the
-    corpus is never decoded. Conventions (padding, duplicates, ties by ascending
-    item index, ``-1``/``-inf`` padding of short rows) and the score fusion are those of
-    :func:`rerank_candidates`, so a ``flat`` store gives exactly its result.
-
-    Args:
-        query_embeddings: (Q, E) float query vectors.
-        candidate_items: (Q, M) integer item indices, ``-1`` = padding, duplicates allowed.
-        store: index over the (N, E) item embeddings, row i = item i.
-        k: ranked items returned per query, >= 1.
-        max_gather_elements: memory bound of one chunk (see :func:`rerank_candidates`).
-        generative_scores: (Q, M) stage-1 scores of the candidates, for ``generative_weight`` != 0.
-        generative_weight: weight of the stage-1 score in the fused score (see :func:`rerank_candidates`).
-
-    Returns:
-        ``(ranked, scores)``: LongTensor (Q, k) item indices padded with ``-1`` and
-        float (Q, k) scores, on ``query_embeddings.device``.
-    """
-    if not isinstance(store, DenseIndex):
-        raise TypeError(f"store must be a DenseIndex, got {type(store).__name__}")
-    if query_embeddings.dim() == 2 and query_embeddings.shape[1] != store.dim:
-        raise ValueError(
-            f"query embeddings are {query_embeddings.shape[1]}-d but the rerank store holds {store.dim}-d "
-            "vectors; build the store from the same dual-tower model"
-        )
-    device = query_embeddings.device
-    candidates = candidate_items.to(device)
-    if candidates.dtype.is_floating_point or candidates.dtype == torch.bool:
-        raise ValueError(f"candidate_items must hold integer item indices, got dtype {candidates.dtype}")
-    candidates = candidates.long()
-    distinct = torch.unique(candidates[candidates != PAD_ITEM])  # (U,) ascending: local order = item order
-    if distinct.numel() and (int(distinct[0]) < 0 or int(distinct[-1]) >= store.num_items):
-        raise ValueError(
-            f"candidate_items span [{int(distinct[0])}, {int(distinct[-1])}] but the rerank store holds items "
-            f"[0, {store.num_items}) with -1 as padding; the candidates and the store must come from the same corpus"
-        )
-    if distinct.numel() == 0:  # nothing recalled: an all-padding table of one row keeps the shapes
-        vectors = torch.zeros(1, store.dim, device=device)
-        local = torch.full_like(candidates, PAD_ITEM)
-    else:
-        vectors = torch.from_numpy(store.reconstruct(distinct.cpu().numpy())).to(device)  # (U, E)
-        local = torch.searchsorted(distinct, candidates.clamp(min=0).contiguous())
-        local = torch.where(candidates == PAD_ITEM, PAD_ITEM, local)
-    ranked_local, scores = rerank_candidates(
-        query_embeddings, local, vectors, k, max_gather_elements, generative_scores, generative_weight
-    )
-    if distinct.numel() == 0:
-        return ranked_local, scores
-    ranked = torch.where(ranked_local == PAD_ITEM, PAD_ITEM, distinct[ranked_local.clamp(min=0)])
-    return ranked, scores
-
-
-def build_rerank_store(item_embeddings: Any, config: DenseIndexConfig | None = None) -> DenseIndex:
-    """The compact rerank store: a CPU :class:`DenseIndex` over (N, E) item embeddings.
-
-    ``config`` picks the kind (``flat``, ``sq8``, ``pq``; default ``flat``). The store is
-    always built on CPU (FAISS has no GPU ``sq8``/``pq`` flat-code index); the vectors
-    decoded from it move to the evaluation device.
-    """
-    config = config or DenseIndexConfig()
-    if config.kind not in ("flat", "sq8", "pq"):
-        raise GrcmError(
-            f"TwoStageEvaluation.rerank_store.kind={config.kind!r}: a rerank store is one of 'flat', 'sq8' or "
-            "'pq' (every item's code kept, decoded by id); the IVF and HNSW kinds are for search"
-        )
-    return DenseIndex.build(item_embeddings, replace(config, use_gpu=False))
-
-
-def count_candidates(candidate_items: Tensor) -> Tensor:
-    """Distinct candidates per query: (Q, M) item indices with ``-1`` padding -> (Q,) long."""
-    return (deduplicate_ranked(candidate_items) != PAD_ITEM).sum(dim=1)
-
-
-def full_dense_ranking(
-    query_embeddings: Tensor, item_embeddings: Tensor, k: int, max_score_elements: int = 1 << 24
-) -> Tensor:
-    """Exact dense retrieval over the whole corpus, with the project tie-break (reference only).
-
-    Args:
-        query_embeddings: (Q, E) float.
-        item_embeddings: (N, E) float.
-        k: ranked items per query.
-        max_score_elements: queries are scored in chunks of at most this many (query, item) scores.
-
-    Returns:
-        LongTensor (Q, k) item indices, best first (ties: lower item index first).
-    """
-    queries = query_embeddings.to(device=item_embeddings.device, dtype=item_embeddings.dtype)
-    chunk = max(1, int(max_score_elements) // max(item_embeddings.shape[0], 1))
-    ranked = [
-        ranks_from_scores((queries[start : start + chunk] @ item_embeddings.T).float(), k)
-        for start in range(0, queries.shape[0], chunk)
-    ]
-    return torch.cat(ranked) if ranked else torch.zeros(0, k, dtype=torch.long, device=item_embeddings.device)
 
 
 class _Stopwatch:
@@ -430,11 +181,7 @@ class TwoStageEvaluation(L.Callback):
         if isinstance(rerank_store, Mapping):
             rerank_store = DenseIndexConfig(**rerank_store)
         self.rerank_store_config = rerank_store or DenseIndexConfig()
-        if self.rerank_store_config.kind not in ("flat", "sq8", "pq"):
-            raise GrcmError(
-                f"TwoStageEvaluation.rerank_store.kind={self.rerank_store_config.kind!r}: a rerank store is "
-                "one of 'flat', 'sq8' or 'pq'"
-            )
+        check_rerank_store_kind(self.rerank_store_config)
         self.dense_checkpoint = str(dense_checkpoint)
         generative_weight = float(generative_weight)
         if not generative_weight >= 0.0 or generative_weight == float("inf"):
@@ -509,31 +256,10 @@ class TwoStageEvaluation(L.Callback):
                 f"the dense checkpoint {self.dense_checkpoint} encodes {hparams.feature_dim}-d item features but "
                 f"corpus {corpus.name!r} has {corpus.feature_dim}-d features; train the dual tower on this corpus"
             )
-        self._dense_tokenizer = self._query_tokenizer_for_dense(trainer.datamodule)
-
-    def _query_tokenizer_for_dense(self, datamodule: Any) -> Any:
-        """None when the batches' ``input_ids`` are in the dense model's vocabulary; else the dense model's
-        :class:`~grcm.data.query_tokenizer.QueryTokenizer`, which re-tokenizes each batch's query texts (a
-        retriever on its own WordPiece or minilm_compact vocabulary reranked by a MiniLM-vocabulary dual tower)."""
-        mine = getattr(datamodule, "query_tokenizer", None)
-        max_length = int(getattr(datamodule, "max_query_length", 32))
-        dense = self._dense_checkpoint_tokenizer
-        if dense.max_length != max_length:  # truncate as the data module does
-            dense = QueryTokenizer.from_json(dense.to_json(), max_length)
-        if mine is not None and mine.to_json() == dense.to_json():
-            return None
-        if mine is None and int(getattr(datamodule, "vocab_size", -1)) == int(self.dense.hparams.vocab_size):
-            return None  # no tokenizer to compare with: the vocabulary sizes agree, trust the batch ids
-        return dense
-
-    def _dense_inputs(self, trainer: L.Trainer, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``(B, T)`` query ids and mask in the dense model's vocabulary."""
-        if self._dense_tokenizer is None:
-            return batch["input_ids"], batch["attention_mask"]
-        texts = trainer.datamodule.corpus.caption_text
-        ids, mask = self._dense_tokenizer.encode([texts[int(i)] for i in batch["query_index"]])
-        device = batch["input_ids"].device
-        return ids.to(device), mask.to(device)
+        # None when the batches' ids are in the dense model's vocabulary, else its tokenizer (re-tokenizes)
+        self._dense_tokenizer = dense_tokenizer_for(
+            trainer.datamodule, self._dense_checkpoint_tokenizer, int(hparams.vocab_size)
+        )
 
     @torch.no_grad()
     def _start_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -615,7 +341,8 @@ class TwoStageEvaluation(L.Callback):
         device = pl_module.device
         candidates = candidates.to(device).long()
         start = self.clock.now()
-        queries = self.dense.encode_queries(*self._dense_inputs(pl_module.trainer, batch))
+        corpus = pl_module.trainer.datamodule.corpus
+        queries = self.dense.encode_queries(*dense_query_inputs(batch, self._dense_tokenizer, corpus))
         ranked, _ = rerank_from_store(
             queries, candidates, self.store, self.depth, self.max_gather_elements, candidate_scores,
             self.generative_weight,
@@ -679,10 +406,8 @@ class TwoStageEvaluation(L.Callback):
         self.store = None
 
     # ------------------------------------------------------------------ Lightning hooks
+    # validation and test run the same two-stage evaluation; only the logged prefix differs
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start_epoch(trainer, pl_module)
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start_epoch(trainer, pl_module)
 
     def on_validation_batch_start(
@@ -690,32 +415,15 @@ class TwoStageEvaluation(L.Callback):
     ) -> None:
         self._batch_started = self.clock.now()
 
-    def on_test_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._batch_started = self.clock.now()
-
     def on_validation_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         self._evaluate_batch(pl_module, outputs, batch)
 
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._evaluate_batch(pl_module, outputs, batch)
+    on_test_epoch_start = on_validation_epoch_start
+    on_test_batch_start = on_validation_batch_start
+    on_test_batch_end = on_validation_batch_end
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log_epoch(pl_module, "val")
