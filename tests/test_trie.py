@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from grcm.decoding import SIDTrie, beams_to_items, constrained_beam_search
-from grcm.decoding.trie import TrieLevel, sid_table_dtype, sid_table_nbytes
+from grcm.decoding.sid_table import sid_table_dtype, sid_table_nbytes
+from grcm.decoding.trie_levels import LAYOUTS, BitmapLevel, CounterLevel, DenseLevel, KeysLevel
 
 
 def uneven_codes(seed: int, vocab_sizes: tuple[int, ...], duplicates: int = 0) -> np.ndarray:
@@ -431,8 +432,17 @@ def test_layouts_give_identical_beams_and_items():
 
 def test_trie_level_names_missing_tensors():
     with pytest.raises(ValueError, match="bitmap level needs child_bits"):
-        TrieLevel(
-            "bitmap", vocab_size=2, num_states=1, max_branch=1, row_ptr=torch.zeros(2, dtype=torch.int16)
-        )
-    with pytest.raises(ValueError, match="layout must be one of"):
-        TrieLevel("sparse", vocab_size=2, num_states=1, max_branch=1)
+        BitmapLevel(vocab_size=2, num_states=1, max_branch=1, row_ptr=torch.zeros(2, dtype=torch.int16))
+    with pytest.raises(ValueError, match="keys level needs child_keys"):
+        KeysLevel(vocab_size=2, num_states=1, max_branch=1, child_keys=None)
+
+
+def test_each_layout_is_one_level_class():
+    """The trie's layout names are its level classes' (one class per layout), and ``to`` keeps the class."""
+    assert LAYOUTS == ("dense", "counter", "bitmap", "keys")
+    classes = {"dense": DenseLevel, "counter": CounterLevel, "bitmap": BitmapLevel, "keys": KeysLevel}
+    codes, vocab_sizes = ace_like_codes(1200)
+    for options, layouts in LAYOUT_OPTIONS:
+        trie = SIDTrie.from_codes(codes, vocab_sizes, **options)
+        assert [type(level) for level in trie.levels] == [classes[name] for name in layouts]
+        assert [type(level) for level in trie.to("cpu").levels] == [classes[name] for name in layouts]

@@ -13,7 +13,9 @@ from grcm.decoding.beam import (
     constrained_beam_search,
     stable_topk,
 )
-from grcm.decoding.trie import SIDTrie, TrieLevel, sid_table_dtype, sid_table_nbytes
+from grcm.decoding.sid_table import sid_table_dtype, sid_table_nbytes
+from grcm.decoding.trie import SIDTrie
+from grcm.decoding.trie_levels import TrieLevel
 
 __all__ = [
     "BeamConstraint",
