@@ -432,6 +432,10 @@ def test_layouts_give_identical_beams_and_items():
 
 def test_trie_level_names_missing_tensors():
     with pytest.raises(ValueError, match="bitmap level needs child_bits"):
+        BitmapLevel(
+            vocab_size=2, num_states=1, max_branch=1, row_ptr=torch.zeros(2, dtype=torch.int16), child_bits=None
+        )
+    with pytest.raises(TypeError, match="child_bits"):
         BitmapLevel(vocab_size=2, num_states=1, max_branch=1, row_ptr=torch.zeros(2, dtype=torch.int16))
     with pytest.raises(ValueError, match="keys level needs child_keys"):
         KeysLevel(vocab_size=2, num_states=1, max_branch=1, child_keys=None)

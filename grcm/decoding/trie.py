@@ -102,11 +102,27 @@ class SIDTrie:
         bitmap_max_vocab: int | None = None,
         counter_levels: bool = True,
     ) -> SIDTrie:
-        """Build the trie from a ``(N, L)`` SID table, vectorised (lexsort + run boundaries).
+        """Build the trie from a SID table, vectorised (lexsort + run boundaries).
 
-        ``codes`` row ``r`` is the SID of item ``row_items[r]`` (default ``arange(N)``; repeat an item to
-        give it several SIDs); ``dense_levels``, ``dense_max_entries``, ``bitmap_max_vocab`` and
-        ``counter_levels`` steer the layouts: see :func:`grcm.decoding.trie_builder.build_trie_parts`.
+        Args:
+            codes: ``(N, L)`` integer codes, row ``r`` is the SID of item ``row_items[r]``.
+                Duplicate rows are allowed (items sharing a SID).
+            vocab_sizes: ``L`` code ranges; level ``l`` codes must lie in ``[0, vocab_sizes[l])``.
+            dense_levels: number of leading levels stored as dense tables. ``None`` picks
+                the longest leading run of levels whose table ``S_l x V_l`` has at most
+                ``dense_max_entries`` entries.
+            row_items: ``(N,)`` item index of each row; defaults to ``arange(N)`` (one SID
+                per item). Repeat an item to give it several SIDs (multi-view).
+            dense_max_entries: table-size bound used when ``dense_levels`` is ``None``;
+                ``None`` means ``clip(N, 4096, 2**20)`` entries: a dense level costs at most
+                about 4 bytes per SID row, unless the whole table is tiny.
+            bitmap_max_vocab: levels with at most this many codes keep packed child bitmaps
+                (``0`` disables them); other levels after the dense ones keep sorted child keys
+                unless they are counter levels. ``None`` chooses per level: bitmaps on dense levels
+                and on levels whose bitmaps (with row pointers) take fewer bytes than the keys,
+                when the level has at most 256 codes; counter levels get none.
+            counter_levels: store levels whose child codes under every state are exactly
+                ``0 .. c - 1`` (e.g. ACE's unique token) as row pointers only.
 
         Returns:
             A CPU trie; move it with :meth:`to`.

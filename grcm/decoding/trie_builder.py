@@ -43,33 +43,17 @@ class TrieParts(NamedTuple):
 def build_trie_parts(
     codes: Tensor | np.ndarray,
     vocab_sizes: Sequence[int],
-    dense_levels: int | None = None,
-    row_items: Tensor | np.ndarray | None = None,
-    dense_max_entries: int | None = None,
-    bitmap_max_vocab: int | None = None,
-    counter_levels: bool = True,
+    *,
+    row_items: Tensor | np.ndarray | None,
+    dense_levels: int | None,
+    dense_max_entries: int | None,
+    bitmap_max_vocab: int | None,
+    counter_levels: bool,
 ) -> TrieParts:
     """What a :class:`~grcm.decoding.trie.SIDTrie` holds, built from a SID table (lexsort + run boundaries).
 
-    Args:
-        codes: ``(N, L)`` integer codes, row ``r`` is the SID of item ``row_items[r]``.
-            Duplicate rows are allowed (items sharing a SID).
-        vocab_sizes: ``L`` code ranges; level ``l`` codes must lie in ``[0, vocab_sizes[l])``.
-        dense_levels: number of leading levels stored as dense tables. ``None`` picks
-            the longest leading run of levels whose table ``S_l x V_l`` has at most
-            ``dense_max_entries`` entries.
-        row_items: ``(N,)`` item index of each row; defaults to ``arange(N)`` (one SID
-            per item). Repeat an item to give it several SIDs (multi-view).
-        dense_max_entries: table-size bound used when ``dense_levels`` is ``None``;
-            ``None`` means ``clip(N, 4096, 2**20)`` entries: a dense level costs at most
-            about 4 bytes per SID row, unless the whole table is tiny.
-        bitmap_max_vocab: levels with at most this many codes keep packed child bitmaps
-            (``0`` disables them); other levels after the dense ones keep sorted child keys
-            unless they are counter levels. ``None`` chooses per level: bitmaps on dense levels
-            and on levels whose bitmaps (with row pointers) take fewer bytes than the keys,
-            when the level has at most 256 codes; counter levels get none.
-        counter_levels: store levels whose child codes under every state are exactly
-            ``0 .. c - 1`` (e.g. ACE's unique token) as row pointers only.
+    The arguments (every one given: the defaults are :meth:`SIDTrie.from_codes`'s) are
+    documented there.
 
     Returns:
         :class:`TrieParts` with CPU tensors (``SIDTrie.from_codes`` makes them a trie).

@@ -27,7 +27,7 @@ level's device and never synchronises with the host; its cost does not depend on
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import ClassVar
 
 import torch
@@ -51,8 +51,6 @@ class TrieLevel:
     """
 
     layout: ClassVar[str] = ""
-    #: Tensor fields a level of this layout cannot do without.
-    required: ClassVar[tuple[str, ...]] = ()
 
     vocab_size: int
     num_states: int
@@ -60,7 +58,8 @@ class TrieLevel:
     child_bits: Tensor | None = None
 
     def __post_init__(self) -> None:
-        missing = [name for name in self.required if getattr(self, name) is None]
+        # the layout's tensors are the fields without a default: None is no tensor either
+        missing = [f.name for f in fields(self) if f.default is MISSING and getattr(self, f.name) is None]
         if missing:
             raise ValueError(f"TrieLevel: a {self.layout} level needs {' and '.join(missing)}")
 
@@ -128,7 +127,6 @@ class DenseLevel(TrieLevel):
     """``dense_table``: ``(S, V)`` child state or ``-1``; a transition is one table read."""
 
     layout: ClassVar[str] = "dense"
-    required: ClassVar[tuple[str, ...]] = ("dense_table",)
 
     dense_table: Tensor
 
@@ -145,7 +143,6 @@ class CounterLevel(TrieLevel):
     """``row_ptr``: ``(S + 1,)``; state ``s`` has the child codes ``0 .. row_ptr[s + 1] - row_ptr[s] - 1``."""
 
     layout: ClassVar[str] = "counter"
-    required: ClassVar[tuple[str, ...]] = ("row_ptr",)
 
     row_ptr: Tensor
 
@@ -166,9 +163,9 @@ class BitmapLevel(TrieLevel):
     """``row_ptr`` ``(S + 1,)`` and ``child_bits``: a child is ``row_ptr[state]`` + its code's rank in the bitmap."""
 
     layout: ClassVar[str] = "bitmap"
-    required: ClassVar[tuple[str, ...]] = ("row_ptr", "child_bits")
 
     row_ptr: Tensor
+    child_bits: Tensor = field()  # required here (field(): no default inherited from TrieLevel)
 
     def _child(self, safe_states: Tensor, safe_codes: Tensor) -> tuple[Tensor, Tensor]:
         # rank of the code among the state's children: set bits in the bytes below its byte, then in its byte
@@ -187,7 +184,6 @@ class KeysLevel(TrieLevel):
     """``child_keys``: ``(E,)`` ascending ``parent * V + code``, one per child; a child state is its key's position."""
 
     layout: ClassVar[str] = "keys"
-    required: ClassVar[tuple[str, ...]] = ("child_keys",)
 
     child_keys: Tensor
 
