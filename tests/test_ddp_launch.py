@@ -101,12 +101,13 @@ def _metrics(run_dir: Path) -> dict[str, float]:
 
 
 def _readme_torchrun() -> list[str]:
-    """The README's torchrun command for the retriever, as written (torchrun run as ``python -m torch.distributed.run``)."""
-    lines = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()]
+    """docs/scale-out.md's torchrun command for the retriever, as written (torchrun run as
+    ``python -m torch.distributed.run``)."""
+    lines = [line.strip() for line in (ROOT / "docs" / "scale-out.md").read_text().splitlines()]
     (command,) = [line for line in lines if line.startswith("torchrun ") and "ace_retriever" in line]
     argv = shlex.split(command)
     config = argv.index("-c") + 1
-    argv[config] = str(ROOT / argv[config])  # the README runs from the project root
+    argv[config] = str(ROOT / argv[config])  # the docs run from the project root
     return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
 
 

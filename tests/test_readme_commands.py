@@ -1,9 +1,12 @@
-"""Every command in README.md's ```bash blocks runs as written, in order, in a fresh folder.
+"""Every command in the ```bash blocks of README.md and docs/**/*.md runs as written.
 
-Commands that take an experiment config get tiny-size overrides appended (:data:`TINY`, chosen by the
-config's model/data class), so the whole README runs in about a minute; a few commands are skipped,
-each with its reason (:data:`SKIPPED`). ``grcm`` commands run in-process through
-:func:`grcm.cli.main` (same parsing as the console script, without paying the start-up per command).
+The pages run in one fresh folder, README.md first and then the docs pages in path order, each page's commands
+in order (the docs build on the README's quick start: its fits are the checkpoints the docs' test and predict
+lines read). Commands that take an experiment config get tiny-size overrides appended (:data:`TINY`, chosen by
+the config's model/data class), so every page runs in about a minute; a few commands are skipped, each with its
+reason (:data:`SKIPPED`), and a line that already ran earlier in the sequence (the docs repeat some of the
+README's) runs once. ``grcm`` commands run in-process through :func:`grcm.cli.main` (same parsing as the console
+script, without paying the start-up per command).
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: Commands not run, by prefix, with the reason.
 SKIPPED = {
+    "make install": "creates the environment this test already runs in",
     "make demo": "runs the full demo (minutes); its stages are the configs the commands below run",
     "make test": "runs the test suite, which contains this test",
+    "make lint": "runs ruff over the sources (CI's lint step), not a grcm command",
     "grcm demo": "runs the full demo (minutes); its stages are the configs the commands below run",
     "wandb sweep": "needs a W&B server; the trial command it runs is the W&B fit command above",
     "python benchmarks/": "benchmark scripts (their own --quick smoke flags; make bench runs them)",
     "torchrun": "starts two processes; multi-process runs are tested in tests/test_ddp*.py",
 }
+#: Why a command is not run a second time.
+ALREADY_RAN = "the same line ran earlier in the sequence (a docs page repeating the README)"
 
 #: Tiny-size overrides appended to a command that names an experiment config, by class.
 TINY = {
@@ -57,8 +64,13 @@ TINY = {
 }
 
 
+def markdown_pages() -> list[Path]:
+    """README.md, then every Markdown page under docs/ in path order."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
 def readme_commands(text: str) -> list[str]:
-    """The command lines of the ```bash blocks, trailing ``# comments`` removed, in order."""
+    """The command lines of a page's ```bash blocks, trailing ``# comments`` removed, in order."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.splitlines():
@@ -84,7 +96,7 @@ def tiny_overrides(argv: list[str]) -> list[str]:
 
 
 def write_msvd_fixture(folder: Path) -> None:
-    """What the README's `grcm prepare msvd` line expects from the user: annotations and features."""
+    """What docs/data.md's `grcm prepare msvd` line expects from the user: annotations and features."""
     videos = {"train": [f"vid{n}_0_10" for n in range(12)], "val": ["vid12_0_10", "vid13_0_10"],
               "test": ["vid14_0_10", "vid15_0_10", "vid16_0_10"]}
     annotations = folder / "annotations" / "msvd"
@@ -98,38 +110,49 @@ def write_msvd_fixture(folder: Path) -> None:
     (folder / "feat_ids.txt").write_text("".join(f"YouTubeClips/{v}.avi\n" for v in every))
 
 
-def run_command(command: str) -> None:
+def run_command(command: str, page: str = "README.md") -> None:
     argv = shlex.split(command)
     if argv[:3] == ["python", "-m", "grcm"]:
         argv = ["grcm", *argv[3:]]
-    assert argv[0] == "grcm", f"README command {command!r}: only grcm commands (or skipped ones) may appear"
+    assert argv[0] == "grcm", f"{page} command {command!r}: only grcm commands (or skipped ones) may appear"
     args = argv[1:]
     args += tiny_overrides(args)
     try:
         main(args)
     except SystemExit as exit_:
-        assert exit_.code in (0, None), f"README command failed (exit {exit_.code}): {command}"
+        assert exit_.code in (0, None), f"{page} command failed (exit {exit_.code}): {command}"
 
 
 def test_readme_lists_commands_this_test_knows():
     commands = readme_commands((ROOT / "README.md").read_text())
     assert any(c.startswith("grcm fit") for c in commands) and any(c.startswith("grcm predict") for c in commands)
+    assert "make demo" in commands and "make test" in commands
 
 
-def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
+def test_every_readme_and_docs_command_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRCM_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "experiments").symlink_to(ROOT / "experiments")
     write_msvd_fixture(tmp_path)
-    ran, skipped = [], []
-    for command in readme_commands((ROOT / "README.md").read_text()):
-        reason = next((why for prefix, why in SKIPPED.items() if command.startswith(prefix)), None)
-        if reason:
-            skipped.append(command)
-            continue
-        run_command(command)
-        ran.append(command)
+    ran: list[str] = []
+    skipped: dict[str, str] = {}
+    pages_with_commands = set()
+    for page in markdown_pages():
+        name = str(page.relative_to(ROOT))
+        for command in readme_commands(page.read_text()):
+            pages_with_commands.add(name)
+            reason = next((why for prefix, why in SKIPPED.items() if command.startswith(prefix)), None)
+            if reason is None and command in ran:
+                reason = ALREADY_RAN
+            if reason:
+                skipped[command] = reason
+                continue
+            run_command(command, name)
+            ran.append(command)
     capsys.readouterr()
+    # every page the docs map lists has commands (a page whose blocks were renamed to text would test nothing)
+    assert {"README.md", "docs/quickstart.md", "docs/configs.md", "docs/data.md", "docs/methods.md",
+            "docs/scale-out.md", "docs/studies/grdr.md"} <= pages_with_commands, pages_with_commands
     # what the commands promise was written
     runs = tmp_path / "runs" / "synthetic"
     assert (runs / "ace_retriever" / "checkpoints" / "best.ckpt").is_file()
@@ -140,11 +163,16 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
     assert (runs / "ace_tokenizer" / "bundle_last").is_dir() and (runs / "ace_tokenizer" / "sids.png").is_file()
     assert (tmp_path / "data" / "msvd" / "corpus" / "corpus.json").is_file()
     assert (tmp_path / "runs" / "msvd" / "dual_tower" / "checkpoints" / "last.ckpt").is_file()
-    assert len(ran) >= 17, ran
+    assert (tmp_path / "runs" / "grdr_study" / "v4" / "checkpoints" / "last.ckpt").is_file()
+    assert len(ran) >= 20, ran
+    # the docs repeat lines of the README's quick start; they ran once
+    assert ALREADY_RAN in skipped.values()
     # every skip reason is used (a stale entry would hide nothing), and nothing else was skipped
-    assert {prefix for prefix in SKIPPED if any(command.startswith(prefix) for command in skipped)} == set(SKIPPED)
+    used = {prefix for prefix in SKIPPED if any(command.startswith(prefix) for command in skipped)}
+    assert used == set(SKIPPED), set(SKIPPED) - used
 
 
 @pytest.mark.parametrize("command", ["make demo", "wandb sweep experiments/sweeps/dual_tower.yaml"])
 def test_skipped_commands_have_a_reason(command):
     assert any(command.startswith(prefix) for prefix in SKIPPED)
+
