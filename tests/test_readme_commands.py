@@ -1,4 +1,4 @@
-"""Every command in the ```bash blocks of README.md and docs/**/*.md runs as written.
+"""Every command in the ```bash blocks of README.md and docs/**/*.md runs as written; every relative link resolves.
 
 The pages run in one fresh folder, README.md first and then the docs pages in path order, each page's commands
 in order (the docs build on the README's quick start: its fits are the checkpoints the docs' test and predict
@@ -176,3 +176,76 @@ def test_every_readme_and_docs_command_runs_as_written(tmp_path, monkeypatch, ca
 def test_skipped_commands_have_a_reason(command):
     assert any(command.startswith(prefix) for prefix in SKIPPED)
 
+
+# ---- links -------------------------------------------------------------------------------------------------
+
+#: Inline links and images ``[text](target "title")`` and reference definitions ``[name]: target``.
+LINK = re.compile(r"!?\[[^\]]*\]\(<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\)|^\s*\[[^\]]+\]:\s*<?(\S+?)>?\s*$", re.M)
+#: A URL scheme (``https:``, ``mailto:``): not a relative link.
+SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+
+
+def without_code_blocks(text: str) -> str:
+    """The page with fenced blocks removed (a ``#`` line inside one is not a heading); inline code kept."""
+    return re.sub(r"^(```|~~~).*?^\1[^\n]*$", "", text, flags=re.S | re.M)
+
+
+def without_code(text: str) -> str:
+    """The page with fenced blocks and inline code removed (links inside code are not links)."""
+    return re.sub(r"`[^`\n]*`", "", without_code_blocks(text))
+
+
+def relative_links(text: str) -> list[str]:
+    targets = [inline or reference for inline, reference in LINK.findall(without_code(text))]
+    return [target for target in targets if not SCHEME.match(target)]
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens, repeats -1, -2."""
+    anchors: set[str] = set()
+    counts: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", without_code_blocks(text), flags=re.M):
+        heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading keeps its text
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        seen = counts.get(slug, 0)
+        counts[slug] = seen + 1
+        anchors.add(slug if seen == 0 else f"{slug}-{seen}")
+    return anchors
+
+
+def broken_links(page: Path, root: Path = ROOT) -> list[str]:
+    """The relative links of ``page`` whose file does not exist (or leaves ``root``), or whose anchor is not a
+    heading of the page it names."""
+    broken = []
+    for target in relative_links(page.read_text()):
+        path, _, anchor = target.partition("#")
+        destination = (page.parent / path).resolve() if path else page
+        if not destination.is_relative_to(root):
+            broken.append(f"{target} (outside the repository)")
+        elif not destination.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and destination.suffix == ".md" and anchor not in heading_anchors(destination.read_text()):
+            broken.append(f"{target} (no heading with that anchor)")
+    return broken
+
+
+def test_every_relative_link_resolves():
+    pages = markdown_pages()
+    assert len(pages) > 5, pages  # the README and its docs
+    broken = {str(page.relative_to(ROOT)): broken_links(page) for page in pages}
+    assert not {page: links for page, links in broken.items() if links}
+
+
+def test_link_check_finds_missing_files_and_anchors(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## Run your own: `grcm fit`\n")
+    page = tmp_path / "README.md"
+    page.write_text(
+        "[ok](docs/a.md) [ok anchor](docs/a.md#run-your-own-grcm-fit) [self](#top) [web](https://example.org)\n"
+        "[missing](docs/b.md) [bad anchor](docs/a.md#nowhere) `[in code](docs/c.md)`\n\n# Top\n"
+        "```\n[in a block](docs/d.md)\n# not a heading\n```\n[ref]: docs/e.md\n[up](../outside.md)\n"
+    )
+    assert broken_links(page, root=tmp_path) == [
+        "docs/b.md (no such file)", "docs/a.md#nowhere (no heading with that anchor)",
+        "docs/e.md (no such file)", "../outside.md (outside the repository)",
+    ]
