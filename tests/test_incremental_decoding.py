@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
 
 import pytest
 import torch
@@ -139,6 +141,18 @@ def test_traced_step_changes_nothing():
     trie = _uneven_trie()
     reference = _search(model, 5, incremental=False, trie=trie)
     _assert_same(reference, _search(model, 5, incremental=True, trie=trie, compile=True, compile_backend="eager"))
+
+
+def test_a_compiled_step_does_not_keep_its_model_alive():
+    """The compiled-step cache holds no reference to a model: once unused, the model is freed."""
+    model = _model("ace", seed=7, num_decoder_layers=1)
+    reference = _search(model, 5, incremental=False, trie=_uneven_trie())
+    _assert_same(reference, _search(model, 5, incremental=True, trie=_uneven_trie(), compile=True,
+                                    compile_backend="eager"))
+    freed = weakref.ref(model)
+    del model
+    gc.collect()
+    assert freed() is None, "a compiled decode step keeps its model (and all it holds) alive"
 
 
 @pytest.mark.slow

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
+import weakref
 
 import lightning as L
 import pytest
 import torch
 
+import grcm.retriever.incremental as incremental_decoding
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import DecodingError, beams_to_items
 from grcm.retriever.module import GenerativeRetriever, RetrieverConfigError
@@ -283,6 +286,29 @@ def test_nan_logits_raise_instead_of_returning_empty_results(bundle_dir, datamod
     for incremental in (True, False):
         with pytest.raises(DecodingError, match=r"logits contain NaN for \d+ of \d+ queries"):
             module.decode(batch["input_ids"], batch["attention_mask"], incremental=incremental)
+
+
+def test_a_retriever_with_compile_decoder_is_freed_after_use(bundle_dir, datamodule, trained, monkeypatch):
+    """``compile_decoder=True`` decodes through the compiled-step cache, which must not keep the model alive."""
+    compiled = []
+    real_compile = torch.compile
+
+    def eager_compile(function, **options):  # Dynamo traces, no code generation: seconds instead of minutes
+        compiled.append(function)
+        return real_compile(function, backend="eager", dynamic=options.get("dynamic"))
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    monkeypatch.setattr(incremental_decoding, "_COMPILED", type(incremental_decoding._COMPILED)())  # a fresh cache, restored after
+    module = _retriever(bundle_dir, datamodule, compile_decoder=True)
+    module.load_state_dict(trained.state_dict())
+    batch = next(iter(datamodule.val_dataloader()))
+    torch.testing.assert_close(module.retrieve(batch["input_ids"], batch["attention_mask"]),
+                               trained.retrieve(batch["input_ids"], batch["attention_mask"]))
+    assert compiled, "compile_decoder did not compile the decode step"
+    freed = weakref.ref(module), weakref.ref(module.model)
+    del module
+    gc.collect()
+    assert [ref() is None for ref in freed] == [True, True], "the compiled decode step keeps the model alive"
 
 
 def test_speed_options_need_incremental_decoding_and_a_known_precision(bundle_dir, datamodule):

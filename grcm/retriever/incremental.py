@@ -25,7 +25,7 @@ replays the step as CUDA graphs) and half precision (:func:`decode_precision`).
 from __future__ import annotations
 
 import contextlib
-import weakref
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -39,13 +39,27 @@ PRECISIONS = ("32", "16", "bf16")
 
 DecodeStep = Callable[[DecoderMemory, Tensor, "DecoderCache | None"], tuple[Tensor, DecoderCache]]
 
-_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: ``torch.compile`` of :func:`_decode_step` per (mode, backend). The model is an argument of the compiled
+#: function, never part of the cached object: a cache entry that held ``model.decode_step`` (a bound method)
+#: would keep its model, and everything the model holds, alive for the life of the process.
+_COMPILED: dict[tuple[str, str], Callable[..., tuple[Tensor, DecoderCache]]] = {}
+
+
+def _decode_step(
+    model: GenerativeRetrieverModel, memory: DecoderMemory, codes: Tensor, cache: DecoderCache | None
+) -> tuple[Tensor, DecoderCache]:
+    """``model.decode_step(memory, codes, cache)``, with the model as an argument (what gets compiled)."""
+    return model.decode_step(memory, codes, cache)
 
 
 def compiled_decode_step(
     model: GenerativeRetrieverModel, cuda_graphs: bool = False, backend: str = "inductor"
 ) -> DecodeStep:
-    """``torch.compile`` of ``model.decode_step``, built once per model, mode and backend, then reused.
+    """``torch.compile`` of ``model.decode_step``, compiled once per mode and backend, then reused.
+
+    The compiled function is shared by every model (Dynamo re-specialises it for a model of another
+    shape); the returned step binds ``model`` for one search and is not cached, so a model that is no
+    longer used is freed (nothing here refers to it).
 
     Args:
         model: the network (its weights are read at call time; compiling does not copy them).
@@ -55,14 +69,13 @@ def compiled_decode_step(
             traces (quick to build, no speed-up: for tests).
     """
     mode = "reduce-overhead" if cuda_graphs else "default"
-    per_model = _COMPILED.setdefault(model, {})
     key = (mode, backend)
-    if key not in per_model:
+    if key not in _COMPILED:
         if backend == "inductor":
-            per_model[key] = torch.compile(model.decode_step, mode=mode, dynamic=False)
+            _COMPILED[key] = torch.compile(_decode_step, mode=mode, dynamic=False)
         else:
-            per_model[key] = torch.compile(model.decode_step, backend=backend, dynamic=False)
-    return per_model[key]
+            _COMPILED[key] = torch.compile(_decode_step, backend=backend, dynamic=False)
+    return functools.partial(_COMPILED[key], model)
 
 
 class IncrementalStep:
