@@ -4,7 +4,9 @@ Training: the target of a query is the SID of its item, ``codes[item_index]``
 from the SID bundle, learned with cross-entropy plus the R-Drop consistency
 term (:mod:`grcm.retriever.rdrop`). Evaluation: beam search over SID levels,
 constrained to the trie of valid SIDs (:mod:`grcm.decoding`), beams expanded
-to items, item-level Recall@K and MRR@K (:mod:`grcm.metrics`).
+to items, item-level Recall@K and MRR@K (:mod:`grcm.metrics`): the SID-retrieval
+path shared with GRDR (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`).
+This module adds ACE's own ``valid_sid@r`` and ``ce`` evaluation logs.
 
 The SID bundle travels with every checkpoint: the code table is a buffer of
 the state dict and the rest of the bundle (item ids, vocabulary sizes,
@@ -15,39 +17,25 @@ directory (:attr:`GenerativeRetriever.sid_bundle` rebuilds it).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch import Tensor
 
-from grcm.decoding import (
-    SIDTrie,
-    beams_to_items,
-    beams_to_scored_items,
-    constrained_beam_search,
-    sid_table_nbytes,
-)
-from grcm.decoding.beam import BeamSearchOutput
-from grcm.errors import GrcmError
-from grcm.metrics import ItemRetrievalMetrics, fixed_width
-from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
+from grcm.decoding import BeamSearchOutput, RankedItems, SIDTrie
 from grcm.retriever.model import GenerativeRetrieverModel
 from grcm.retriever.rdrop import sid_loss
 from grcm.retriever.schedule import warmup_cosine_restarts
+from grcm.retriever.sid_retrieval import RetrieverConfigError, SIDRetrievalModule, check_decoding_args
 from grcm.tokenizers.bundle import BundleError, SIDBundle
 
+__all__ = ["CHECKPOINT_KEY", "GenerativeRetriever", "RetrieverConfigError"]
+
 CHECKPOINT_KEY = "sid_bundle"
-
-
-class RetrieverConfigError(GrcmError, ValueError):
-    """A GenerativeRetriever argument that cannot work (names the argument and the fix)."""
 
 
 def _plain(value: Any) -> Any:
@@ -55,7 +43,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=lambda obj: obj.tolist() if hasattr(obj, "tolist") else str(obj)))
 
 
-class GenerativeRetriever(L.LightningModule):
+class GenerativeRetriever(SIDRetrievalModule):
     """ACE-style generative retriever over a SID bundle.
 
     Args:
@@ -95,9 +83,9 @@ class GenerativeRetriever(L.LightningModule):
         decode_precision: "32", or on CUDA "16" / "bf16" autocast while decoding (speed only).
         cuda_graphs: replay the incremental decode step as CUDA graphs (CUDA only; speed only).
 
-    :meth:`decode` and :meth:`retrieve` always run in evaluation mode under
-    ``torch.inference_mode`` (the training flag is restored afterwards), also
-    when called outside a Lightning loop.
+    :meth:`decode` and :meth:`retrieve` (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`)
+    always run in evaluation mode under ``torch.inference_mode`` (the training flags are restored
+    afterwards), also when called outside a Lightning loop.
     """
 
     #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (``bundle_dir`` only to a
@@ -143,24 +131,8 @@ class GenerativeRetriever(L.LightningModule):
         super().__init__()
         if rdrop_omega < 0:
             raise RetrieverConfigError(f"model.rdrop_omega must be >= 0, got {rdrop_omega}.")
-        if beam_size < 1:
-            raise RetrieverConfigError(f"model.beam_size must be >= 1, got {beam_size}.")
-        largest_cutoff = max(*ks, mrr_k)
-        if eval_max_items is not None and eval_max_items < largest_cutoff:
-            raise RetrieverConfigError(
-                f"model.eval_max_items={eval_max_items} is below the largest reported cut-off {largest_cutoff} "
-                f"(ks={list(ks)}, mrr_k={mrr_k}): recall@{largest_cutoff} would count only {eval_max_items} items. "
-                f"Set eval_max_items >= {largest_cutoff} or leave it unset."
-            )
-        if decode_precision not in PRECISIONS:
-            raise RetrieverConfigError(
-                f"model.decode_precision must be one of {list(PRECISIONS)}, got {decode_precision!r}."
-            )
-        if (compile_decoder or cuda_graphs) and not incremental_decoding:
-            raise RetrieverConfigError(
-                "model.compile_decoder and model.cuda_graphs speed up incremental decoding; "
-                "set model.incremental_decoding=true or unset them."
-            )
+        check_decoding_args(beam_size, eval_max_items, ks, mrr_k, incremental_decoding, compile_decoder,
+                            decode_precision, cuda_graphs)
         self.save_hyperparameters()
         bundle = self._read_bundle(bundle_dir, sid_vocab_sizes)
         if bundle is not None:
@@ -189,13 +161,7 @@ class GenerativeRetriever(L.LightningModule):
         codes = bundle.codes if bundle is not None else torch.zeros(0, len(sid_vocab_sizes), dtype=torch.long)
         self.register_buffer("sid_codes", codes.clone())
         self._bundle_extras: dict[str, Any] = self._extras_of(bundle) if bundle is not None else {}
-        self._trie: SIDTrie | None = None
-        # a state dict loaded into the module may replace sid_codes: the trie must follow
-        self.register_load_state_dict_post_hook(GenerativeRetriever._forget_trie)
-        self.val_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
-        self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
-        self._decode_seconds = 0.0
-        self._decoded_queries = 0
+        self.init_retrieval(ks, mrr_k)
 
     # ----------------------------------------------------------------- bundle
     @staticmethod
@@ -255,19 +221,17 @@ class GenerativeRetriever(L.LightningModule):
                 "and no checkpoint was loaded; point model.bundle_dir at the tokenizer's bundle."
             )
 
-    @staticmethod
-    def _forget_trie(module: GenerativeRetriever, incompatible_keys: Any) -> None:
-        module._trie = None
+    # ------------------------------------------------------------ SID table (see SIDRetrievalModule)
+    def trie_sources(self) -> tuple[Tensor, ...]:
+        return (self.sid_codes,)
 
-    @property
-    def trie(self) -> SIDTrie:
-        """Trie over :attr:`sid_codes`, built once and kept on the module's device."""
+    def build_trie(self) -> SIDTrie:
+        """Trie over :attr:`sid_codes` (rebuilt whenever the codes change, e.g. by ``load_state_dict``)."""
         self._require_codes()
-        if self._trie is None:
-            self._trie = SIDTrie.from_codes(self.sid_codes.cpu(), self.model.sid_vocab_sizes)
-        if self._trie.device != self.device:
-            self._trie = self._trie.to(self.device)
-        return self._trie
+        return SIDTrie.from_codes(self.sid_codes.cpu(), self.model.sid_vocab_sizes)
+
+    def index_table(self) -> tuple[Tensor, list[int], int]:
+        return self.sid_codes, list(self.model.sid_vocab_sizes), int(self.sid_codes.shape[0])
 
     def setup(self, stage: str) -> None:
         """Check that the bundle's items are the data module's corpus items, in order.
@@ -301,7 +265,6 @@ class GenerativeRetriever(L.LightningModule):
             )
         self._bundle_extras = dict(extras)
         self.sid_codes = torch.empty_like(codes, device=self.sid_codes.device)  # resized; filled by load_state_dict
-        self._trie = None
 
     # --------------------------------------------------------------- training
     def forward(self, input_ids: Tensor, attention_mask: Tensor, sids: Tensor) -> list[Tensor]:
@@ -352,88 +315,11 @@ class GenerativeRetriever(L.LightningModule):
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
     # ------------------------------------------------------------- evaluation
-    @property
-    def eval_max_items(self) -> int:
-        if self.hparams.eval_max_items is not None:
-            return int(self.hparams.eval_max_items)
-        return max(*self.hparams.ks, self.hparams.mrr_k)
-
-    @contextlib.contextmanager
-    def _inference(self) -> Iterator[None]:
-        """Evaluation mode (no dropout) and ``torch.inference_mode``; restores the training flag."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                yield
-        finally:
-            self.model.train(was_training)
-
-    def decode(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        beam_size: int | None = None,
-        incremental: bool | None = None,
-    ) -> BeamSearchOutput:
-        """Beam search over SIDs: queries (B, T) -> beams (B, K, L) and scores (B, K).
-
-        Args:
-            input_ids, attention_mask: (B, T) query tokens and mask (True = real token).
-            beam_size: K; None uses ``hparams.beam_size``.
-            incremental: KV-cached decoding; None uses ``hparams.incremental_decoding``. False
-                recomputes the full prefix each level (the reference: same beams and scores).
-        """
-        if beam_size is None:
-            beam_size = self.hparams.beam_size
-        elif int(beam_size) < 1:
-            raise RetrieverConfigError(f"decode: beam_size must be >= 1 (or None for the default), got {beam_size}.")
-        hparams = self.hparams
-        incremental = hparams.get("incremental_decoding", True) if incremental is None else incremental
-        trie = self.trie  # built outside inference mode: it outlives this call
-        with self._inference(), decode_precision(hparams.get("decode_precision", "32"), input_ids.device):
-            enc = self.model.encode(input_ids, attention_mask)
-            step_fn = make_step_fn(
-                self.model,
-                enc,
-                int(beam_size),
-                incremental=incremental,
-                compile=bool(incremental and hparams.get("compile_decoder", False)),
-                cuda_graphs=bool(incremental and hparams.get("cuda_graphs", False)),
-            )
-            return constrained_beam_search(
-                step_fn,
-                batch_size=input_ids.shape[0],
-                beam_size=int(beam_size),
-                trie=trie,
-                vocab_sizes=self.model.sid_vocab_sizes,
-                constrained=hparams.constrained,
-            )
-
-    def retrieve(self, input_ids: Tensor, attention_mask: Tensor, max_items: int | None = None) -> Tensor:
-        """Ranked items (B, M) padded with -1 for queries (B, T) (evaluation mode, inference mode)."""
-        output = self.decode(input_ids, attention_mask)
-        with torch.inference_mode():
-            return beams_to_items(output, self.trie, max_items or self.eval_max_items)
-
-    def _evaluate(self, batch: dict[str, Tensor], metrics: ItemRetrievalMetrics, stage: str) -> dict[str, Any]:
-        """Decode the batch once, update the metrics and return what was decoded.
-
-        Returns:
-            ``{"candidates": (B, M) every item the beams recall, in beam order, -1 padded;
-            "candidate_scores": (B, M) the log-probability of the beam that recalled each, -inf on padding;
-            "beam_size": int; "decode_seconds": float}``, the stage-1 pool that
-            :class:`~grcm.rerank.two_stage.TwoStageEvaluation` reranks without decoding again.
-        """
-        start = time.perf_counter()
-        output = self.decode(batch["input_ids"], batch["attention_mask"])
-        recalled = beams_to_scored_items(output, self.trie)
-        ranked = fixed_width(recalled.items, self.eval_max_items)  # = beams_to_items(output, trie, eval_max_items)
-        decode_seconds = time.perf_counter() - start
-        self._decode_seconds += decode_seconds
-        self._decoded_queries += ranked.shape[0]
-        metrics.update(ranked, batch["gold_items"], batch["query_index"])
-        batch_size = ranked.shape[0]
+    # decode, retrieve, metrics, logging, index size and predict_step: SIDRetrievalModule
+    def evaluate_extra(self, batch: dict[str, Tensor], output: BeamSearchOutput, recalled: RankedItems,
+                       stage: str) -> None:
+        """``{stage}/valid_sid@r`` per beam rank and ``{stage}/ce``, the teacher-forced loss of the gold SIDs."""
+        batch_size = output.sequences.shape[0]
         for rank, share in enumerate(self.valid_sid_share(output).tolist(), start=1):
             self.log(f"{stage}/valid_sid@{rank}", share, batch_size=batch_size, sync_dist=True)
         gold = batch["gold_items"][:, 0]
@@ -442,12 +328,6 @@ class GenerativeRetriever(L.LightningModule):
             logits = self.model(batch["input_ids"], batch["attention_mask"], targets)
             loss, _ = sid_loss(logits, None, targets, 0.0)
             self.log(f"{stage}/ce", loss, batch_size=batch_size, sync_dist=True)
-        return {
-            "candidates": recalled.items,
-            "candidate_scores": recalled.scores,
-            "beam_size": int(self.hparams.beam_size),
-            "decode_seconds": decode_seconds,
-        }
 
     def valid_sid_share(self, output: BeamSearchOutput) -> Tensor:
         """(K,) share of queries whose rank-r beam (r = 1..K) is a SID of the corpus (an item's full SID).
@@ -458,41 +338,3 @@ class GenerativeRetriever(L.LightningModule):
         rows, beams, levels = sequences.shape
         valid = self.trie.contains(sequences.reshape(rows * beams, levels).clamp(min=0)).reshape(rows, beams)
         return (valid & (scores > float("-inf"))).float().mean(0)
-
-    def on_validation_epoch_start(self) -> None:
-        self._decode_seconds, self._decoded_queries = 0.0, 0
-
-    def on_test_epoch_start(self) -> None:
-        self._decode_seconds, self._decoded_queries = 0.0, 0
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        return self._evaluate(batch, self.val_metrics, "val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        return self._evaluate(batch, self.test_metrics, "test")
-
-    def _log_metrics(self, metrics: ItemRetrievalMetrics, stage: str) -> None:
-        # compute() gathers every rank's queries (de-duplicated by id): the values are equal on all ranks
-        values = metrics.compute()
-        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=True, sync_dist=True)
-        metrics.reset()
-        self.log(f"{stage}/queries_per_s", self._decoded_queries / max(self._decode_seconds, 1e-9), sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
-        self.log("test/index_bytes_per_item", self.index_bytes_per_item(), sync_dist=True)
-
-    def index_bytes_per_item(self) -> float:
-        """Bytes per item of the generative index: the trie plus the item -> SID table in narrow dtypes."""
-        codes = self.sid_codes
-        table = sid_table_nbytes(codes, self.model.sid_vocab_sizes)
-        return (self.trie.nbytes() + table) / max(codes.shape[0], 1)
-
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """``{"query_index": (B,), "items": (B, M), "scores": (B, M)}`` ranked items with beam scores."""
-        output = self.decode(batch["input_ids"], batch["attention_mask"])
-        ranked = beams_to_scored_items(output, self.trie, self.eval_max_items)
-        return {"query_index": batch["query_index"], "items": ranked.items, "scores": ranked.scores}

@@ -1,0 +1,269 @@
+"""The SID-retrieval path shared by ACE's :class:`~grcm.retriever.module.GenerativeRetriever` and GRDR.
+
+Query text -> constrained beam search over SIDs -> ranked items -> metrics, in one place:
+
+* **inference mode**: :meth:`SIDRetrievalModule.decode` and :meth:`~SIDRetrievalModule.retrieve` always
+  run with every submodule in evaluation mode (no dropout) under ``torch.inference_mode``, also when
+  called outside a Lightning loop or right after ``load_from_checkpoint``; each submodule's training
+  flag is restored afterwards;
+* **decoding**: KV-cached incremental decoding by default (:mod:`grcm.retriever.incremental`, with its
+  ``compile_decoder`` / ``cuda_graphs`` / ``decode_precision`` speed options), the full-recompute
+  reference with ``incremental_decoding=False``; the trie is cached against the SID table's version
+  (:class:`~grcm.retriever.trie_cache.VersionedTrie`);
+* **beams -> items**: every item the beams recall, in beam order, with the beam's log-probability
+  (:func:`~grcm.decoding.beams_to_scored_items`), cut to ``eval_max_items`` for the metrics;
+* **metrics and logging**: item-level ``recall@k`` / ``mrr@k`` (:class:`~grcm.metrics.ItemRetrievalMetrics`,
+  each query id counted once under DDP), ``queries_per_s``, and at test time
+  ``index_bytes_per_item`` (the trie plus the SID table in narrow dtypes);
+* **predict output**: ``{"query_index", "items", "scores"}``.
+
+A subclass provides ``self.model`` (a :class:`~grcm.retriever.model.GenerativeRetrieverModel`), its
+SID table (:meth:`~SIDRetrievalModule.index_table`, :meth:`~SIDRetrievalModule.build_trie`,
+:meth:`~SIDRetrievalModule.trie_sources`) and may add per-batch and per-epoch metrics
+(:meth:`~SIDRetrievalModule.evaluate_extra`, :meth:`~SIDRetrievalModule.log_extra`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from grcm.decoding import (
+    BeamSearchOutput,
+    RankedItems,
+    SIDTrie,
+    beams_to_items,
+    beams_to_scored_items,
+    constrained_beam_search,
+    sid_table_nbytes,
+)
+from grcm.errors import GrcmError
+from grcm.metrics import ItemRetrievalMetrics, fixed_width
+from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
+from grcm.retriever.trie_cache import VersionedTrie
+
+
+class RetrieverConfigError(GrcmError, ValueError):
+    """A retriever argument that cannot work (names the argument and the fix)."""
+
+
+def check_decoding_args(
+    beam_size: int,
+    eval_max_items: int | None,
+    ks: Sequence[int],
+    mrr_k: int,
+    incremental_decoding: bool = True,
+    compile_decoder: bool = False,
+    decode_precision: str = "32",
+    cuda_graphs: bool = False,
+) -> None:
+    """Raise :class:`RetrieverConfigError` for decoding and reporting arguments that cannot work."""
+    if beam_size < 1:
+        raise RetrieverConfigError(f"model.beam_size must be >= 1, got {beam_size}.")
+    largest_cutoff = max(*ks, mrr_k)
+    if eval_max_items is not None and eval_max_items < largest_cutoff:
+        raise RetrieverConfigError(
+            f"model.eval_max_items={eval_max_items} is below the largest reported cut-off {largest_cutoff} "
+            f"(ks={list(ks)}, mrr_k={mrr_k}): recall@{largest_cutoff} would count only {eval_max_items} items. "
+            f"Set eval_max_items >= {largest_cutoff} or leave it unset."
+        )
+    if decode_precision not in PRECISIONS:
+        raise RetrieverConfigError(
+            f"model.decode_precision must be one of {list(PRECISIONS)}, got {decode_precision!r}."
+        )
+    if (compile_decoder or cuda_graphs) and not incremental_decoding:
+        raise RetrieverConfigError(
+            "model.compile_decoder and model.cuda_graphs speed up incremental decoding; "
+            "set model.incremental_decoding=true or unset them."
+        )
+
+
+class SIDRetrievalModule(L.LightningModule):
+    """Decoding, beams -> items, metrics, logging, index size and prediction of a SID retriever.
+
+    Reads these hyperparameters: ``beam_size``, ``eval_max_items``, ``ks``, ``mrr_k`` and, when present,
+    ``constrained`` (default True), ``incremental_decoding`` (True), ``compile_decoder`` (False),
+    ``decode_precision`` ("32") and ``cuda_graphs`` (False). A subclass calls
+    :meth:`init_retrieval` in its ``__init__`` after ``save_hyperparameters``.
+    """
+
+    def init_retrieval(self, ks: Sequence[int], mrr_k: int) -> None:
+        """Create the metric states, the decode timers and the trie cache."""
+        self.val_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
+        self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
+        self._decode_seconds, self._decoded_queries = 0.0, 0
+        self._trie_cache = VersionedTrie()
+
+    # ------------------------------------------------------- the subclass's SID table
+    def trie_sources(self) -> tuple[Tensor, ...]:
+        """The tensors the trie is a function of (a change to any of them rebuilds it)."""
+        raise NotImplementedError
+
+    def build_trie(self) -> SIDTrie:
+        """A new trie over the current SID table (called only when :meth:`trie_sources` changed)."""
+        raise NotImplementedError
+
+    def index_table(self) -> tuple[Tensor, list[int], int]:
+        """The generative index's SID table: codes (R, l), their code ranges (l,), and the item count N."""
+        raise NotImplementedError
+
+    @property
+    def can_decode(self) -> bool:
+        """False while there is no SID to decode (GRDR before its first level): evaluation is skipped."""
+        return True
+
+    def evaluate_extra(self, batch: dict[str, Tensor], output: BeamSearchOutput, recalled: RankedItems,
+                       stage: str) -> None:
+        """Per-batch metrics of the subclass, after the shared ones (``stage`` is "val" or "test")."""
+
+    def log_extra(self, stage: str) -> None:
+        """Per-epoch metrics of the subclass (computed and reset), logged with the shared ones."""
+
+    @property
+    def trie(self) -> SIDTrie:
+        """Trie over the SID table, rebuilt only when the table changes, kept on the module's device."""
+        return self._trie_cache.get(self.trie_sources(), self.build_trie, self.device)
+
+    # --------------------------------------------------------------- inference
+    @property
+    def eval_max_items(self) -> int:
+        """Ranked items kept per query: ``hparams.eval_max_items``, or the largest reported cut-off."""
+        if self.hparams.eval_max_items is not None:
+            return int(self.hparams.eval_max_items)
+        return max(*self.hparams.ks, self.hparams.mrr_k)
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Every submodule in evaluation mode (no dropout) under ``torch.inference_mode``; restores the flags."""
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    def decode(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        beam_size: int | None = None,
+        incremental: bool | None = None,
+    ) -> BeamSearchOutput:
+        """Beam search over SIDs: queries (B, T) -> beams (B, K, L) and scores (B, K).
+
+        Args:
+            input_ids, attention_mask: (B, T) query tokens and mask (True = real token).
+            beam_size: K; None uses ``hparams.beam_size``.
+            incremental: KV-cached decoding; None uses ``hparams.incremental_decoding``. False
+                recomputes the full prefix each level (the reference: same beams and scores).
+        """
+        if beam_size is None:
+            beam_size = self.hparams.beam_size
+        elif int(beam_size) < 1:
+            raise RetrieverConfigError(f"decode: beam_size must be >= 1 (or None for the default), got {beam_size}.")
+        hparams = self.hparams
+        incremental = hparams.get("incremental_decoding", True) if incremental is None else incremental
+        trie = self.trie  # built outside inference mode: it outlives this call
+        with self._inference(), decode_precision(hparams.get("decode_precision", "32"), input_ids.device):
+            enc = self.model.encode(input_ids, attention_mask)
+            step_fn = make_step_fn(
+                self.model,
+                enc,
+                int(beam_size),
+                incremental=incremental,
+                compile=bool(incremental and hparams.get("compile_decoder", False)),
+                cuda_graphs=bool(incremental and hparams.get("cuda_graphs", False)),
+            )
+            return constrained_beam_search(
+                step_fn,
+                batch_size=input_ids.shape[0],
+                beam_size=int(beam_size),
+                trie=trie,
+                vocab_sizes=trie.vocab_sizes,
+                constrained=hparams.get("constrained", True),
+            )
+
+    def retrieve(self, input_ids: Tensor, attention_mask: Tensor, max_items: int | None = None) -> Tensor:
+        """Ranked items (B, M) padded with -1 for queries (B, T); M = ``max_items`` or :attr:`eval_max_items`."""
+        output = self.decode(input_ids, attention_mask)
+        with torch.inference_mode():
+            return beams_to_items(output, self.trie, max_items or self.eval_max_items)
+
+    # -------------------------------------------------------------- evaluation
+    def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Any] | None:
+        """Decode the batch once, update the metrics and return what was decoded (None: nothing to decode).
+
+        Returns:
+            ``{"candidates": (B, M) every item the beams recall, in beam order, -1 padded;
+            "candidate_scores": (B, M) the log-probability of the beam that recalled each, -inf on padding;
+            "beam_size": int; "decode_seconds": float}``, the stage-1 pool that
+            :class:`~grcm.rerank.two_stage.TwoStageEvaluation` reranks without decoding again.
+        """
+        if not self.can_decode:
+            return None
+        start = time.perf_counter()
+        output = self.decode(batch["input_ids"], batch["attention_mask"])
+        recalled = beams_to_scored_items(output, self.trie)
+        ranked = fixed_width(recalled.items, self.eval_max_items)  # = beams_to_items(output, trie, eval_max_items)
+        decode_seconds = time.perf_counter() - start
+        self._decode_seconds += decode_seconds
+        self._decoded_queries += ranked.shape[0]
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(ranked, batch["gold_items"], batch["query_index"])
+        self.evaluate_extra(batch, output, recalled, stage)
+        return {
+            "candidates": recalled.items,
+            "candidate_scores": recalled.scores,
+            "beam_size": int(self.hparams.beam_size),
+            "decode_seconds": decode_seconds,
+        }
+
+    def on_validation_epoch_start(self) -> None:
+        self._decode_seconds, self._decoded_queries = 0.0, 0
+
+    def on_test_epoch_start(self) -> None:
+        self._decode_seconds, self._decoded_queries = 0.0, 0
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
+        return self._evaluate(batch, "test")
+
+    def _log_metrics(self, stage: str) -> None:
+        if self._decoded_queries == 0:  # nothing was decoded (no SIDs yet): no metric to report
+            return
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        # compute() gathers every rank's queries (de-duplicated by id): equal on all ranks, sync_dist keeps DDP quiet
+        values = metrics.compute()
+        self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=True, sync_dist=True)
+        metrics.reset()
+        self.log_extra(stage)
+        self.log(f"{stage}/queries_per_s", self._decoded_queries / max(self._decode_seconds, 1e-9), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+        if self._decoded_queries:
+            self.log("test/index_bytes_per_item", self.index_bytes_per_item(), sync_dist=True)
+
+    def index_bytes_per_item(self) -> float:
+        """Bytes per item of the generative index: the trie plus the SID table in narrow dtypes."""
+        codes, vocab_sizes, num_items = self.index_table()
+        return (self.trie.nbytes() + sid_table_nbytes(codes, vocab_sizes)) / max(num_items, 1)
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """``{"query_index": (B,), "items": (B, M), "scores": (B, M)}`` ranked items with beam scores."""
+        output = self.decode(batch["input_ids"], batch["attention_mask"])
+        ranked = beams_to_scored_items(output, self.trie, self.eval_max_items)
+        return {"query_index": batch["query_index"], "items": ranked.items, "scores": ranked.scores}
