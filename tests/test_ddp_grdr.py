@@ -35,7 +35,7 @@ from test_ddp_launch import (
     _vocabulary_of,
 )
 
-import grcm.retriever.grdr as grdr
+import grcm.retriever.grdr.routing as grdr_routing
 from grcm.retriever.grdr import GRDRRetriever
 
 pytestmark = pytest.mark.skipif(
@@ -60,8 +60,8 @@ PROBED = ("embed_queries", "cluster_routes", "random_routes", "nearest_view_rout
 class ComputationProbe(L.Callback):
     """Record, per rank, every call of GRDR's one-off computations; write ``<out>/rank<r>.json`` at the end.
 
-    Wraps the routing functions GRDRRetriever calls and its tokenizer's ``init_level`` (K-Means) in ``setup``,
-    which runs before the module's own ``setup``.
+    Wraps the routing functions GRDRRetriever calls (in :mod:`grcm.retriever.grdr.routing`) and its tokenizer's
+    ``init_level`` (K-Means) in ``setup``, which runs before the module's own ``setup``.
     """
 
     def __init__(self, out: str) -> None:
@@ -70,7 +70,7 @@ class ComputationProbe(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for name in PROBED:
-            setattr(grdr, name, self._recording(name, getattr(grdr, name)))
+            setattr(grdr_routing, name, self._recording(name, getattr(grdr_routing, name)))
         init_level = pl_module.tokenizer.init_level
 
         def recorded_init_level(features, level, seed=0):
@@ -120,16 +120,16 @@ def test_grdr_ddp_eval_equals_one_process_and_rank_zero_wrote_the_checkpoint(ddp
     assert ddp["phase/index"] == 3.0 and ddp["phase/level"] == 1.0
     model = GRDRRetriever.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu",
                                                weights_only=True)
-    assert model.decode_levels == 2 and tuple(model.sid_codes.shape) == (97, 2, 2)
-    routes = model.query_routes[model.query_routes >= 0]
+    assert int(model.initialised_levels) == 2 and tuple(model.sid_codes.shape) == (97, 2, 2)
+    routes = model.sids.query_routes[model.sids.query_routes >= 0]
     assert routes.numel() > 0 and set(routes.tolist()) == {0, 1}
     # grdr.yaml's query vocabulary (a trained one is restored from the checkpoint)
     single = _validate(model, ckpt_path=run / "checkpoints" / "last.ckpt",
                        **_vocabulary_of(ROOT / "experiments" / "synthetic" / "grdr.yaml"))
     names = ["val/recall@1", "val/recall@5", "val/recall@10", "val/mrr@10", "val/pool_size"]
-    names += [f"val/candidate_recall@{k}" for k in (10, 50, 100)]
+    names += [f"val/{name}@{k}" for name in ("expanded_recall", "candidate_recall") for k in (10, 50, 100)]
     for name in names:
         assert ddp[name] == pytest.approx(single[name], abs=1e-6), name
     assert 0 < ddp["val/recall@10"] and 1 <= ddp["val/pool_size"]
     # the one-process validation refreshed nothing: the checkpoint's SID table is the tokenizer's
-    assert torch.equal(model.sid_codes, model.tokenizer.encode(model.features, 2))
+    assert torch.equal(model.sid_codes, model.tokenizer.encode(model.sids.features, 2))

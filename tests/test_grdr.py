@@ -1,9 +1,10 @@
 """GRDR: query routing, multi-view tokenizer, shared codebook, phase schedule, item-level decoding, checkpoints,
-evaluation overrides with ``--ckpt_path``."""
+inference mode and the versioned trie, evaluation overrides with ``--ckpt_path``."""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import lightning as L
@@ -13,9 +14,8 @@ import torch
 from test_cli_runs import grcm, last_logged_hparams, last_version
 
 from grcm.data.datamodules import SyntheticDataModule
-from grcm.decoding import SIDTrie, beams_to_items
-from grcm.decoding.beam import BeamSearchOutput
-from grcm.metrics import ItemRetrievalMetrics
+from grcm.decoding import BeamSearchOutput, SIDTrie, beams_to_items
+from grcm.metrics import ItemRetrievalMetrics, fixed_width
 from grcm.retriever.grdr import CosineCodeHead, GRDRRetriever
 from grcm.retriever.phases import GROUPS, TRAINABLE, build_schedule, phase_at
 from grcm.tokenizers.kmeans import fit_kmeans
@@ -23,10 +23,10 @@ from grcm.tokenizers.multiview import (
     MultiViewTokenizer,
     code_usage_balance,
     multiview_health,
+    routed_view_infonce,
     sum_codes,
-    view_infonce,
 )
-from grcm.tokenizers.query_routing import cluster_routes, random_routes
+from grcm.tokenizers.query_routing import cluster_routes, embed_queries, random_routes
 
 
 def _tiny_retriever(**kwargs) -> GRDRRetriever:
@@ -66,8 +66,13 @@ def test_shared_codebook_is_one_parameter_and_gets_gradient_from_the_retrieval_l
     loss.backward()
     for codebook in module.tokenizer.codebooks:
         assert codebook.grad is not None and codebook.grad.abs().sum() > 0
-    scale = module.model.heads[0].scale
-    assert 20.0 <= float(scale.detach()) <= 100.0
+    # logits are s * cos(h, E) with s learned and clamped to [20, 100]: 30 at start, the clamp's ends beyond it
+    head, hidden = module.model.heads[0], torch.randn(3, 16)
+    cosine = torch.nn.functional.normalize(hidden, dim=-1) @ torch.nn.functional.normalize(head.codebook, dim=-1).T
+    for log_scale, scale in ((math.log(30.0), 30.0), (math.log(1000.0), 100.0), (0.0, 20.0)):
+        with torch.no_grad():
+            head.log_scale.fill_(log_scale)
+        torch.testing.assert_close(head(hidden), scale * cosine)
 
     unshared = _tiny_retriever(shared_codebook=False)
     assert unshared.model.code_embeddings[0].weight is not unshared.tokenizer.codebooks[0]
@@ -114,14 +119,18 @@ def test_new_level_codebook_is_kmeans_of_its_residuals():
     codes = tokenizer.encode(features)
     assert codes.shape == (200, 3, 2)
     health = multiview_health(codes, tokenizer.vocab_sizes)
-    assert 0 < health["view0_level0_utilisation"] <= 1 and 1 <= health["unique_sids_per_item"] <= 3
+    # independent: distinct level-0 codes of view 0 over K = 8, distinct (level 0, level 1) rows per item
+    assert health["view0_level0_utilisation"] == len(set(codes[:, 0, 0].tolist())) / 8
+    distinct = [len({tuple(view) for view in item.tolist()}) for item in codes]
+    assert health["unique_sids_per_item"] == pytest.approx(sum(distinct) / len(distinct))
+    assert health["duplicate_sid_item_fraction"] == pytest.approx(sum(d < 3 for d in distinct) / len(distinct))
 
 
-def test_view_infonce_multi_positive_prefers_the_routed_view():
+def test_routed_view_infonce_multi_positive_prefers_the_routed_view():
     views = torch.eye(4).reshape(2, 2, 4)  # item 0: views e0, e1; item 1: views e2, e3
     queries = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
-    good = view_infonce(queries, views, torch.tensor([0, 1]), torch.tensor([1, 0]), temperature=0.1)
-    bad = view_infonce(queries, views, torch.tensor([0, 1]), torch.tensor([0, 1]), temperature=0.1)
+    good = routed_view_infonce(queries, views, torch.tensor([0, 1]), torch.tensor([1, 0]), temperature=0.1)
+    bad = routed_view_infonce(queries, views, torch.tensor([0, 1]), torch.tensor([0, 1]), temperature=0.1)
     assert float(good) < 0.01 < float(bad)
 
 
@@ -140,37 +149,165 @@ def test_trie_expands_a_shared_sid_to_all_its_items_and_metrics_are_item_level()
     assert abs(float(values["mrr@10"]) - 1 / 3) < 1e-6
 
 
-def test_phased_fit_then_checkpoint_alone_decodes(tmp_path):
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny GRDR through every phase (dropout 0.3), validated once at the end, and its checkpoint."""
+    tmp_path = tmp_path_factory.mktemp("grdr_fit")
     L.seed_everything(0)
     data = SyntheticDataModule(num_items=60, feature_dim=16, batch_size=32, eval_batch_size=64,
                                max_val_queries=20)
     module = _tiny_retriever(vocab_size=data.vocab_size, query_encoder="minilm_static", pretrain_epochs=[1, 0],
-                             main_epochs=1, fit_epochs=[0, 1], beam_size=4)
+                             main_epochs=1, fit_epochs=[0, 1], beam_size=4, dropout=0.3)
     trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_train_batches=3, default_root_dir=tmp_path,
                         check_val_every_n_epoch=4, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=data)
-    assert module.decode_levels == 2
-    assert int(module.anchored_phase) == module.phases[-1].index
-    routes = module.query_routes[module.query_routes >= 0]
-    assert set(routes.tolist()) <= {0, 1}
-    assert trainer.callback_metrics["val/pool_size"] >= 1
     path = tmp_path / "grdr.ckpt"
     trainer.save_checkpoint(path)
+    logged = {name: float(value) for name, value in trainer.callback_metrics.items()}
+    return module, data, path, logged
+
+
+def _expand(sequences: torch.Tensor, scores: torch.Tensor, codes: torch.Tensor) -> list[list[int]]:
+    """Reference expansion of beams (B, K, l) through an (N, V, l) SID table, written out item by item:
+    beams in order, each beam's items in ascending index, an item kept at its first position."""
+    ranked = []
+    for beams, beam_scores in zip(sequences.tolist(), scores.tolist()):
+        items: list[int] = []
+        for beam, score in zip(beams, beam_scores):
+            if score == float("-inf"):
+                continue
+            for item in range(codes.shape[0]):
+                if item not in items and any(view == beam for view in codes[item].tolist()):
+                    items.append(item)
+        ranked.append(items)
+    return ranked
+
+
+def test_phased_fit_routes_queries_by_the_clustering_rule(fitted):
+    module, data, _, _ = fitted
+    assert int(module.initialised_levels) == 2  # both levels built and decoded
+    assert int(module.anchored_phase) == module.phases[-1].index
+    # independent: every training query's text (captions, then extra queries, by id), embedded and clustered
+    # per item; the module's table, indexed by query id, holds exactly these routes
+    train = data.query_batches("train")
+    ids, items = train.query_index.numpy(), train.item_index.numpy()
+    corpus = data.corpus
+    texts = [corpus.caption_text[q] if q < len(corpus.caption_text) else corpus.extra_text[q - len(corpus.caption_text)]
+             for q in ids]
+    expected = cluster_routes(embed_queries(texts, "minilm_static"), items, num_views=2, seed=0)
+    routes = module.sids.query_routes
+    assert routes[torch.from_numpy(ids)].tolist() == expected.tolist()
+    assert int((routes >= 0).sum()) == len(set(ids.tolist()))  # ids that are not training queries stay -1
+
+
+def test_pool_size_and_expanded_recall_equal_a_reference_expansion_of_the_beams(fitted):
+    module, data, path, fit_logged = fitted
+    batch = next(iter(data.val_dataloader()))
+    assert len(batch["query_index"]) == 20  # one batch: every validation query
+    output = module.decode(batch["input_ids"], batch["attention_mask"])
+    ranked = _expand(output.sequences, output.scores, module.sid_codes)
+    assert fit_logged["val/pool_size"] == pytest.approx(sum(map(len, ranked)) / len(ranked), abs=1e-6)
+    # 30 beams expand to a pool deeper than 50 items: every cut-off of expanded_recall@k is exercised
+    wide = GRDRRetriever.load_from_checkpoint(path, weights_only=True, beam_size=30)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(wide, datamodule=data, verbose=False)[0]
+    output = wide.decode(batch["input_ids"], batch["attention_mask"])
+    ranked = _expand(output.sequences, output.scores, wide.sid_codes)
+    assert logged["val/pool_size"] == pytest.approx(sum(map(len, ranked)) / len(ranked), abs=1e-6)
+    gold = batch["gold_items"].tolist()
+    expected = {}
+    for k in (1, 10, 50, 100):
+        hits = [any(g >= 0 and g in items[:k] for g in golds) for items, golds in zip(ranked, gold)]
+        expected[k] = sum(hits) / len(hits)
+    assert expected[1] < expected[10] < expected[50]  # a gold item beyond the ranked list's 10 items
+    assert logged["val/recall@1"] == pytest.approx(expected[1], abs=1e-6)
+    for k in (10, 50, 100):
+        assert logged[f"val/expanded_recall@{k}"] == pytest.approx(expected[k], abs=1e-6), k
+        assert logged[f"val/candidate_recall@{k}"] == logged[f"val/expanded_recall@{k}"]  # deprecated alias
+
+
+def test_checkpoint_alone_decodes_and_the_test_step_returns_the_scored_pool(fitted):
+    module, data, path, _ = fitted
     batch = next(iter(data.test_dataloader()))
-    expected = module.eval().retrieve(batch["input_ids"], batch["attention_mask"])
-    restored = GRDRRetriever.load_from_checkpoint(path, weights_only=True).eval()
+    expected = module.retrieve(batch["input_ids"], batch["attention_mask"])
+    restored = GRDRRetriever.load_from_checkpoint(path, weights_only=True)
     assert restored.item_ids == list(data.corpus.item_ids)
     assert torch.equal(restored.sid_codes, module.sid_codes)
     got = restored.retrieve(batch["input_ids"], batch["attention_mask"])
-    assert torch.equal(got, expected)
-    assert got.shape[0] == batch["input_ids"].shape[0] and bool((got[:, 0] >= 0).all())
-    # the test step returns that pool with each item's beam log-probability, for the two-stage score fusion
+    assert torch.equal(got, expected) and got.shape == (len(batch["query_index"]), restored.eval_max_items)
+    # the test step returns the whole pool with each item's beam log-probability, for the two-stage score fusion
     step = restored.test_step(batch, 0)
-    assert torch.equal(step["candidates"], expected)
-    scores = step["candidate_scores"]
-    assert scores.shape == expected.shape and bool(torch.isfinite(scores[expected >= 0]).all())
-    assert bool((scores[expected < 0] == float("-inf")).all()) and bool((scores[expected >= 0] <= 0).all())
+    pool, scores = step["candidates"], step["candidate_scores"]
+    assert torch.equal(fixed_width(pool, restored.eval_max_items), expected)
+    output = restored.decode(batch["input_ids"], batch["attention_mask"])
+    reference = _expand(output.sequences, output.scores, restored.sid_codes)
+    assert [row[row >= 0].tolist() for row in pool] == reference
+    for row, items, beams, beam_scores in zip(scores, reference, output.sequences, output.scores):
+        for position, item in enumerate(items):  # the score of the first (best) beam that holds the item
+            first = next(k for k, beam in enumerate(beams.tolist()) if beam in restored.sid_codes[item].tolist())
+            assert float(row[position]) == float(beam_scores[first])
+        assert bool((row[len(items):] == float("-inf")).all())
+
+
+def test_a_checkpoint_with_top_level_sid_buffers_still_loads(fitted, tmp_path):
+    """Checkpoints written before the SID state was its own module hold ``sid_codes``, ... at the top level."""
+    module, data, path, _ = fitted
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["state_dict"]
+    for name in ("sid_codes", "anchor_codes", "query_routes", "initialised_levels", "anchored_phase"):
+        state[name] = state.pop(f"sids.{name}")
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    restored = GRDRRetriever.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    assert torch.equal(restored.sid_codes, module.sid_codes) and int(restored.initialised_levels) == 2
+    assert torch.equal(restored.sids.query_routes, module.sids.query_routes)
+    batch = next(iter(data.test_dataloader()))
+    assert torch.equal(restored.retrieve(batch["input_ids"], batch["attention_mask"]),
+                       module.retrieve(batch["input_ids"], batch["attention_mask"]))
+
+
+def test_a_loaded_checkpoint_decodes_without_dropout(fitted):
+    """``load_from_checkpoint`` returns a module in training mode; decoding must not apply its dropout (0.3)."""
+    _, data, path, _ = fitted
+    restored = GRDRRetriever.load_from_checkpoint(path, weights_only=True)
+    assert restored.hparams.dropout == 0.3 and restored.training
+    batch = next(iter(data.test_dataloader()))
+    for incremental in (True, False):
+        first = restored.decode(batch["input_ids"], batch["attention_mask"], incremental=incremental)
+        second = restored.decode(batch["input_ids"], batch["attention_mask"], incremental=incremental)
+        assert torch.equal(first.sequences, second.sequences) and torch.equal(first.scores, second.scores)
+    assert torch.equal(restored.retrieve(batch["input_ids"], batch["attention_mask"]),
+                       restored.retrieve(batch["input_ids"], batch["attention_mask"]))
+    assert restored.training and restored.model.training  # the caller's mode is restored
+
+
+def test_incremental_decoding_returns_the_beams_of_full_recomputation(fitted):
+    module, data, _, _ = fitted
+    batch = next(iter(data.val_dataloader()))
+    for beam_size in (1, 4, 30):
+        full = module.decode(batch["input_ids"], batch["attention_mask"], beam_size=beam_size, incremental=False)
+        cached = module.decode(batch["input_ids"], batch["attention_mask"], beam_size=beam_size, incremental=True)
+        assert torch.equal(full.sequences, cached.sequences), beam_size
+        torch.testing.assert_close(full.scores, cached.scores, atol=1e-5, rtol=1e-5)
+
+
+def test_swapping_two_items_codes_changes_the_decoded_items(fitted):
+    """The trie follows every change of the SID table, also one that keeps the sum of the codes."""
+    _, data, path, _ = fitted
+    module = GRDRRetriever.load_from_checkpoint(path, weights_only=True)
+    batch = next(iter(data.test_dataloader()))
+    before = module.retrieve(batch["input_ids"], batch["attention_mask"])  # builds the trie
+    codes = module.sid_codes
+    first = int(before[0, 0])
+    other = next(i for i in range(codes.shape[0])  # an item that shares no SID with the first
+                 if not any(view in codes[first].tolist() for view in codes[i].tolist()))
+    with torch.no_grad():
+        codes[[first, other]] = codes[[other, first]].clone()
+    output = module.decode(batch["input_ids"], batch["attention_mask"])
+    after = module.retrieve(batch["input_ids"], batch["attention_mask"])
+    expected = [items[: module.eval_max_items] for items in _expand(output.sequences, output.scores, codes)]
+    assert [row[row >= 0].tolist() for row in after] == expected
+    assert int(after[0, 0]) != first and other in after[0].tolist()  # the first item's SID is the other's now
 
 
 def test_code_usage_balance_is_zero_for_even_use_and_high_for_collapse():

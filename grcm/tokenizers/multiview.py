@@ -14,8 +14,10 @@ Shapes: B items, D feature width, V views, L levels, K codes per level, d latent
   straight-through quantised latents, loss ``1 - cos(x̂, x)``.
 * :meth:`MultiViewTokenizer.init_level` K-Means-initialises level l's codebook
   from the level-l residuals of every item and view (faiss, seeded).
-* View separation (:func:`view_infonce` with query embeddings, or
+* View separation (:func:`routed_view_infonce` against guidance query embeddings, or
   :func:`code_usage_balance`) keeps the V views from collapsing onto the same codes.
+  GRDR also uses :func:`routed_view_infonce` with its retriever's own query vectors, as its
+  query-item InfoNCE (:mod:`grcm.retriever.grdr.losses` names the two uses apart).
 
 There is no unique token: several items may share a SID and an item owns up to V.
 """
@@ -180,10 +182,10 @@ def sum_codes(tokenizer: MultiViewTokenizer, codes: Tensor) -> Tensor:
     return total
 
 
-def view_infonce(
+def routed_view_infonce(
     queries: Tensor, views: Tensor, item_index: Tensor, routes: Tensor, temperature: float = 0.1
 ) -> Tensor:
-    """Multi-positive query -> view InfoNCE over a batch.
+    """Multi-positive InfoNCE of queries against the routed views of their items, over a batch.
 
     Every query is contrasted with all V views of all B items of the batch; its
     positives are the routed view of its own item (of every row holding that item).

@@ -1,0 +1,447 @@
+"""The GRDR LightningModule: tokenizer + retriever with a shared codebook, phases, losses, GRDR's metrics.
+
+Decoding, beams -> items, recall/MRR, logging, index size and prediction are the shared SID-retrieval
+path (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`); the SID table, routes and anchors are
+:class:`~grcm.retriever.grdr.state.GRDRState`; the losses are :mod:`grcm.retriever.grdr.losses`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from grcm.ddp import broadcast_from_rank_zero, is_rank_zero
+from grcm.decoding import BeamSearchOutput, RankedItems, SIDTrie
+from grcm.errors import GrcmError
+from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, fixed_width
+from grcm.rerank.text_encoder import masked_mean
+from grcm.retriever.grdr.heads import CosineCodeHead
+from grcm.retriever.grdr.losses import (
+    anchor_code_loss,
+    guided_view_separation,
+    query_item_infonce,
+    routed_sid_loss,
+)
+from grcm.retriever.grdr.routing import nearest_routes, route_training_queries
+from grcm.retriever.grdr.state import CHECKPOINT_KEY, GRDRState, rename_unprefixed_buffers
+from grcm.retriever.model import GenerativeRetrieverModel
+from grcm.retriever.phases import GROUPS, TRAINABLE, Phase, build_schedule, phase_at, resolve_weights
+from grcm.retriever.schedule import warmup_cosine_restarts
+from grcm.retriever.sid_retrieval import SIDRetrievalModule, check_decoding_args
+from grcm.tokenizers.multiview import MultiViewTokenizer, code_usage_balance, multiview_health
+from grcm.tokenizers.query_routing import QUERY_ENCODERS, ROUTINGS
+
+SEPARATIONS = ("infonce", "balance", "both", "none")
+#: cut-offs of ``expanded_recall@k``: the gold item among the first k items the beams expand to
+EXPANDED_KS = (10, 50, 100)
+#: the former name of ``expanded_recall@k``, still logged with the same values (deprecated; removed in the
+#: next release). Not the two-stage callback's ``candidate_recall@B`` (gold anywhere in the recalled pool).
+DEPRECATED_EXPANDED_NAME = "candidate_recall"
+SIDS = "sids."  # state-dict prefix of the GRDRState buffers
+
+
+class GRDRRetriever(SIDRetrievalModule):
+    """Multi-view tokenizer + generative retriever with a shared codebook, trained in phases.
+
+    Args:
+        vocab_size, pad_token_id, feature_dim: linked from the data module.
+        num_views: V SIDs per item (1: the single-view ablation).
+        num_levels, codebook_size: L levels of K codes.
+        d_model: retriever width, also the tokenizer latent / codebook width.
+        tokenizer_hidden: hidden width of the view MLPs.
+        beta: VQ commitment weight (GRDR 0.65).
+        shared_codebook: tie codebooks to the decoder's embeddings and heads (False: the
+            "unshared" ablation, the decoder keeps its own tables and linear heads).
+        routing: ``cluster`` (K-Means of the item's queries), ``nearest`` (closest view,
+            re-routed every epoch, clustered at first) or ``random`` (no query guidance).
+        query_encoder: ``minilm`` or ``minilm_static`` (see :func:`embed_queries`).
+        view_separation: ``infonce`` (guided view separation: multi-positive query -> view InfoNCE on
+            the guidance embeddings), ``balance`` (per-view level-0 code-usage balancing), ``both``
+            (their sum) or ``none``.
+        separation_weight: its weight, in every phase where the tokenizer trains.
+        schedule, pretrain_epochs, main_epochs, fit_epochs: see :mod:`grcm.retriever.phases`.
+        phase_weights: per-phase loss-weight overrides, e.g. ``{"main": {"sid": 1.0}}``.
+        label_smoothing: SID cross-entropy label smoothing.
+        temperature: InfoNCE temperature.
+        num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout, fusion, max_query_len:
+            the retriever's shape (:class:`GenerativeRetrieverModel`).
+        beam_size: beams; eval_max_items: ranked items kept per query (default: the largest cut-off).
+        lr, warmup_epochs, min_lr, weight_decay: Adam and its warm-up + cosine schedule.
+        seed: K-Means and routing seed.
+        ks, mrr_k: reported cut-offs.
+        incremental_decoding, compile_decoder, decode_precision, cuda_graphs: decoding speed options,
+            as for :class:`~grcm.retriever.module.GenerativeRetriever` (same beams).
+    """
+
+    #: arguments that ``grcm test/validate/predict --ckpt_path=...`` may change (decoding and reporting only)
+    EVAL_OVERRIDABLE = ("beam_size", "eval_max_items", "ks", "mrr_k")
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        pad_token_id: int = 0,
+        num_views: int = 4,
+        num_levels: int = 3,
+        codebook_size: int = 128,
+        d_model: int = 64,
+        tokenizer_hidden: int = 256,
+        beta: float = 0.65,
+        shared_codebook: bool = True,
+        routing: str = "cluster",
+        query_encoder: str = "minilm",
+        view_separation: str = "infonce",
+        separation_weight: float = 0.5,
+        schedule: str = "joint",
+        pretrain_epochs: int | list[int] = 1,
+        main_epochs: int | list[int] = 1,
+        fit_epochs: int | list[int] = 1,
+        phase_weights: Mapping[str, Mapping[str, float]] | None = None,
+        label_smoothing: float = 0.1,
+        temperature: float = 0.1,
+        num_heads: int = 4,
+        num_encoder_layers: int = 3,
+        num_decoder_layers: int = 2,
+        ffn_dim: int = 256,
+        dropout: float = 0.1,
+        fusion: str = "ace",
+        max_query_len: int = 64,
+        beam_size: int = 25,
+        eval_max_items: int | None = None,
+        lr: float = 3e-3,
+        warmup_epochs: float = 0.3,
+        min_lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        ks: Sequence[int] = (1, 5, 10),
+        mrr_k: int = 10,
+        incremental_decoding: bool = True,
+        compile_decoder: bool = False,
+        decode_precision: str = "32",
+        cuda_graphs: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value, choices in (("routing", routing, ROUTINGS), ("query_encoder", query_encoder, QUERY_ENCODERS),
+                                     ("view_separation", view_separation, SEPARATIONS)):
+            if value not in choices:
+                raise GrcmError(f"model.{name}={value!r} is not one of {list(choices)}.")
+        check_decoding_args(beam_size, eval_max_items, ks, mrr_k, incremental_decoding, compile_decoder,
+                            decode_precision, cuda_graphs)
+        self.save_hyperparameters()
+        self.phases = build_schedule(num_levels, schedule, pretrain_epochs, main_epochs, fit_epochs)
+        self.weights = resolve_weights(phase_weights)
+        self.tokenizer = MultiViewTokenizer(
+            feature_dim, num_views, num_levels, codebook_size, d_model, tokenizer_hidden, beta
+        )
+        self.model = GenerativeRetrieverModel(
+            vocab_size=vocab_size, sid_vocab_sizes=self.tokenizer.vocab_sizes, d_model=d_model,
+            num_heads=num_heads, num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers,
+            ffn_dim=ffn_dim, dropout=dropout, fusion=fusion, max_query_len=max_query_len,
+            pad_token_id=pad_token_id,
+        )
+        if shared_codebook:
+            codebooks = list(self.tokenizer.codebooks)
+            self.model.share_codebooks(codebooks, [CosineCodeHead(codebook) for codebook in codebooks])
+        self.query_head = nn.Linear(d_model, d_model)
+        self.sids = GRDRState(num_views, num_levels, self.tokenizer.vocab_sizes)  # sized in setup or by a checkpoint
+        self._register_load_state_dict_pre_hook(self._rename_unprefixed_buffers)
+        self._previous_codes: Tensor | None = None  # what the next train/code_drift compares with
+        self._current_phase: int | None = None
+        self.init_retrieval(ks, mrr_k)
+        self.val_expanded = ItemRetrievalMetrics(ks=EXPANDED_KS, mrr_k=10)
+        self.test_expanded = ItemRetrievalMetrics(ks=EXPANDED_KS, mrr_k=10)
+        self.val_pool_size, self.test_pool_size = PerQueryMeans(["pool_size"]), PerQueryMeans(["pool_size"])
+
+    @staticmethod
+    def _rename_unprefixed_buffers(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """``load_state_dict`` pre-hook: a state dict from before :class:`GRDRState` loads too."""
+        rename_unprefixed_buffers(state_dict, prefix, SIDS)
+
+    # ------------------------------------------------------------ the SID table
+    @property
+    def sid_codes(self) -> Tensor:
+        """(N, V, L) long: every view's SID of every item (:class:`GRDRState`)."""
+        return self.sids.sid_codes
+
+    @property
+    def initialised_levels(self) -> Tensor:
+        """() long: SID levels built so far, K-Means-initialised; the levels decoded (all L after training)."""
+        return self.sids.initialised_levels
+
+    @property
+    def anchored_phase(self) -> Tensor:
+        """() long: the phase whose start the anchor codes were snapshotted at (-1: none yet)."""
+        return self.sids.anchored_phase
+
+    @property
+    def item_ids(self) -> list[str]:
+        return list(self.sids.item_ids or [])
+
+    def sid_table(self) -> tuple[Tensor, Tensor]:
+        """All SIDs: codes (N * V, l) over the levels built so far, and the item of each row (N * V,)."""
+        return self.sids.sid_table()
+
+    @property
+    def sid_health(self) -> dict[str, float]:
+        """Multi-view SID health of the current table (see :func:`multiview_health`)."""
+        return self.sids.table_health()
+
+    def trie_sources(self) -> tuple[Tensor, ...]:
+        return (self.sids.sid_codes, self.sids.initialised_levels)
+
+    def build_trie(self) -> SIDTrie:
+        return self.sids.build_trie()
+
+    def index_table(self) -> tuple[Tensor, list[int], int]:
+        codes, _ = self.sids.sid_table()
+        return codes, self.tokenizer.vocab_sizes[: codes.shape[1]], int(self.sids.sid_codes.shape[0])
+
+    @property
+    def can_decode(self) -> bool:
+        return int(self.sids.initialised_levels) > 0
+
+    # ------------------------------------------------------------ parameter groups
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The four groups of :data:`grcm.retriever.phases.GROUPS`, every parameter in exactly one."""
+        codebooks = list(self.tokenizer.codebooks)
+        shared = {id(p) for p in codebooks}
+        model = self.model
+        encoder_modules = [model.token_embedding, model.position_embedding, model.encoder_layers,
+                           model.encoder_norms, self.query_head]
+        encoder = {id(p): p for module in encoder_modules for p in module.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUPS}
+        groups["codebooks"] = codebooks
+        groups["tokenizer"] = [p for p in self.tokenizer.parameters() if id(p) not in shared]
+        groups["encoder"] = list(encoder.values())
+        groups["decoder"] = [p for p in model.parameters() if id(p) not in shared and id(p) not in encoder]
+        return groups
+
+    def apply_phase(self, phase: Phase) -> None:
+        """Set ``requires_grad`` of every parameter group as :data:`TRAINABLE` says for ``phase``."""
+        trainable = TRAINABLE[phase.name]
+        for name, params in self.parameter_groups().items():
+            for param in params:
+                param.requires_grad_(trainable[name])
+
+    def phase_of_epoch(self, epoch: int) -> Phase:
+        return phase_at(self.phases, epoch)
+
+    # ------------------------------------------------------------------- data
+    def _prepare_ddp(self) -> None:
+        """Before DDP wraps the module: every parameter trainable, unused-parameter detection on.
+
+        DDP registers the parameters that require grad when it wraps the module; phases then
+        freeze groups (and ``pretrain`` leaves the decoder out of the loss), so DDP must look for
+        unused parameters. An explicit ``find_unused_parameters`` in the strategy is kept.
+        """
+        for param in self.parameters():
+            param.requires_grad_(True)
+        strategy = self.trainer.strategy
+        options = getattr(strategy, "_ddp_kwargs", None)
+        if isinstance(strategy, DDPStrategy) and isinstance(options, dict):
+            options.setdefault("find_unused_parameters", True)
+
+    def setup(self, stage: str) -> None:
+        """Read item features and (for fit) embed and route the training queries."""
+        if stage == "fit" and self._trainer is not None:
+            self._prepare_ddp()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        corpus = getattr(datamodule, "corpus", None)
+        if corpus is None:
+            return
+        self.sids.attach_corpus(corpus.item_ids, corpus.features, corpus.name)
+        if stage == "fit":
+            self._prepare_queries(datamodule, corpus)
+
+    def _prepare_queries(self, datamodule: Any, corpus: Any) -> None:
+        """Embed and route every training query (on rank 0, broadcast: :mod:`grcm.retriever.grdr.routing`)."""
+        train = datamodule.query_batches("train")
+        query_index, item = train.query_index.numpy(), train.item_index.numpy()
+        hparams = self.hparams
+        need_embeddings = hparams.routing != "random" or hparams.view_separation in ("infonce", "both")
+        embeddings, routes = route_training_queries(self, query_index, item, corpus, hparams.routing,
+                                                    hparams.query_encoder, hparams.num_views, hparams.seed,
+                                                    need_embeddings)
+        self.sids.set_training_queries(query_index, item, routes, embeddings)
+
+    # --------------------------------------------------------------- phases
+    def _enter_phase(self) -> Phase:
+        """Freeze and unfreeze the parameter groups for the current epoch's phase."""
+        phase = self.phase_of_epoch(self.current_epoch)
+        self.apply_phase(phase)
+        if phase.index != self._current_phase:
+            rank_zero_info(f"GRDR {phase}: losses {self.weights[phase.name]}, trainable {TRAINABLE[phase.name]}")
+            self._current_phase = phase.index
+        return phase
+
+    def on_train_start(self) -> None:
+        """A fit resumed mid-epoch skips ``on_train_epoch_start``: enter the phase of the epoch it resumes in.
+
+        The rest of the epoch-start work (K-Means of a new level, anchor snapshot, re-routing) was
+        done before the checkpoint was written and travels in it (``initialised_levels``,
+        ``anchored_phase``, ``anchor_codes``, ``query_routes``).
+        """
+        self._enter_phase()
+
+    def on_train_epoch_start(self) -> None:
+        phase = self._enter_phase()
+        sids = self.sids
+        if phase.initialises_level and int(sids.initialised_levels) <= phase.level:
+            codebook = self.tokenizer.codebooks[phase.level]
+            centroids = None
+            if is_rank_zero(self):
+                self.tokenizer.init_level(sids.features_on_device(), phase.level, seed=self.hparams.seed + phase.level)
+                centroids = codebook.detach().cpu()
+            centroids = broadcast_from_rank_zero(self, centroids)
+            codebook.data.copy_(centroids.to(codebook))
+            sids.initialised_levels.fill_(phase.level + 1)
+            rank_zero_info(f"GRDR: level-{phase.level} codebook K-Means-initialised from its residuals")
+        if int(sids.anchored_phase) < phase.index:  # snapshot once per phase (kept across resumes)
+            sids.snapshot_anchors(self.tokenizer, phase.index)
+        if self.hparams.routing == "nearest" and int(sids.initialised_levels) > 0 and sids.query_embeddings is not None:
+            self._reroute_nearest()
+
+    def _reroute_nearest(self) -> None:
+        """Route each training query to its item's closest view (on rank 0, broadcast)."""
+        sids = self.sids
+        known = (sids.query_item >= 0).nonzero().flatten()
+        routes = nearest_routes(self, self.tokenizer, sids.query_embeddings[known], sids.query_item[known],
+                                sids.features_on_device())
+        sids.query_routes[known.to(routes.device)] = routes
+
+    def on_train_epoch_end(self) -> None:
+        levels = int(self.sids.initialised_levels)
+        codes = self.sids.refresh(self.tokenizer)[:, :, :levels].clone()
+        previous = self._previous_codes
+        if previous is not None and 0 < previous.shape[-1] <= levels:
+            earlier = previous.shape[-1]
+            changed = (codes[:, :, :earlier] != previous.to(codes.device)).any(-1).any(-1)
+            self.log("train/code_drift", changed.float().mean(), sync_dist=True)
+        self._previous_codes = codes
+        # the values below are equal on every rank; sync_dist keeps DDP quiet
+        if levels:
+            health = multiview_health(codes, self.tokenizer.vocab_sizes[:levels])
+            self.sids.health = health
+            keep = [k for k in health if "level0_utilisation" in k or "_level" not in k]
+            self.log_dict({f"sid/{k}": float(health[k]) for k in keep}, sync_dist=True)
+        phase = self.phase_of_epoch(self.current_epoch)
+        self.log("phase/index", float(phase.index), prog_bar=True, sync_dist=True)
+        self.log("phase/level", float(phase.level), sync_dist=True)
+
+    # --------------------------------------------------------------- training
+    def _pooled_query(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        enc = self.model.encode(input_ids, attention_mask)
+        return self.query_head(masked_mean(enc.layer_outputs[-1], enc.attention_mask))
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        phase = self.phase_of_epoch(self.current_epoch)
+        weights, hparams, sids = self.weights[phase.name], self.hparams, self.sids
+        items, query_index = batch["item_index"], batch["query_index"]
+        routes = sids.query_routes[query_index]
+        features = sids.features_on_device()[items]
+        levels = phase.active_levels
+        out = self.tokenizer.quantize(self.tokenizer.view_latents(features), levels)
+        batch_size = items.shape[0]
+        parts: dict[str, Tensor] = {}
+        if weights["recon"]:
+            parts["recon"] = self.tokenizer.reconstruction_loss(features, out.quantized)
+        if weights["vq"] and levels:
+            parts["vq"] = out.vq_loss
+        anchored = min(levels, int(sids.initialised_levels))
+        if weights["code"] and anchored:
+            logits = [self.tokenizer.code_logits(out.residuals[level], level) for level in range(anchored)]
+            parts["code"] = anchor_code_loss(logits, sids.anchor_codes[items])
+        if weights["infonce"]:
+            query = self._pooled_query(batch["input_ids"], batch["attention_mask"])
+            parts["infonce"] = query_item_infonce(query, out.latents, items, routes, hparams.temperature)
+        if weights["sid"] and levels:
+            targets = out.codes[torch.arange(batch_size, device=items.device), routes]  # (B, levels): routed view
+            full = F.pad(targets, (0, hparams.num_levels - levels))  # (B, L): later levels are not trained
+            logits = self.model(batch["input_ids"], batch["attention_mask"], full)
+            parts["sid"], exact = routed_sid_loss(logits, targets, hparams.label_smoothing)
+            self.log("train/sid_accuracy", exact.float().mean(), batch_size=batch_size)
+        loss = sum(weights[name] * value for name, value in parts.items())
+        separation = hparams.view_separation
+        if TRAINABLE[phase.name]["tokenizer"] and separation != "none" and hparams.separation_weight:
+            separation_loss = out.latents.new_zeros(())
+            if separation in ("infonce", "both"):
+                guidance = self.tokenizer.query_projection(sids.query_embeddings.to(self.device)[query_index])
+                parts["view_separation_infonce"] = guided_view_separation(
+                    guidance, out.latents, items, routes, hparams.temperature
+                )
+                separation_loss = separation_loss + parts["view_separation_infonce"]
+            if separation in ("balance", "both"):
+                parts["usage_balance"] = code_usage_balance(self.tokenizer, out.latents)
+                separation_loss = separation_loss + parts["usage_balance"]
+            parts["separation"] = separation_loss
+            loss = loss + hparams.separation_weight * parts["separation"]
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            return None
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        trainer = self.trainer
+        trainer.estimated_stepping_batches  # noqa: B018 -- fills num_training_batches
+        batches = trainer.num_training_batches
+        steps = max(1, math.ceil(batches / trainer.accumulate_grad_batches)) if math.isfinite(batches) else 1
+        total = max(1, self.phases[-1].end * steps)
+        scheduler = warmup_cosine_restarts(
+            optimizer, warmup_steps=round(self.hparams.warmup_epochs * steps), restart_period=total,
+            warmup_start_lr=self.hparams.lr * 1e-3, min_lr=self.hparams.min_lr,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------- evaluation
+    # decode, retrieve, recall/MRR, logging, index size and predict_step: SIDRetrievalModule
+    def on_validation_epoch_start(self) -> None:
+        if self.sids.features is not None and self.trainer.state.fn == "fit":
+            self.sids.refresh(self.tokenizer)  # the SIDs the tokenizer gives now (the trie follows)
+        super().on_validation_epoch_start()
+
+    def evaluate_extra(self, batch: dict[str, Tensor], output: BeamSearchOutput, recalled: RankedItems,
+                       stage: str) -> None:
+        """``expanded_recall@{10,50,100}`` over the whole expanded pool and ``pool_size`` (distinct items)."""
+        expanded, pool_size = (self.val_expanded, self.val_pool_size) if stage == "val" else (
+            self.test_expanded, self.test_pool_size)
+        pool = recalled.items
+        expanded.update(fixed_width(pool, max(EXPANDED_KS)), batch["gold_items"], batch["query_index"])
+        pool_size.update({"pool_size": (pool >= 0).sum(1).float()}, batch["query_index"])
+
+    def log_extra(self, stage: str) -> None:
+        expanded, pool_size = (self.val_expanded, self.val_pool_size) if stage == "val" else (
+            self.test_expanded, self.test_pool_size)
+        values = expanded.compute()
+        recalls = {k: values[f"recall@{k}"] for k in EXPANDED_KS}
+        self.log_dict({f"{stage}/expanded_recall@{k}": v for k, v in recalls.items()}, sync_dist=True)
+        self.log_dict({f"{stage}/{DEPRECATED_EXPANDED_NAME}@{k}": v for k, v in recalls.items()}, sync_dist=True)
+        self.log(f"{stage}/pool_size", pool_size.compute()["pool_size"], sync_dist=True)
+        expanded.reset()
+        pool_size.reset()
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.sids.checkpoint_extras()
+        if self._previous_codes is not None:  # what the next train/code_drift compares with (exact resume)
+            checkpoint[CHECKPOINT_KEY]["previous_codes"] = self._previous_codes.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        rename_unprefixed_buffers(state, "", SIDS)
+        if CHECKPOINT_KEY not in checkpoint or SIDS + "sid_codes" not in state:
+            raise GrcmError(f"the checkpoint has no GRDR SID table (key {CHECKPOINT_KEY!r}); "
+                            "it was not written by GRDRRetriever.")
+        extras = dict(checkpoint[CHECKPOINT_KEY])
+        previous = extras.pop("previous_codes", None)
+        self._previous_codes = previous.to(self.device) if previous is not None else None
+        self.sids.load_checkpoint_extras(extras, state, SIDS)
