@@ -13,7 +13,7 @@ import torch
 
 import grcm.retriever.incremental as incremental_decoding
 from grcm.data.datamodules import SyntheticDataModule
-from grcm.decoding import DecodingError, beams_to_items
+from grcm.decoding import BeamSearchOutput, DecodingError, beams_to_items
 from grcm.retriever.module import GenerativeRetriever, RetrieverConfigError
 from grcm.retriever.schedule import warmup_cosine_restarts
 from grcm.tokenizers.bundle import BundleError, SIDBundle
@@ -247,6 +247,28 @@ def test_loading_a_state_dict_with_other_codes_rebuilds_the_trie(tmp_path, train
     after = module.retrieve(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(after, other.retrieve(batch["input_ids"], batch["attention_mask"]))
     assert not torch.equal(before, after)  # same network, new item -> SID table: other items
+
+
+def test_the_trie_is_rebuilt_exactly_when_the_codes_change(bundle_dir, datamodule, monkeypatch):
+    module = _retriever(bundle_dir, datamodule)
+    builds = []
+    build = module.build_trie
+    monkeypatch.setattr(module, "build_trie", lambda: builds.append(1) or build())
+
+    def item_of(sid: torch.Tensor) -> int:  # the item the trie maps one SID (L,) to
+        return int(beams_to_items(BeamSearchOutput(sid[None, None], torch.zeros(1, 1)), module.trie)[0, 0])
+
+    sid_of_0, sid_of_1 = module.sid_codes[0].clone(), module.sid_codes[1].clone()
+    assert (item_of(sid_of_0), item_of(sid_of_1)) == (0, 1)
+    assert module.trie is module.trie and len(builds) == 1  # unchanged codes: the cached trie
+    with torch.no_grad():
+        module.sid_codes[[0, 1]] = module.sid_codes[[1, 0]].clone()  # a swap keeps the sum of the codes
+    assert (item_of(sid_of_0), item_of(sid_of_1)) == (1, 0) and len(builds) == 2
+    replacement = _codes(NUM_ITEMS)  # the original codes in a new tensor, at the old tensor's version count
+    while replacement._version < module.sid_codes._version:
+        replacement.add_(0)
+    module.sid_codes = replacement
+    assert (item_of(sid_of_0), item_of(sid_of_1)) == (0, 1) and len(builds) == 3
 
 
 def test_eval_max_items_below_the_largest_cutoff_is_an_error(bundle_dir, datamodule):
