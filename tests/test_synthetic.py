@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from grcm.data.synthetic import (
@@ -20,6 +26,31 @@ def test_deterministic_and_features_match_fast_path():
     np.testing.assert_array_equal(a.features, b.features)
     np.testing.assert_array_equal(a.features, generate_synthetic_features(500, feature_dim=32, seed=3))
     assert not np.array_equal(a.features, generate_synthetic_corpus(500, feature_dim=32, seed=4).features)
+
+
+_DIGEST = """
+import hashlib, sys
+from grcm.data.synthetic import generate_synthetic_corpus
+plain = generate_synthetic_corpus(300, feature_dim=64, seed=1)
+tokens = generate_synthetic_corpus(300, feature_dim=64, seed=1, token_features=True)
+digest = hashlib.sha256(plain.features.tobytes() + tokens.token_features.tobytes())
+sys.stdout.write(digest.hexdigest())
+"""
+
+
+def test_same_corpus_at_every_thread_count():
+    """The corpus is data, not a result: BLAS threads (summation order) must not change a single bit."""
+    root = Path(__file__).resolve().parents[1]
+    digests = {}
+    for threads in ("1", "2"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+        digests[threads] = subprocess.run([sys.executable, "-c", _DIGEST], env=env, capture_output=True,
+                                          text=True, check=True, timeout=120).stdout
+    plain = generate_synthetic_corpus(300, feature_dim=64, seed=1)
+    tokens = generate_synthetic_corpus(300, feature_dim=64, seed=1, token_features=True)
+    here = hashlib.sha256(plain.features.tobytes() + tokens.token_features.tobytes()).hexdigest()
+    assert digests["1"] == digests["2"] == here
 
 
 def test_shapes_splits_and_normalisation():

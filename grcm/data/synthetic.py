@@ -266,14 +266,19 @@ def _sample_attributes(config: SyntheticConfig, rng: np.random.Generator) -> np.
 
 
 class _ModalityEncoder:
-    """A fixed random tanh MLP ``(M, latent_dim) -> (M, feature_dim)`` standing in for a frozen encoder."""
+    """A fixed random tanh MLP ``(M, latent_dim) -> (M, feature_dim)`` standing in for a frozen encoder.
+
+    It computes in float64 and returns float32: a float32 matrix product's summation order depends on the
+    BLAS kernel and its thread count (the corpus differed between 1 and 2 threads on an AMD EPYC), while
+    float64 differences stay far below float32 rounding, so the corpus is the same on every machine.
+    """
 
     def __init__(self, latent_dim: int, feature_dim: int, rng: np.random.Generator, hidden: int = 512):
-        self.w1 = (rng.standard_normal((latent_dim, hidden)) * np.sqrt(2.0 / latent_dim)).astype(np.float32)
-        self.w2 = (rng.standard_normal((hidden, feature_dim)) / np.sqrt(hidden)).astype(np.float32)
+        self.w1 = rng.standard_normal((latent_dim, hidden)) * np.sqrt(2.0 / latent_dim)
+        self.w2 = rng.standard_normal((hidden, feature_dim)) / np.sqrt(hidden)
 
     def __call__(self, latent: np.ndarray) -> np.ndarray:
-        return np.tanh(latent @ self.w1) @ self.w2
+        return (np.tanh(latent.astype(np.float64) @ self.w1) @ self.w2).astype(np.float32)
 
 
 def _features(config: SyntheticConfig, attributes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
