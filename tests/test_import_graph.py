@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "grcm"
 MAX_LINES = 450
 
@@ -164,11 +162,6 @@ def test_cycle_finder_passes_a_tree(tmp_path):
     assert import_cycles(import_graph(root)) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="grcm/retriever/grdr.py, grcm/retriever/module.py, grcm/data/datamodules.py and grcm/data/synthetic.py "
-    "are still being split (issue 19)",
-)
 def test_no_grcm_module_exceeds_the_line_limit():
     lengths = {path: len(path.read_text().splitlines()) for path in module_files(PACKAGE_ROOT).values()}
     too_long = {str(path.relative_to(PACKAGE_ROOT.parent)): n for path, n in lengths.items() if n > MAX_LINES}

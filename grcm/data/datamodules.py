@@ -9,27 +9,14 @@ Two kinds of batches, chosen by ``serve``:
 - ``"items"`` (SID tokenizers): ``{"item_index": (B,), "features": (B, D) float32}``, plus
   ``"token_features": (B, T', D)`` float32 and ``"token_mask": (B, T')`` bool (True = a real
   token, False = padding) when the corpus has token features; ``T'`` is the longest item of
-  the batch. :func:`item_token_batch` builds the same pair for any item indices (the hybrid
+  the batch. :func:`~grcm.data.batches.item_token_batch` builds the same pair for any item indices (the hybrid
   tower gathers its training items' tokens with it).
 
 Sizes a model needs (``feature_dim``, ``vocab_size``, ``pad_token_id``) are known
 after ``__init__`` so that the CLI can link them into the model's arguments.
 
-Query vocabularies (``query_vocab``; :mod:`grcm.data.query_tokenizer`):
-
-- ``"minilm"``: MiniLM's WordPiece vocabulary as shipped (30,522 tokens, ``[PAD]`` = 0); the one a
-  pretrained MiniLM query encoder needs.
-- ``"minilm_compact"``: MiniLM's tokenization restricted to the tokens of the training queries (train
-  captions, plus the extra queries when ``use_extra_queries``) and the special tokens, with new ids
-  (``[PAD]`` = 0). ``vocab_size`` is the capacity ``compact_vocab_size``; when the training queries use
-  more tokens, the most frequent are kept and a warning names the numbers. A val/test word whose MiniLM
-  pieces were all kept tokenizes exactly as MiniLM does; other words become other kept pieces or
-  ``[UNK]``. For scratch text encoders: far fewer embedding rows for the optimizer to update.
-- ``"wordpiece"``: a WordPiece vocabulary of at most ``wordpiece_vocab_size`` tokens trained on the
-  training queries (``[PAD]`` = 0); it tokenizes differently from MiniLM.
-
-The compact vocabulary depends on the training split alone; WordPiece training is not reproducible
-across processes, so under DDP every rank takes rank 0's. Both travel with checkpoints
+Query vocabularies (``query_vocab``: ``"minilm"``, ``"minilm_compact"``, ``"wordpiece"``) are described in
+:mod:`grcm.data.query_vocab`; the built ones travel with checkpoints
 (:meth:`RetrievalDataModule.state_dict`).
 """
 
@@ -39,7 +26,7 @@ import dataclasses
 import logging
 import os
 import warnings
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,16 +35,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from grcm.data.batches import (  # noqa: F401 (token_batch, item_token_batch re-exported from here)
+    IndexDataset,
+    ItemBatches,
+    QueryBatches,
+    item_token_batch,
+    token_batch,
+)
 from grcm.data.corpus import Corpus, CorpusError, load_corpus, load_features, read_corpus_header
 from grcm.data.protocol import FIX, QueryCoverage
 from grcm.data.query_tokenizer import QueryTokenizer
+from grcm.data.query_vocab import BUILT_VOCABS, QueryVocab, same_on_every_rank
 from grcm.data.synthetic import generate_synthetic_corpus
 from grcm.resume import ResumableDataLoader, ResumableSampler, gather_rng_states, set_rng_state
 
 Serve = Literal["queries", "items"]
-QueryVocab = Literal["minilm", "minilm_compact", "wordpiece"]
-BUILT_VOCABS = ("minilm_compact", "wordpiece")  # built from the training queries at set-up, stored in checkpoints
 log = logging.getLogger(__name__)
+_same_on_every_rank = same_on_every_rank  # the former private name (tests/test_ddp.py)
 
 
 def transductive_split(corpus: Corpus, holdout: int) -> Corpus:
@@ -73,123 +67,7 @@ def transductive_split(corpus: Corpus, holdout: int) -> Corpus:
     return dataclasses.replace(corpus, caption_split=split)
 
 
-class _Indices(Dataset):
-    """A dataset of the integers ``0..n-1``; batches are assembled by a collate object."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> int:
-        return index
-
-
-def _same_on_every_rank(tokenizer: QueryTokenizer) -> QueryTokenizer:
-    """Rank 0's tokenizer on every rank of an initialised process group (else ``tokenizer`` itself).
-
-    WordPiece training (``tokenizers``) breaks ties between equally frequent merges in a
-    per-process hash order: two processes trained on the same texts can learn different
-    vocabularies. Under DDP every rank must tokenize alike, so rank 0's vocabulary is broadcast.
-    (A checkpoint stores the vocabulary; evaluation restores it from there.)
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tokenizer
-    if torch.distributed.get_world_size() == 1:
-        return tokenizer
-    payload = [tokenizer.to_json() if torch.distributed.get_rank() == 0 else None]
-    torch.distributed.broadcast_object_list(payload, src=0)
-    return QueryTokenizer.from_json(payload[0], tokenizer.max_length)
-
-
-class QueryBatches:
-    """Collate: query rows -> a batch dict, trimmed to the longest query in the batch.
-
-    Args:
-        input_ids: ``(Q, T)`` token ids of all queries of one split.
-        attention_mask: ``(Q, T)`` bool.
-        query_index: ``(Q,)`` global query (caption) index, used to de-duplicate under DDP.
-        item_index: ``(Q,)`` item of each query (train) or None.
-        gold_items: ``(Q, G)`` gold items padded with -1 (evaluation) or None.
-    """
-
-    def __init__(self, input_ids, attention_mask, query_index, item_index=None, gold_items=None):
-        self.input_ids, self.attention_mask = input_ids, attention_mask
-        self.query_index, self.item_index, self.gold_items = query_index, item_index, gold_items
-
-    def __len__(self) -> int:
-        return len(self.query_index)
-
-    def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        rows_t = torch.as_tensor(rows, dtype=torch.long)
-        mask = self.attention_mask[rows_t]
-        width = max(int(mask.sum(1).max()), 1)
-        batch = {
-            "input_ids": self.input_ids[rows_t, :width],
-            "attention_mask": mask[:, :width],
-            "query_index": self.query_index[rows_t],
-        }
-        if self.item_index is not None:
-            batch["item_index"] = self.item_index[rows_t]
-        if self.gold_items is not None:
-            batch["gold_items"] = self.gold_items[rows_t]
-        return batch
-
-
-def token_batch(
-    token_features: np.ndarray, token_lengths: np.ndarray | None, index: np.ndarray
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``index`` ``(B,)`` of ``(N, T, D)`` token features -> ``(B, T', D)`` float32 and ``(B, T')`` bool mask.
-
-    ``mask[b, t]`` is True for item ``b``'s real tokens (``t < token_lengths[index[b]]``; all ``T``
-    when ``token_lengths`` is None); ``T'`` is the longest item in the batch (padding columns no
-    item uses are dropped). Reads only the requested rows of a memmap.
-    """
-    index = np.asarray(index, dtype=np.int64)
-    full = token_features.shape[1]
-    lengths = np.full(len(index), full) if token_lengths is None else np.asarray(token_lengths[index])
-    lengths = torch.from_numpy(lengths.astype(np.int64))
-    width = int(lengths.max()) if len(index) else 1
-    tokens = torch.from_numpy(np.asarray(token_features[index, :width], dtype=np.float32))
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    return tokens, mask
-
-
-def item_token_batch(corpus: Corpus, items: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token features and padding mask of ``items`` ``(B,)`` of ``corpus`` (see :func:`token_batch`)."""
-    if corpus.token_features is None:
-        raise CorpusError(
-            f"corpus {corpus.name!r} has no token features; generate the synthetic corpus with "
-            "data.token_features=true or add token_features.npy (see grcm/data/corpus.py)."
-        )
-    index = items.cpu().numpy() if isinstance(items, torch.Tensor) else items
-    return token_batch(corpus.token_features, corpus.token_lengths, index)
-
-
-class ItemBatches:
-    """Collate: item rows -> ``{"item_index": (B,), "features": (B, D) float32}`` (memmap friendly).
-
-    With a ``corpus`` that has token features, batches also hold ``"token_features"`` ``(B, T', D)``
-    and ``"token_mask"`` ``(B, T')`` (see :func:`item_token_batch`).
-    """
-
-    def __init__(self, features: np.ndarray, corpus: Corpus | None = None):
-        self.features = features
-        self.corpus = corpus if corpus is not None and corpus.has_token_features else None
-
-    def __call__(self, rows: list[int]) -> dict[str, torch.Tensor]:
-        index = np.sort(np.asarray(rows, dtype=np.int64))
-        batch = {
-            "item_index": torch.from_numpy(index),
-            "features": torch.from_numpy(np.asarray(self.features[index], dtype=np.float32)),
-        }
-        if self.corpus is not None:
-            batch["token_features"], batch["token_mask"] = item_token_batch(self.corpus, index)
-        return batch
-
-
-class RetrievalDataModule(L.LightningDataModule):
+class RetrievalDataModule(L.LightningDataModule, ABC):
     """Base DataModule: (query text -> item) pairs for training, (query, gold items) for evaluation.
 
     Subclasses implement :meth:`load_corpus` and set ``feature_dim`` before calling ``__init__``.
@@ -329,7 +207,7 @@ class RetrievalDataModule(L.LightningDataModule):
                 log.info("minilm_compact query vocabulary: %d tokens (capacity %d)",
                          self.query_tokenizer.vocab_size, self.compact_vocab_size)
             else:
-                self.query_tokenizer = _same_on_every_rank(QueryTokenizer.train_wordpiece(
+                self.query_tokenizer = same_on_every_rank(QueryTokenizer.train_wordpiece(
                     train_text, self.wordpiece_vocab_size, self.max_query_length
                 ))
             self.pad_token_id = self.query_tokenizer.pad_token_id
@@ -351,7 +229,7 @@ class RetrievalDataModule(L.LightningDataModule):
     # -- loaders --------------------------------------------------------------------------------
     def _loader(self, collate, n: int, batch_size: int, shuffle: bool) -> DataLoader:
         """Training loaders shuffle with a :class:`ResumableSampler`; no loader draws from the global RNG."""
-        dataset = _Indices(n)
+        dataset = IndexDataset(n)
         sampler = self._train_sampler(dataset, batch_size) if shuffle else None
         return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
