@@ -40,8 +40,10 @@ LIGHTNING_COMMANDS = {
     "predict": "write each test query's ranked items to <run dir>/predictions/*.jsonl",
 }
 
-#: The models and data modules of grcm (``--model.help <class>`` / ``--data.help <class>`` list their options).
-#: tests/test_cli_help.py checks this list against the classes in the package.
+#: The models and data modules of grcm (``--model.help <class>`` / ``--data.help <class>`` list their options),
+#: by the class path users write (a package's re-export where there is one). Abstract bases
+#: (SIDRetrievalModule, RetrievalDataModule) are no models. tests/test_cli_help.py checks this list
+#: against the concrete classes in the package.
 MODEL_CLASSES = {
     "grcm.rerank.dual_tower.DualTower": "dual-tower (CLIP-style) dense retriever over FAISS",
     "grcm.rerank.hybrid_tower.HybridTower": "Hybrid-Tower (PIG) dense retriever over item token features",

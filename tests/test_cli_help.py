@@ -1,7 +1,8 @@
 """``grcm --help`` is plain text listing grcm's commands and classes, and help never waits on torch.
 
-Start-up times themselves are measured, not asserted here (see the README's CLI section); what is
-tested is what makes them fast: which modules a help call imports, and the help cache.
+Start-up times themselves are not asserted here (the help cache is described in docs/configs.md,
+"Options and errors"); what is tested is what makes them fast: which modules a help call imports,
+and the help cache.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def test_extra_command_help_imports_no_torch(tmp_path, command):
     assert "usage: grcm" in result.stdout and "HEAVY []" in result.stdout, result.stdout + result.stderr
 
 
-def _grcm_classes(base) -> set[str]:
+def _grcm_classes(base) -> set[type]:
+    """Every concrete (non-abstract) subclass of ``base`` defined in a grcm module."""
     found = set()
     for module_info in pkgutil.walk_packages(grcm.__path__, "grcm."):
         if module_info.name in ("grcm.__main__",):
@@ -60,16 +62,38 @@ def _grcm_classes(base) -> set[str]:
         module = importlib.import_module(module_info.name)
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if cls.__module__ == module.__name__ and issubclass(cls, base) and not inspect.isabstract(cls):
-                found.add(f"{cls.__module__}.{cls.__qualname__}")
+                found.add(cls)
     return found
 
 
+def _import_class(path: str) -> type:
+    """The class a ``--model``/``--data`` class path names (as jsonargparse imports it)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def test_help_lists_every_model_and_data_class():
+    """Each listed path imports a concrete grcm class (the public path, e.g. a package's re-export), and
+    every concrete LightningModule / LightningDataModule of grcm is listed exactly once."""
     import lightning as L
 
-    assert set(MODEL_CLASSES) == _grcm_classes(L.LightningModule)
-    data = _grcm_classes(L.LightningDataModule) - {"grcm.data.datamodules.RetrievalDataModule"}
-    assert set(DATA_CLASSES) == data
+    for listed, base in ((MODEL_CLASSES, L.LightningModule), (DATA_CLASSES, L.LightningDataModule)):
+        classes = [_import_class(path) for path in listed]
+        assert len(set(classes)) == len(classes), f"a class is listed under two paths: {sorted(listed)}"
+        assert set(classes) == _grcm_classes(base)
+
+
+def test_abstract_bases_are_not_offered_as_models():
+    import lightning as L
+
+    from grcm.data.datamodules import RetrievalDataModule
+    from grcm.retriever.sid_retrieval import SIDRetrievalModule
+
+    assert inspect.isabstract(SIDRetrievalModule) and inspect.isabstract(RetrievalDataModule)
+    with pytest.raises(TypeError, match="abstract"):
+        SIDRetrievalModule()
+    assert not _grcm_classes(L.LightningModule) & {SIDRetrievalModule}
+    assert "grcm.retriever.grdr.GRDRRetriever" in MODEL_CLASSES  # the package path, not grdr.retriever's
 
 
 def test_lightning_command_help_is_cached(tmp_path):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -84,13 +85,14 @@ def check_decoding_args(
         )
 
 
-class SIDRetrievalModule(L.LightningModule):
+class SIDRetrievalModule(L.LightningModule, ABC):
     """Decoding, beams -> items, metrics, logging, index size and prediction of a SID retriever.
 
     Reads these hyperparameters: ``beam_size``, ``eval_max_items``, ``ks``, ``mrr_k`` and, when present,
     ``constrained`` (default True), ``incremental_decoding`` (True), ``compile_decoder`` (False),
     ``decode_precision`` ("32") and ``cuda_graphs`` (False). A subclass calls
-    :meth:`init_retrieval` in its ``__init__`` after ``save_hyperparameters``.
+    :meth:`init_retrieval` in its ``__init__`` after ``save_hyperparameters`` and implements the SID
+    table's three abstract methods; the class itself is no model (``grcm fit`` cannot instantiate it).
     """
 
     def init_retrieval(self, ks: Sequence[int], mrr_k: int) -> None:
@@ -101,14 +103,17 @@ class SIDRetrievalModule(L.LightningModule):
         self._trie_cache = VersionedTrie()
 
     # ------------------------------------------------------- the subclass's SID table
+    @abstractmethod
     def trie_sources(self) -> tuple[Tensor, ...]:
         """The tensors the trie is a function of (a change to any of them rebuilds it)."""
         raise NotImplementedError
 
+    @abstractmethod
     def build_trie(self) -> SIDTrie:
         """A new trie over the current SID table (called only when :meth:`trie_sources` changed)."""
         raise NotImplementedError
 
+    @abstractmethod
     def index_table(self) -> tuple[Tensor, list[int], int]:
         """The generative index's SID table: codes (R, l), their code ranges (l,), and the item count N."""
         raise NotImplementedError
