@@ -30,8 +30,10 @@ def _test(tmp_path, **trainer_kwargs):
 def test_two_rank_metrics_equal_single_process(tmp_path):
     single = _test(tmp_path / "single", devices=1)
     ddp = _test(tmp_path / "ddp", devices=2, strategy="ddp_spawn")
+    # another process layout shapes the query batches differently, so float sums may round differently and
+    # flip a near-tie: one query of the 101 at most (identical on the machines measured so far)
     for key in ("test/recall@1", "test/recall@5", "test/recall@10", "test/mrr@10"):
-        assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
+        assert ddp[key] == pytest.approx(single[key], abs=1 / 101 + 1e-6), key
 
 
 

@@ -6,7 +6,7 @@ One tiny pipeline (97 items, so the last evaluation shard is padded with a repea
    process) the dual tower,
 2. ``torchrun --standalone --nproc_per_node=2 -m grcm fit`` the ACE tokenizer (K-Means init + dead-code
    restarts),
-3. the README's ``torchrun`` command for the generative retriever on that bundle, with tiny sizes
+3. docs/scale-out.md's ``torchrun`` command for the generative retriever on that bundle, with tiny sizes
    appended, evaluated two-stage with the dual tower.
 
 Every run carries :class:`grcm.ddp.ReplicaConsistencyCheck`, which compares the two replicas' parameters,
@@ -58,7 +58,7 @@ DUAL_TOWER = [
     "--model.init_args.warmup_steps=2", "--model.init_args.dropout=0.0",
     "--model.init_args.index_path=runs/synthetic/dual_tower/index.faiss",
 ]
-RETRIEVER = [  # appended to the README's command, which names the config
+RETRIEVER = [  # appended to docs/scale-out.md's command, which names the config
     *DATA, *QUIET, "--data.init_args.batch_size=16",
     "--trainer.check_val_every_n_epoch=1", "--model.init_args.d_model=16", "--model.init_args.num_heads=2",
     "--model.init_args.num_encoder_layers=1", "--model.init_args.num_decoder_layers=1",
@@ -118,7 +118,7 @@ def ddp_runs(tmp_path_factory) -> Path:
     _launch([*lightning_launcher, *DUAL_TOWER, *DDP, "--data.init_args.batch_size=16", *_replica_check("dual.json")],
             root)
     _launch(_torchrun("fit", *TOKENIZER, *DDP, *_replica_check("tokenizer.json")), root)
-    # the README's command, with tiny sizes appended (later overrides win)
+    # docs/scale-out.md's command, with tiny sizes appended (later overrides win)
     _launch([*_readme_torchrun(), *RETRIEVER, *_replica_check("retriever.json"), *TWO_STAGE], root)
     return root
 
@@ -190,8 +190,9 @@ def test_dual_tower_ddp_eval_equals_one_process_and_training_matches(ddp_runs, t
     items = model.eval().encode_corpus(data.corpus.features)
     assert index.num_items == 97
     assert index.search(items[:5], 1)[1][:, 0].tolist() == [0, 1, 2, 3, 4]  # each item finds itself
+    # two ranks vs one process (other batch shapes and threads): a near-tie of one query of 97 may flip
     for name in ("val/recall@1", "val/recall@5", "val/recall@10", "val/mrr@10"):
-        assert ddp[name] == pytest.approx(single_eval[name], abs=1e-6), name
+        assert ddp[name] == pytest.approx(single_eval[name], abs=1 / 97 + 1e-6), name
 
     # one process with the global batch (2 x 16): DDP gathers negatives, so it trains the same loss on the
     # same samples per step (the DDP shards interleave one permutation); equal up to float summation order
@@ -206,7 +207,7 @@ def test_dual_tower_ddp_eval_equals_one_process_and_training_matches(ddp_runs, t
 def test_retriever_and_two_stage_ddp_eval_equal_one_process(ddp_runs, monkeypatch):
     monkeypatch.chdir(ddp_runs)  # the checkpoint names its bundle by the launch's relative path
     _assert_replicas_identical(ddp_runs / "retriever.json")
-    run = ddp_runs / "runs/synthetic/ace_retriever_ddp"  # the README command's own run directory
+    run = ddp_runs / "runs/synthetic/ace_retriever_ddp"  # the docs command's own run directory
     _no_partial_files(run)
     ddp = _metrics(run)
     model = GenerativeRetriever.load_from_checkpoint(
@@ -217,6 +218,8 @@ def test_retriever_and_two_stage_ddp_eval_equal_one_process(ddp_runs, monkeypatc
     names = ["val/recall@1", "val/recall@5", "val/recall@10", "val/mrr@10"]
     names += [f"val/two_stage/{m}" for m in ("recall@1", "recall@10", "mrr@10", "candidate_recall@5",
                                               "candidates_per_query", "full_dense_recall@10")]
+    # two ranks vs one process: a near-tie of one query of 97 may flip (its pool by the size of the SIDs it swaps)
     for name in names:
-        assert ddp[name] == pytest.approx(single[name], abs=1e-6), name
+        tolerance = {"rel": 0.05} if name.endswith("candidates_per_query") else {"abs": 1 / 97 + 1e-6}
+        assert ddp[name] == pytest.approx(single[name], **tolerance), name
     assert torch.equal(model.sid_codes, SIDBundle.load(ddp_runs / "runs/synthetic/ace_tokenizer/bundle").codes)
