@@ -8,7 +8,7 @@ metrics. Each run writes under ``--root/<name>`` only.
     python benchmarks/accuracy_study.py --name base -c experiments/synthetic/ace_retriever.yaml \\
         --out benchmarks/results/accuracy/base.json
 
-Every row of the README's study table is one such command (its overrides are listed there).
+Every row of docs/studies/accuracy.md's tables is one such command (its overrides are listed there).
 The SID bundle the config points at must exist (``grcm fit -c experiments/synthetic/ace_tokenizer.yaml``).
 """
 

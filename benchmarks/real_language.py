@@ -21,8 +21,8 @@ No choice reads the test queries. The dense row that reranks in the second reran
 reference of every ratio, is picked by :func:`pick_dense_row` on all the validation queries (R@1, ties:
 MRR@10, then the order of ``DENSE_ROWS``); the JSON records the pick and the validation metrics it used.
 
-Writes ``--out`` (JSON) and ``--out`` with ``.md`` (the README table). MiniLM embeddings
-are cached under ``<work>/cache``; ``--quick`` shrinks everything to a smoke test.
+Writes ``--out`` (JSON) and ``--out`` with ``.md`` (the tables of docs/studies/real-language.md). MiniLM
+embeddings are cached under ``<work>/cache``; ``--quick`` shrinks everything to a smoke test.
 
     python benchmarks/real_language.py --annotation-dir ../shared/data --out benchmarks/results/real_language.json
 """
@@ -302,7 +302,8 @@ def markdown_table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--annotation-dir", required=True,
-                        help="folder holding msvd/ and msrvtt/ annotation folders (see the README for downloads)")
+                        help="folder holding msvd/ and msrvtt/ annotation folders "
+                        "(downloads: docs/studies/real-language.md)")
     parser.add_argument("--datasets", nargs="+", default=["msvd", "msrvtt"], choices=sorted(READER_OPTIONS))
     parser.add_argument("--work", default="runs/real_language", help="corpora, runs and the embedding cache")
     parser.add_argument("--out", default="benchmarks/results/real_language.json")

@@ -68,7 +68,7 @@ TOKENS = ["--data.init_args.token_features=true"]
 ACE = "ACE generative (beam 25)"
 GRDR = "GRDR generative (4 views, beam 20)"
 #: The GRDR stage's CPU budget: cheap query-guidance embeddings (MiniLM word embeddings, no transformer) and
-#: one epoch per phase (6 epochs; grdr.yaml's schedule is 14, about 2.3x the time: README, GRDR section).
+#: one epoch per phase (6 epochs; grdr.yaml's schedule is 14, about 2.3x the time: docs/studies/grdr.md).
 GRDR_DEMO = [
     "--model.init_args.query_encoder=minilm_static",
     "--model.init_args.pretrain_epochs=[1,0,0]", "--model.init_args.main_epochs=[1,1,1]",

@@ -139,7 +139,8 @@ class HybridTower(DualTower):
         if token_features is None:
             raise CorpusError(
                 "HybridTower reads item token features but the corpus has none; generate the synthetic corpus "
-                "with data.token_features=true or add token_features.npy to the corpus (see README)."
+                "with data.token_features=true or add token_features.npy to the corpus "
+                "(see docs/data.md, 'Token features')."
             )
         num_items = features.shape[0]
         if token_features.shape[0] != num_items:

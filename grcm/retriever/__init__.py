@@ -4,7 +4,11 @@
 - :mod:`grcm.retriever.model`: :class:`GenerativeRetrieverModel` (plain ``nn.Module``).
 - :mod:`grcm.retriever.rdrop`: cross-entropy + R-Drop consistency loss.
 - :mod:`grcm.retriever.schedule`: linear warm-up + cosine annealing with warm restarts.
-- :mod:`grcm.retriever.module`: :class:`GenerativeRetriever` LightningModule (import it from there; it pulls in Lightning).
+- :mod:`grcm.retriever.sid_retrieval`: :class:`SIDRetrievalModule`, the abstract LightningModule base of the
+  SID retrievers: decoding under the trie, beams -> items, recall/MRR, logging, index size, predict output.
+- :mod:`grcm.retriever.module`: :class:`GenerativeRetriever` LightningModule, ACE (import it from there; it
+  pulls in Lightning).
+- :mod:`grcm.retriever.grdr`: :class:`GRDRRetriever`, GRDR's multi-view SIDs trained with the retriever.
 """
 
 from grcm.retriever.fusion import CoarseFusion, CoarseToFineFusion, FineFusion, StandardCrossAttention
