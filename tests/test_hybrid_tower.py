@@ -1,6 +1,11 @@
-"""Hybrid tower (PIG): masking, the generator's loss, query-independent item vectors, FAISS, two-stage."""
+"""Hybrid tower (PIG): its maths against an independent recomputation, masking, the training loss and its
+gradients, retrieval after a short fit, query-independent item vectors, FAISS, two-stage."""
 
 from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -13,10 +18,13 @@ from grcm.rerank.dense_models import corpus_item_embeddings, load_dense_model
 from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.hybrid_tower import HybridTower
 from grcm.rerank.index import DenseIndex
-from grcm.rerank.pseudo_query import HybridItemEncoder, PseudoQueryGenerator, TokenEncoder, pseudo_query_loss
+from grcm.rerank.pseudo_query import HybridItemEncoder
 from grcm.rerank.two_stage import TwoStageEvaluation
 
 DIM = 16
+ENCODER_FLAGS = pytest.mark.parametrize(
+    "flags", [{}, {"use_selector": False}, {"use_generator": False}, {"top_k": 8}], ids=["full", "all", "xpool", "k8"]
+)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
@@ -27,6 +35,110 @@ def _padded_tokens(lengths: list[int], width: int = 6) -> tuple[torch.Tensor, to
     tokens = torch.randn(len(lengths), width, DIM)
     mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
     return tokens.masked_fill(~mask[..., None], 0.0), mask
+
+
+def _encoder(flags: dict) -> HybridItemEncoder:
+    torch.manual_seed(0)
+    return HybridItemEncoder(DIM, embed_dim=12, width=DIM, num_heads=2, **{"top_k": 3, **flags}).eval()
+
+
+# -- an independent recomputation of the item tower, one item at a time, from its parameters only ------------
+def _linear(layer, x):
+    return x @ layer.weight.T + layer.bias
+
+
+def _layer_norm(layer, x):
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + layer.eps) * layer.weight + layer.bias
+
+
+def _ffn(seq, x):  # Linear -> GELU (erf) -> Linear
+    hidden = _linear(seq[0], x)
+    return _linear(seq[2], 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2))))
+
+
+def _attend(attention, queries, tokens, bias=None):
+    """``(L, d)`` queries over ``(n, d)`` real tokens (no padding), optional ``(n,)`` logit bias -> ``(L, d)``."""
+    heads = attention.num_heads
+    q, k, v = _linear(attention.query, queries), _linear(attention.key, tokens), _linear(attention.value, tokens)
+    size = q.shape[-1] // heads
+    outputs = []
+    for h in range(heads):
+        part = slice(h * size, (h + 1) * size)
+        logits = q[:, part] @ k[:, part].T / math.sqrt(size) + (0 if bias is None else bias[None, :])
+        weights = torch.exp(logits - logits.max(-1, keepdim=True).values)
+        outputs.append(weights / weights.sum(-1, keepdim=True) @ v[:, part])
+    return _linear(attention.out, torch.cat(outputs, dim=-1))
+
+
+def _unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _reference_item(encoder: HybridItemEncoder, tokens: torch.Tensor):
+    """One item's ``(n, D)`` real tokens -> its ``(E,)`` embedding and ``(E,)`` pseudo-query (or None)."""
+    te = encoder.token_encoder
+    hidden = _linear(te.input, tokens)
+    hidden = hidden + _ffn(te.mlp[1:], _layer_norm(te.mlp[0], hidden))  # LayerNorm, Linear, GELU, Linear
+    pseudo = None
+    if encoder.generator is not None:
+        chosen, bias = hidden, None
+        if encoder.selector is not None:
+            sel = encoder.selector
+            logits = _linear(sel.key, hidden) @ _linear(sel.query, hidden.mean(0)) / math.sqrt(hidden.shape[-1])
+            log_attention = logits - torch.logsumexp(logits, 0)
+            keep = torch.topk(log_attention, min(sel.top_k, len(hidden))).indices
+            chosen, bias = hidden[keep], log_attention[keep]
+        gen = encoder.generator
+        g = gen.query[0] + _attend(gen.attention, gen.query[0], chosen, bias)
+        g = g + _ffn(gen.ffn, _layer_norm(gen.norm, g))
+        pseudo = _unit(_linear(gen.projection, g))[0]
+        query = pseudo
+    else:
+        query = encoder.learned_query[0]
+    pool = encoder.pooling
+    pooled = _attend(pool.attention, _linear(pool.query_projection, query)[None, :], hidden)
+    pooled = pooled + _ffn(pool.ffn, _layer_norm(pool.norm, pooled))
+    return _unit(_linear(pool.projection, _layer_norm(pool.final_norm, pooled)))[0], pseudo
+
+
+@ENCODER_FLAGS
+def test_item_encoder_equals_an_independent_recomputation(flags):
+    """Embeddings and pseudo-queries of a padded batch equal a per-item recomputation on the real tokens only;
+    without the generator every item is pooled by the one learned query (no generator, no selector)."""
+    encoder = _encoder(flags)
+    tokens, mask = _padded_tokens([1, 2, 3, 4, 6])
+    with torch.no_grad():
+        embedding, pseudo = encoder(tokens, mask)
+        for b, length in enumerate(mask.sum(1).tolist()):
+            ref_embedding, ref_pseudo = _reference_item(encoder, tokens[b, :length])
+            torch.testing.assert_close(embedding[b], ref_embedding, atol=2e-5, rtol=0)
+            if ref_pseudo is None:
+                assert pseudo is None
+            else:
+                torch.testing.assert_close(pseudo[b], ref_pseudo, atol=2e-5, rtol=0)
+
+
+@ENCODER_FLAGS
+def test_item_embedding_depends_on_its_own_tokens_as_a_set(flags):
+    """New token values for one item move that item's vector only; reordering its real tokens moves nothing;
+    swapping two items' tokens swaps their vectors."""
+    encoder = _encoder(flags)
+    tokens, mask = _padded_tokens([2, 3, 4, 6, 5])
+    with torch.no_grad():
+        embedding, _ = encoder(tokens, mask)
+        changed = tokens.clone()
+        changed[2, :4] = torch.randn(4, DIM)
+        moved, _ = encoder(changed, mask)
+        assert (moved[2] - embedding[2]).norm() > 1e-2
+        torch.testing.assert_close(moved[[0, 1, 3, 4]], embedding[[0, 1, 3, 4]], atol=1e-6, rtol=0)
+        reordered = tokens.clone()
+        reordered[3] = tokens[3, torch.tensor([4, 1, 5, 0, 3, 2])]
+        reordered[4, :5] = tokens[4, torch.tensor([2, 4, 0, 3, 1])]
+        torch.testing.assert_close(encoder(reordered, mask)[0], embedding, atol=1e-5, rtol=0)
+        swapped_tokens, swapped_mask = tokens[[0, 1, 2, 4, 3]], mask[[0, 1, 2, 4, 3]]
+        torch.testing.assert_close(encoder(swapped_tokens, swapped_mask)[0], embedding[[0, 1, 2, 4, 3]],
+                                   atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -52,60 +164,118 @@ def test_padding_tokens_are_never_attended(flags):
         encoder(tokens, torch.zeros_like(mask))
 
 
-def test_generator_loss_decreases_on_a_toy_case():
-    """Pseudo-queries learn to predict a caption vector that is a fixed function of one of the tokens."""
+
+@pytest.fixture(scope="module")
+def data():
+    """A tiny synthetic corpus with token features (items have 4 to 6 real tokens)."""
     torch.manual_seed(0)
-    tokens, mask = _padded_tokens([2, 3, 4, 5, 6, 3, 4, 5] * 4)
-    target = torch.nn.functional.normalize(tokens[:, 0] @ torch.randn(DIM, 12), dim=-1)  # what "captions" say
-    token_encoder, generator = TokenEncoder(DIM, 32), PseudoQueryGenerator(32, 12, num_heads=2)
-    optimizer = torch.optim.Adam([*token_encoder.parameters(), *generator.parameters()], lr=3e-3)
-    losses = []
-    for _ in range(60):
-        loss = pseudo_query_loss(generator(token_encoder(tokens), mask), target)
-        optimizer.zero_grad()
+    return SyntheticDataModule(num_items=120, feature_dim=DIM, batch_size=64, eval_batch_size=50,
+                               token_features=True, noise_tokens=2)
+
+
+def _small_tower(dm, **kwargs) -> HybridTower:
+    torch.manual_seed(0)
+    return HybridTower(vocab_size=dm.vocab_size, feature_dim=DIM, embed_dim=DIM, text_layers=1, text_width=DIM,
+                       text_heads=2, text_ffn=32, item_width=DIM, item_heads=2, top_k=3, dropout=0.0, **kwargs)
+
+
+def _reference_loss(model: HybridTower, dm, batch) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch's distinct items + generation_weight * mean |pseudo - query|^2 (the
+    query detached), with every item encoded alone from its real tokens."""
+    corpus, items = dm.corpus, batch["item_index"].tolist()
+    queries = model.encode_queries(batch["input_ids"], batch["attention_mask"])
+    alone = [torch.tensor(corpus.token_features[i, : corpus.token_lengths[i]], dtype=torch.float32) for i in items]
+    encoded = [model.item_tower(t[None], torch.ones(1, len(t), dtype=torch.bool)) for t in alone]
+    distinct = sorted(set(items))
+    item_vectors = torch.stack([encoded[items.index(u)][0][0] for u in distinct])  # (U, E)
+    scores = model.log_logit_scale.exp().clamp(max=100.0) * queries @ item_vectors.T  # (B, U)
+    column = torch.tensor([distinct.index(i) for i in items])
+    query_to_item = (torch.logsumexp(scores, 1) - scores[torch.arange(len(items)), column]).mean()
+    item_to_query = torch.stack([
+        torch.logsumexp(scores[:, u], 0) - torch.logsumexp(scores[column == u, u], 0) for u in range(len(distinct))
+    ]).mean()
+    loss = 0.5 * (query_to_item + item_to_query)
+    if model.item_tower.generator is not None:
+        pseudo = torch.stack([e[1][0] for e in encoded])
+        loss = loss + model.hparams.generation_weight * (pseudo - queries.detach()).pow(2).sum(-1).mean()
+    return loss
+
+
+@pytest.mark.parametrize("use_generator", [True, False], ids=["pig", "xpool"])
+def test_training_loss_and_gradients_equal_an_independent_computation(data, use_generator):
+    """The training step's loss and every parameter's gradient equal :func:`_reference_loss`: the generation
+    term trains the generator and item tower but never the text tower; without the generator the loss is
+    the contrastive term alone, whatever ``generation_weight`` says."""
+    model = _small_tower(data, use_generator=use_generator, generation_weight=0.7)
+    model._trainer = SimpleNamespace(datamodule=data)
+    model.log = lambda *args, **kwargs: None
+    train = data.query_batches("train")
+    item_of = train.item_index.numpy()
+    rows = np.concatenate([np.flatnonzero(item_of == i)[:n] for i, n in [(5, 3), (9, 1), (17, 2), (40, 4), (77, 1)]])
+    rows = np.concatenate([rows, np.random.default_rng(0).choice(len(item_of), 8, replace=False)])
+    batch = {"item_index": train.item_index[rows], "input_ids": train.input_ids[rows],
+             "attention_mask": train.attention_mask[rows]}
+    assert len(set(batch["item_index"].tolist())) < len(rows)  # repeated items in the batch
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
         loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+        return loss.detach(), {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                               for n, p in model.named_parameters()}
 
-
-class LossRecorder(L.Callback):
-    """Training losses per epoch."""
-
-    def __init__(self):
-        self.epochs: list[list[float]] = []
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        self.epochs.append([])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.epochs[-1].append(float(outputs["loss"]))
+    loss, grads = loss_and_grads(lambda: model.training_step(batch, 0))
+    ref_loss, ref_grads = loss_and_grads(lambda: _reference_loss(model, data, batch))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("item_tower.")), "items get no gradient"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A hybrid tower trained briefly on a tiny token corpus, its trainer, data and checkpoint."""
-    torch.manual_seed(0)
-    dm = SyntheticDataModule(num_items=120, feature_dim=DIM, batch_size=64, eval_batch_size=50,
-                             token_features=True, noise_tokens=2)
+def trained(data, tmp_path_factory):
+    """A hybrid tower trained briefly on the tiny corpus, a copy of it untrained, its trainer and checkpoint."""
     root = tmp_path_factory.mktemp("hybrid")
-    model = HybridTower(vocab_size=dm.vocab_size, feature_dim=DIM, embed_dim=DIM, text_layers=1, text_width=DIM,
-                        text_heads=2, text_ffn=32, item_width=DIM, item_heads=2, top_k=3, warmup_steps=2, lr=5e-3,
-                        eval_item_batch_size=32, index_path=str(root / "items.faiss"))
-    losses = LossRecorder()
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+    model = _small_tower(data, warmup_steps=2, lr=2e-2, eval_item_batch_size=32, index_path=str(root / "items.faiss"))
+    untrained = copy.deepcopy(model).eval()
+    trainer = L.Trainer(max_epochs=15, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
-                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[losses])
-    trainer.fit(model, datamodule=dm)
-    assert np.mean(losses.epochs[-1]) < np.mean(losses.epochs[0])  # NCE + generation loss go down
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    threads = torch.get_num_threads()  # module fixtures set up before the function-scoped single_thread
+    torch.set_num_threads(1)
+    try:
+        trainer.fit(model, datamodule=data)
+    finally:
+        torch.set_num_threads(threads)
     assert (root / "items.faiss").is_file()  # index_path: the item index is written when fitting ends
     path = root / "hybrid.ckpt"
     trainer.save_checkpoint(path)
-    return model.eval(), trainer, dm, str(path)
+    return model.eval(), untrained, trainer, data, str(path)
+
+
+def _recall_at_10(model: HybridTower, dm) -> float:
+    """Test-query recall@10 from the model's query and item vectors (one gold item per query here)."""
+    corpus, queries = dm.corpus, dm.query_batches("test")
+    with torch.no_grad():
+        q = model.encode_queries(queries.input_ids, queries.attention_mask).numpy().astype(np.float64)
+    items = model.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths).astype(np.float64)
+    gold = queries.gold_items.numpy()
+    assert gold.shape[1] == 1
+    scores = q @ items.T
+    rank = (scores > scores[np.arange(len(q)), gold[:, 0]][:, None]).sum(1)  # items scored above the gold one
+    return float(np.mean(rank < 10))
+
+
+def test_short_fit_retrieves_far_better_than_chance_and_than_untrained(trained):
+    model, untrained, _, dm, _ = trained
+    chance = 10 / dm.corpus.num_items
+    fitted, before = _recall_at_10(model, dm), _recall_at_10(untrained, dm)
+    assert before < 2 * chance, before
+    assert fitted > 2.5 * chance and fitted > before + 0.1, (fitted, before, chance)
 
 
 def test_item_vectors_are_query_independent_and_faiss_is_exact(trained):
-    model, trainer, dm, _ = trained
+    model, _, trainer, dm, _ = trained
     corpus = dm.corpus
     items = model.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths)
     model.hparams.eval_item_batch_size = 7  # other item batches, other padding widths: same vectors
@@ -132,7 +302,7 @@ def test_item_vectors_are_query_independent_and_faiss_is_exact(trained):
 
 
 def test_checkpoint_class_and_two_stage_rerank(trained, tmp_path):
-    model, _, dm, path = trained
+    model, _, _, dm, path = trained
     loaded = load_dense_model(path)
     assert type(loaded) is HybridTower and loaded.hparams.top_k == 3 and not loaded.training
     items = corpus_item_embeddings(loaded, dm.corpus)
