@@ -35,6 +35,7 @@ from torchmetrics.utilities import dim_zero_cat
 __all__ = [
     "ItemRetrievalMetrics",
     "PerQueryMeans",
+    "SeenUnseenMetrics",
     "candidate_recall",
     "deduplicate_ranked",
     "fixed_width",
@@ -331,3 +332,56 @@ class PerQueryMeans(Metric):
         ids = dim_zero_cat(self.query_ids)
         values = dim_zero_cat(self.values).reshape(-1, len(self.names))[first_occurrence(ids)]
         return {name: values[:, column].mean() for column, name in enumerate(self.names)}
+
+
+class SeenUnseenMetrics(Metric):
+    """Item-level metrics of two query groups, *seen* and *unseen* (gold items without training queries).
+
+    Per query: ``recall@k`` and ``mrr@k`` of its ranked list (:func:`item_level_hits`) and
+    ``candidate_recall`` (its gold item anywhere in the recalled pool, :func:`candidate_recall`).
+    Each query id counts once (DDP-safe, as :class:`ItemRetrievalMetrics`).
+
+    :meth:`compute` returns ``{group}/{name}`` for both groups and every name, plus
+    ``{group}/queries`` (distinct query ids); a group without queries reports zeros.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+    GROUPS = ("seen", "unseen")
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10), mrr_k: int = 10, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ks, self.mrr_k = _check_ks(ks, mrr_k)
+        self.names = [*metric_names(self.ks, self.mrr_k), "candidate_recall"]
+        self.add_state("query_ids", default=[], dist_reduce_fx="cat")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.add_state("unseen", default=[], dist_reduce_fx="cat")
+
+    def update(self, ranked_items: Tensor, pool_hits: Tensor, gold_items: Tensor, query_ids: Tensor,
+               unseen: Tensor) -> None:
+        """Add a batch: ranked items (B, K), pool hits (B,) (e.g. :func:`candidate_recall`), gold items (B, G),
+        query ids (B,) and (B,) bool, True for a query of the unseen group."""
+        if query_ids.dim() != 1 or not (query_ids.numel() == ranked_items.shape[0] == pool_hits.numel()
+                                        == unseen.numel()):
+            raise ValueError("SeenUnseenMetrics.update needs one ranked row, pool hit, query id and group per query")
+        hits = item_level_hits(ranked_items, gold_items, ks=self.ks, mrr_k=self.mrr_k)
+        columns = [hits[name] for name in self.names[:-1]] + [pool_hits.float().to(ranked_items.device)]
+        self.query_ids.append(query_ids.to(device=self.device, dtype=torch.long))
+        self.values.append(torch.stack(columns, dim=1).to(self.device))
+        self.unseen.append(unseen.to(device=self.device, dtype=torch.bool))
+
+    def compute(self) -> dict[str, Tensor]:
+        zero = torch.zeros((), device=self.device)
+        if isinstance(self.query_ids, list) and not self.query_ids:
+            return {f"{g}/{name}": zero for g in self.GROUPS for name in [*self.names, "queries"]}
+        ids = dim_zero_cat(self.query_ids)
+        first = first_occurrence(ids)
+        values = dim_zero_cat(self.values).reshape(-1, len(self.names))[first]
+        unseen = dim_zero_cat(self.unseen).reshape(-1)[first]
+        result = {}
+        for group, rows in zip(self.GROUPS, (~unseen, unseen)):
+            count = rows.sum()
+            for column, name in enumerate(self.names):
+                result[f"{group}/{name}"] = values[rows, column].sum() / count.clamp(min=1)
+            result[f"{group}/queries"] = count.float()
+        return result

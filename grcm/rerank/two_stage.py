@@ -51,9 +51,14 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from grcm.decoding import beams_to_scored_items
+from grcm.data.unseen_items import seen_items_of, unseen_queries
 from grcm.errors import GrcmError
-from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, candidate_recall
+from grcm.metrics import (
+    ItemRetrievalMetrics,
+    PerQueryMeans,
+    SeenUnseenMetrics,
+    candidate_recall,
+)
 from grcm.rerank.candidate_rerank import (
     DEFAULT_MAX_GATHER_ELEMENTS,
     count_candidates,
@@ -65,6 +70,7 @@ from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
 from grcm.rerank.query_bridge import dense_query_inputs, dense_tokenizer_for
 from grcm.rerank.rerank_store import build_rerank_store, check_rerank_store_kind, rerank_from_store
+from grcm.rerank.stage1_pool import cap_pool, stage1_pool
 
 __all__ = [
     "PerQueryMeans",
@@ -132,7 +138,14 @@ class TwoStageEvaluation(L.Callback):
     when the module has it: SID table + trie + store, the whole two-stage index);
     and, with ``full_dense_reference``, ``full_dense_recall@k`` / ``full_dense_mrr@k``
     (the same dense model with exact float32 embeddings over all N items, not timed)
-    and ``recall@1_vs_full_dense`` (their ratio); ``generative_weight``.
+    and ``recall@1_vs_full_dense`` (their ratio); ``generative_weight``; ``recall_levels`` (0: full SIDs);
+    and, when some queries' gold items have no training query (:mod:`grcm.data.unseen_items`),
+    ``seen/*`` and ``unseen/*``: ``recall@k``, ``mrr@k`` after rerank, ``candidate_recall`` and ``queries``.
+
+    Prefix recall (``recall_levels`` = p): the retriever decodes only the first p SID levels and each
+    decoded prefix brings every item under it into the pool (:mod:`grcm.retriever.sid_retrieval`). Like
+    ``beam_size`` it is the retriever's (``model.init_args.recall_levels``); this callback's value, when
+    set, must equal it. ``max_pool_items`` caps the pool reranked (distinct items, best beams first).
 
     Score fusion (``generative_weight`` w > 0): each candidate is ranked by
     ``<query, item> + w * log p(SID | query)`` instead of the dense score alone
@@ -158,6 +171,8 @@ class TwoStageEvaluation(L.Callback):
         max_gather_elements: memory bound of the gathered matmul (see :func:`rerank_candidates`).
         generative_weight: w >= 0, the weight of the stage-1 log-probability in the fused score;
             0 (default) is the pure dense rerank.
+        recall_levels: SID levels stage 1 decodes (prefix recall); None follows the retriever.
+        max_pool_items: rerank at most this many distinct candidates per query; None: the whole pool.
     """
 
     def __init__(
@@ -171,8 +186,15 @@ class TwoStageEvaluation(L.Callback):
         max_gather_elements: int = DEFAULT_MAX_GATHER_ELEMENTS,
         name: str = "two_stage",
         generative_weight: float = 0.0,
+        recall_levels: int | None = None,
+        max_pool_items: int | None = None,
     ) -> None:
         super().__init__()
+        for flag, value in (("recall_levels", recall_levels), ("max_pool_items", max_pool_items)):
+            if value is not None and int(value) < 1:
+                raise GrcmError(f"TwoStageEvaluation.{flag} must be >= 1 (or unset), got {value}")
+        self.recall_levels = None if recall_levels is None else int(recall_levels)
+        self.max_pool_items = None if max_pool_items is None else int(max_pool_items)
         if not name or "/" in name:
             raise GrcmError(f"TwoStageEvaluation.name must be a non-empty word without '/', got {name!r}")
         self.name = name
@@ -206,6 +228,8 @@ class TwoStageEvaluation(L.Callback):
         self.stage1_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.full_dense_metrics = ItemRetrievalMetrics(ks=self.ks, mrr_k=self.mrr_k)
         self.pool_metrics = PerQueryMeans(["candidate_recall", "candidates_per_query", "corpus_fraction_scored"])
+        self.group_metrics = SeenUnseenMetrics(ks=self.ks, mrr_k=self.mrr_k)
+        self._seen_items: Tensor | None = None
         self.clock = _Stopwatch(torch.device("cpu"))
         self._reset_timers()
 
@@ -270,6 +294,7 @@ class TwoStageEvaluation(L.Callback):
         self.store = build_rerank_store(embeddings, self.rerank_store_config)
         self.item_embeddings = torch.from_numpy(embeddings).to(pl_module.device) if self.full_dense_reference else None
         self._epoch_beam = None
+        self._seen_items = seen_items_of(trainer.datamodule)
         self.clock = _Stopwatch(pl_module.device)
         for metric in self._metrics():
             metric.to(pl_module.device)
@@ -277,57 +302,17 @@ class TwoStageEvaluation(L.Callback):
         self._reset_timers()
 
     def _metrics(self) -> list[Metric]:
-        return [self.final_metrics, self.stage1_metrics, self.full_dense_metrics, self.pool_metrics]
+        return [self.final_metrics, self.stage1_metrics, self.full_dense_metrics, self.pool_metrics, self.group_metrics]
 
     # ------------------------------------------------------------------ per batch
     def _candidates(
         self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]
     ) -> tuple[Tensor, Tensor | None, float, int]:
-        """Stage-1 candidates (B, M) of the batch, their beam scores (B, M) when known, the stage-1 seconds
-        they cost and their beam size."""
-        if isinstance(outputs, Mapping) and "candidates" in outputs:
-            reported = outputs.get("beam_size")
-            reported = None if reported is None else int(reported)
-            if self.beam_size is not None and reported is not None and reported != self.beam_size:
-                raise GrcmError(
-                    f"TwoStageEvaluation.beam_size={self.beam_size} but {type(pl_module).__name__} decoded its "
-                    f"candidates with beam_size={reported}; the candidates are decoded once, by the retriever, "
-                    f"so set model.init_args.beam_size={self.beam_size} (or leave the callback's beam_size unset "
-                    "to follow the retriever)"
-                )
-            beam = reported if reported is not None else self.beam_size
-            if beam is None:
-                raise GrcmError(
-                    f"{type(pl_module).__name__} returned candidates without their beam_size; set "
-                    "TwoStageEvaluation.beam_size"
-                )
-            seconds = outputs.get("decode_seconds")
-            if seconds is None:
-                seconds = self.clock.now() - self._batch_started
-            scores = outputs.get("candidate_scores")
-            if scores is None and self.generative_weight:
-                raise GrcmError(
-                    f"TwoStageEvaluation.generative_weight={self.generative_weight} fuses stage-1 scores, but "
-                    f"{type(pl_module).__name__} returns candidates without 'candidate_scores'; set "
-                    "generative_weight: 0 for this retriever"
-                )
-            return outputs["candidates"], scores, float(seconds), beam
-        can_decode = hasattr(pl_module, "decode") and hasattr(pl_module, "trie")
-        if not can_decode:
-            raise TypeError(
-                f"TwoStageEvaluation needs stage-1 candidates: {type(pl_module).__name__}.validation_step/test_step "
-                "must return {'candidates': LongTensor (B, M)}, or the module must offer "
-                "decode(input_ids, attention_mask, beam_size) and trie like GenerativeRetriever"
-            )
-        beam = self.beam_size or getattr(getattr(pl_module, "hparams", {}), "beam_size", None)
-        if beam is None:
-            raise GrcmError(
-                f"set TwoStageEvaluation.beam_size: {type(pl_module).__name__} has no beam_size hyperparameter"
-            )
-        start = self.clock.now()
-        output = pl_module.decode(batch["input_ids"], batch["attention_mask"], beam_size=int(beam))
-        recalled = beams_to_scored_items(output, pl_module.trie)
-        return recalled.items, recalled.scores, self.clock.now() - start, int(beam)
+        """Stage-1 candidates (B, M), their beam scores (B, M) when known, the stage-1 seconds and the beam size
+        (:func:`~grcm.rerank.stage1_pool.stage1_pool`)."""
+        return stage1_pool(pl_module, outputs, batch, beam_size=self.beam_size, recall_levels=self.recall_levels,
+                           generative_weight=self.generative_weight, now=self.clock.now,
+                           batch_started=self._batch_started)
 
     @torch.no_grad()
     def _evaluate_batch(self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]) -> None:
@@ -340,6 +325,7 @@ class TwoStageEvaluation(L.Callback):
         self._epoch_beam = beam
         device = pl_module.device
         candidates = candidates.to(device).long()
+        candidates, candidate_scores = cap_pool(candidates, candidate_scores, self.max_pool_items)
         start = self.clock.now()
         corpus = pl_module.trainer.datamodule.corpus
         queries = self.dense.encode_queries(*dense_query_inputs(batch, self._dense_tokenizer, corpus))
@@ -359,6 +345,9 @@ class TwoStageEvaluation(L.Callback):
             full = full_dense_ranking(queries, self.item_embeddings, self.depth)
             self.full_dense_metrics.update(full, gold, query_ids)
         scored = count_candidates(candidates)
+        if self._seen_items is not None:
+            self.group_metrics.update(ranked, candidate_recall(candidates, gold), gold, query_ids,
+                                      unseen_queries(gold, self._seen_items))
         self.pool_metrics.update(
             {
                 "candidate_recall": candidate_recall(candidates, gold),
@@ -379,6 +368,10 @@ class TwoStageEvaluation(L.Callback):
         values.update(pool)
         values["beam_size"] = float(beam)
         values["generative_weight"] = self.generative_weight
+        values["recall_levels"] = float(self.recall_levels or getattr(pl_module, "recall_levels", None) or 0)
+        grouped = self.group_metrics.compute()
+        if float(grouped["unseen/queries"]) > 0:
+            values.update(grouped)
         values.update({f"stage1_{name}": value for name, value in self.stage1_metrics.compute().items()})
         if self.full_dense_reference:
             dense = self.full_dense_metrics.compute()

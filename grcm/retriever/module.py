@@ -82,6 +82,10 @@ class GenerativeRetriever(SIDRetrievalModule):
         compile_decoder: ``torch.compile`` the incremental decode step (speed only).
         decode_precision: "32", or on CUDA "16" / "bf16" autocast while decoding (speed only).
         cuda_graphs: replay the incremental decode step as CUDA graphs (CUDA only; speed only).
+        recall_levels: prefix recall: decode only the first p SID levels (e.g. ACE's semantic levels without
+            the unique token) and expand each decoded prefix to every item under it, items without training
+            queries included (see :mod:`grcm.retriever.sid_retrieval`); None (default) decodes full SIDs.
+        max_pool_items: cap on the recalled pool per query (best beams first); None: no cap.
 
     :meth:`decode` and :meth:`retrieve` (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`)
     always run in evaluation mode under ``torch.inference_mode`` (the training flags are restored
@@ -90,7 +94,8 @@ class GenerativeRetriever(SIDRetrievalModule):
 
     #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (``bundle_dir`` only to a
     #: bundle holding the checkpoint's own SIDs); see :mod:`grcm.lightning_cli`.
-    EVAL_OVERRIDABLE = ("beam_size", "constrained", "eval_max_items", "ks", "mrr_k", "bundle_dir")
+    EVAL_OVERRIDABLE = ("beam_size", "constrained", "eval_max_items", "ks", "mrr_k", "bundle_dir", "recall_levels",
+                        "max_pool_items")
 
     def __init__(
         self,
@@ -127,6 +132,8 @@ class GenerativeRetriever(SIDRetrievalModule):
         compile_decoder: bool = False,
         decode_precision: str = "32",
         cuda_graphs: bool = False,
+        recall_levels: int | None = None,
+        max_pool_items: int | None = None,
     ) -> None:
         super().__init__()
         if rdrop_omega < 0:
@@ -230,6 +237,10 @@ class GenerativeRetriever(SIDRetrievalModule):
         self._require_codes()
         return SIDTrie.from_codes(self.sid_codes.cpu(), self.model.sid_vocab_sizes)
 
+    def sid_table(self) -> tuple[Tensor, Tensor]:
+        """The SID table (N, L) and the item of each row, ``arange(N)`` (one SID per item)."""
+        return self.sid_codes, torch.arange(self.sid_codes.shape[0], device=self.sid_codes.device)
+
     def index_table(self) -> tuple[Tensor, list[int], int]:
         return self.sid_codes, list(self.model.sid_vocab_sizes), int(self.sid_codes.shape[0])
 
@@ -330,11 +341,12 @@ class GenerativeRetriever(SIDRetrievalModule):
             self.log(f"{stage}/ce", loss, batch_size=batch_size, sync_dist=True)
 
     def valid_sid_share(self, output: BeamSearchOutput) -> Tensor:
-        """(K,) share of queries whose rank-r beam (r = 1..K) is a SID of the corpus (an item's full SID).
+        """(K,) share of queries whose rank-r beam (r = 1..K) is a SID of the corpus (an item's full SID, or with
+        ``recall_levels`` a prefix of one).
 
         Always 1 under constrained decoding; without the trie it shows where invalid SIDs enter the list.
         """
         sequences, scores = output.sequences, output.scores  # (B, K, L), (B, K)
         rows, beams, levels = sequences.shape
-        valid = self.trie.contains(sequences.reshape(rows * beams, levels).clamp(min=0)).reshape(rows, beams)
+        valid = self.recall_trie.contains(sequences.reshape(rows * beams, levels).clamp(min=0)).reshape(rows, beams)
         return (valid & (scores > float("-inf"))).float().mean(0)

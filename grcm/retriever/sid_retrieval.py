@@ -12,14 +12,22 @@ Query text -> constrained beam search over SIDs -> ranked items -> metrics, in o
   (:class:`~grcm.retriever.trie_cache.VersionedTrie`);
 * **beams -> items**: every item the beams recall, in beam order, with the beam's log-probability
   (:func:`~grcm.decoding.beams_to_scored_items`), cut to ``eval_max_items`` for the metrics;
+* **prefix recall** (``recall_levels`` = p, default None = full SIDs): decode only the first p levels
+  and expand each decoded prefix to *every* item under it (items without training queries too), best
+  beam first, items ascending within a prefix, the pool capped at ``max_pool_items``
+  (:meth:`~SIDRetrievalModule.recall_trie`); ``{stage}/pool_items`` and ``{stage}/pool_share`` (of the
+  corpus) are logged;
+* **seen vs unseen items**: when some evaluation queries' gold items have no training query (held-out or
+  newly indexed items, :mod:`grcm.data.unseen_items`), ``{stage}/seen/*`` and ``{stage}/unseen/*`` give
+  ``recall@k``, ``mrr@k``, ``candidate_recall`` (gold anywhere in the pool) and ``queries`` per group;
 * **metrics and logging**: item-level ``recall@k`` / ``mrr@k`` (:class:`~grcm.metrics.ItemRetrievalMetrics`,
   each query id counted once under DDP), ``queries_per_s``, and at test time
   ``index_bytes_per_item`` (the trie plus the SID table in narrow dtypes);
 * **predict output**: ``{"query_index", "items", "scores"}``.
 
 A subclass provides ``self.model`` (a :class:`~grcm.retriever.model.GenerativeRetrieverModel`), its
-SID table (:meth:`~SIDRetrievalModule.index_table`, :meth:`~SIDRetrievalModule.build_trie`,
-:meth:`~SIDRetrievalModule.trie_sources`) and may add per-batch and per-epoch metrics
+SID table (:meth:`~SIDRetrievalModule.index_table`, :meth:`~SIDRetrievalModule.sid_table`,
+:meth:`~SIDRetrievalModule.build_trie`, :meth:`~SIDRetrievalModule.trie_sources`) and may add per-batch and per-epoch metrics
 (:meth:`~SIDRetrievalModule.evaluate_extra`, :meth:`~SIDRetrievalModule.log_extra`).
 """
 
@@ -35,6 +43,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from grcm.data.unseen_items import seen_items_of, unseen_queries
 from grcm.decoding import (
     BeamSearchOutput,
     RankedItems,
@@ -45,7 +54,7 @@ from grcm.decoding import (
     sid_table_nbytes,
 )
 from grcm.errors import GrcmError
-from grcm.metrics import ItemRetrievalMetrics, fixed_width
+from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, SeenUnseenMetrics, candidate_recall, fixed_width
 from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
 from grcm.retriever.trie_cache import VersionedTrie
 
@@ -85,22 +94,42 @@ def check_decoding_args(
         )
 
 
+def check_recall_args(recall_levels: int | None, max_pool_items: int | None, ks: Sequence[int], mrr_k: int) -> None:
+    """Raise :class:`RetrieverConfigError` for prefix-recall arguments that cannot work."""
+    if recall_levels is not None and int(recall_levels) < 1:
+        raise RetrieverConfigError(
+            f"model.recall_levels must be >= 1 (decode that many SID levels) or null (full SIDs), got {recall_levels}."
+        )
+    largest_cutoff = max(*ks, mrr_k)
+    if max_pool_items is not None and int(max_pool_items) < largest_cutoff:
+        raise RetrieverConfigError(
+            f"model.max_pool_items={max_pool_items} is below the largest reported cut-off {largest_cutoff}; "
+            f"set it >= {largest_cutoff} or leave it unset (no cap)."
+        )
+
+
 class SIDRetrievalModule(L.LightningModule, ABC):
     """Decoding, beams -> items, metrics, logging, index size and prediction of a SID retriever.
 
     Reads these hyperparameters: ``beam_size``, ``eval_max_items``, ``ks``, ``mrr_k`` and, when present,
     ``constrained`` (default True), ``incremental_decoding`` (True), ``compile_decoder`` (False),
-    ``decode_precision`` ("32") and ``cuda_graphs`` (False). A subclass calls
+    ``decode_precision`` ("32"), ``cuda_graphs`` (False), ``recall_levels`` (None: full SIDs) and
+    ``max_pool_items`` (None: no cap on the recalled pool). A subclass calls
     :meth:`init_retrieval` in its ``__init__`` after ``save_hyperparameters`` and implements the SID
     table's three abstract methods; the class itself is no model (``grcm fit`` cannot instantiate it).
     """
 
     def init_retrieval(self, ks: Sequence[int], mrr_k: int) -> None:
-        """Create the metric states, the decode timers and the trie cache."""
+        """Create the metric states, the decode timers and the trie caches; check the prefix-recall arguments."""
+        check_recall_args(self.hparams.get("recall_levels"), self.hparams.get("max_pool_items"), ks, mrr_k)
         self.val_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
+        self.val_groups, self.test_groups = SeenUnseenMetrics(ks, mrr_k), SeenUnseenMetrics(ks, mrr_k)
+        self.val_pool, self.test_pool = PerQueryMeans(["pool_items"]), PerQueryMeans(["pool_items"])
         self._decode_seconds, self._decoded_queries = 0.0, 0
         self._trie_cache = VersionedTrie()
+        self._prefix_tries: dict[int, VersionedTrie] = {}
+        self._seen_items: Tensor | None = None
 
     # ------------------------------------------------------- the subclass's SID table
     @abstractmethod
@@ -111,6 +140,11 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     @abstractmethod
     def build_trie(self) -> SIDTrie:
         """A new trie over the current SID table (called only when :meth:`trie_sources` changed)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def sid_table(self) -> tuple[Tensor, Tensor]:
+        """Every SID row: codes (R, l) over the levels decoded, and the item index of each row (R,)."""
         raise NotImplementedError
 
     @abstractmethod
@@ -134,6 +168,29 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     def trie(self) -> SIDTrie:
         """Trie over the SID table, rebuilt only when the table changes, kept on the module's device."""
         return self._trie_cache.get(self.trie_sources(), self.build_trie, self.device)
+
+    @property
+    def recall_levels(self) -> int | None:
+        """Levels decoded (``hparams.recall_levels``); None or a value >= the SID length: full SIDs."""
+        levels = self.hparams.get("recall_levels")
+        return None if levels is None else int(levels)
+
+    @property
+    def recall_trie(self) -> SIDTrie:
+        """The trie decoding runs in: :attr:`trie`, or with ``recall_levels`` = p < L the trie of the first p
+        levels, whose leaf (a decoded prefix) holds every item under it. Cached like :attr:`trie`."""
+        full = self.trie
+        levels = self.recall_levels
+        if levels is None or levels >= full.num_levels:
+            return full
+        cache = self._prefix_tries.setdefault(levels, VersionedTrie())
+        return cache.get(self.trie_sources(), lambda: self.build_prefix_trie(levels), self.device)
+
+    def build_prefix_trie(self, levels: int) -> SIDTrie:
+        """Trie over the first ``levels`` codes of every row of :meth:`sid_table`, leaves -> all their items."""
+        codes, row_items = self.sid_table()
+        _, vocab_sizes, _ = self.index_table()
+        return SIDTrie.from_codes(codes[:, :levels].cpu(), list(vocab_sizes)[:levels], row_items=row_items.cpu())
 
     # --------------------------------------------------------------- inference
     @property
@@ -164,6 +221,8 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     ) -> BeamSearchOutput:
         """Beam search over SIDs: queries (B, T) -> beams (B, K, L) and scores (B, K).
 
+        With ``recall_levels`` = p the beams are SID prefixes (B, K, p) in :attr:`recall_trie`.
+
         Args:
             input_ids, attention_mask: (B, T) query tokens and mask (True = real token).
             beam_size: K; None uses ``hparams.beam_size``.
@@ -176,7 +235,7 @@ class SIDRetrievalModule(L.LightningModule, ABC):
             raise RetrieverConfigError(f"decode: beam_size must be >= 1 (or None for the default), got {beam_size}.")
         hparams = self.hparams
         incremental = hparams.get("incremental_decoding", True) if incremental is None else incremental
-        trie = self.trie  # built outside inference mode: it outlives this call
+        trie = self.recall_trie  # built outside inference mode: it outlives this call
         with self._inference(), decode_precision(hparams.get("decode_precision", "32"), input_ids.device):
             enc = self.model.encode(input_ids, attention_mask)
             step_fn = make_step_fn(
@@ -200,7 +259,7 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         """Ranked items (B, M) padded with -1 for queries (B, T); M = ``max_items`` or :attr:`eval_max_items`."""
         output = self.decode(input_ids, attention_mask)
         with torch.inference_mode():
-            return beams_to_items(output, self.trie, max_items or self.eval_max_items)
+            return beams_to_items(output, self.recall_trie, max_items or self.eval_max_items)
 
     # -------------------------------------------------------------- evaluation
     def _evaluate(self, batch: dict[str, Tensor], stage: str) -> dict[str, Any] | None:
@@ -209,33 +268,47 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         Returns:
             ``{"candidates": (B, M) every item the beams recall, in beam order, -1 padded;
             "candidate_scores": (B, M) the log-probability of the beam that recalled each, -inf on padding;
-            "beam_size": int; "decode_seconds": float}``, the stage-1 pool that
+            "beam_size": int; "recall_levels": int | None; "decode_seconds": float}``, the stage-1 pool that
             :class:`~grcm.rerank.two_stage.TwoStageEvaluation` reranks without decoding again.
         """
         if not self.can_decode:
             return None
         start = time.perf_counter()
         output = self.decode(batch["input_ids"], batch["attention_mask"])
-        recalled = beams_to_scored_items(output, self.trie)
+        recalled = beams_to_scored_items(output, self.recall_trie, self.hparams.get("max_pool_items"))
         ranked = fixed_width(recalled.items, self.eval_max_items)  # = beams_to_items(output, trie, eval_max_items)
         decode_seconds = time.perf_counter() - start
         self._decode_seconds += decode_seconds
         self._decoded_queries += ranked.shape[0]
+        gold, query_ids = batch["gold_items"], batch["query_index"]
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        metrics.update(ranked, batch["gold_items"], batch["query_index"])
+        metrics.update(ranked, gold, query_ids)
+        if self.recall_levels is not None:
+            pool = self.val_pool if stage == "val" else self.test_pool
+            pool.update({"pool_items": (recalled.items >= 0).sum(1)}, query_ids)
+        if self._seen_items is not None:
+            groups = self.val_groups if stage == "val" else self.test_groups
+            groups.update(ranked, candidate_recall(recalled.items, gold), gold, query_ids,
+                          unseen_queries(gold, self._seen_items))
         self.evaluate_extra(batch, output, recalled, stage)
         return {
             "candidates": recalled.items,
             "candidate_scores": recalled.scores,
             "beam_size": int(self.hparams.beam_size),
+            "recall_levels": self.recall_levels,
             "decode_seconds": decode_seconds,
         }
 
-    def on_validation_epoch_start(self) -> None:
+    def _start_epoch(self) -> None:
         self._decode_seconds, self._decoded_queries = 0.0, 0
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self._seen_items = seen_items_of(datamodule) if datamodule is not None else None
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_epoch()
 
     def on_test_epoch_start(self) -> None:
-        self._decode_seconds, self._decoded_queries = 0.0, 0
+        self._start_epoch()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any] | None:
         return self._evaluate(batch, "val")
@@ -251,6 +324,17 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         values = metrics.compute()
         self.log_dict({f"{stage}/{name}": value for name, value in values.items()}, prog_bar=True, sync_dist=True)
         metrics.reset()
+        if self.recall_levels is not None:
+            pool = self.val_pool if stage == "val" else self.test_pool
+            items = pool.compute()["pool_items"]
+            self.log_dict({f"{stage}/pool_items": items, f"{stage}/pool_share": items / self.index_table()[2]},
+                          sync_dist=True)
+            pool.reset()
+        groups = self.val_groups if stage == "val" else self.test_groups
+        grouped = groups.compute()  # every rank's queries: all ranks agree on whether there are unseen ones
+        if float(grouped["unseen/queries"]) > 0:
+            self.log_dict({f"{stage}/{name}": value for name, value in grouped.items()}, sync_dist=True)
+        groups.reset()
         self.log_extra(stage)
         self.log(f"{stage}/queries_per_s", self._decoded_queries / max(self._decode_seconds, 1e-9), sync_dist=True)
 
@@ -270,5 +354,5 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """``{"query_index": (B,), "items": (B, M), "scores": (B, M)}`` ranked items with beam scores."""
         output = self.decode(batch["input_ids"], batch["attention_mask"])
-        ranked = beams_to_scored_items(output, self.trie, self.eval_max_items)
+        ranked = beams_to_scored_items(output, self.recall_trie, self.eval_max_items)
         return {"query_index": batch["query_index"], "items": ranked.items, "scores": ranked.scores}

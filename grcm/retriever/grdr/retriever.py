@@ -72,7 +72,8 @@ class GRDRRetriever(SIDRetrievalModule):
         temperature: InfoNCE temperature.
         num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout, fusion, max_query_len:
             the retriever's shape (:class:`GenerativeRetrieverModel`).
-        beam_size: beams; eval_max_items: ranked items kept per query (default: the largest cut-off).
+        beam_size: beams; eval_max_items: ranked items kept per query (default: the largest cut-off);
+            recall_levels, max_pool_items: prefix recall, as for the ACE retriever (default: full SIDs, no cap).
         lr, warmup_epochs, min_lr, weight_decay: Adam and its warm-up + cosine schedule.
         seed: K-Means and routing seed.
         ks, mrr_k: reported cut-offs.
@@ -81,7 +82,7 @@ class GRDRRetriever(SIDRetrievalModule):
     """
 
     #: arguments that ``grcm test/validate/predict --ckpt_path=...`` may change (decoding and reporting only)
-    EVAL_OVERRIDABLE = ("beam_size", "eval_max_items", "ks", "mrr_k")
+    EVAL_OVERRIDABLE = ("beam_size", "eval_max_items", "ks", "mrr_k", "recall_levels", "max_pool_items")
 
     def __init__(
         self,
@@ -125,7 +126,7 @@ class GRDRRetriever(SIDRetrievalModule):
         incremental_decoding: bool = True,
         compile_decoder: bool = False,
         decode_precision: str = "32",
-        cuda_graphs: bool = False,
+        cuda_graphs: bool = False, recall_levels: int | None = None, max_pool_items: int | None = None,
     ) -> None:
         super().__init__()
         for name, value, choices in (("routing", routing, ROUTINGS), ("query_encoder", query_encoder, QUERY_ENCODERS),
