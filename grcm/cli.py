@@ -144,8 +144,10 @@ def _plot_sids(argv: list[str]) -> None:
 @extra_command("prepare", "join a benchmark's annotation files with your item features into a corpus")
 def _prepare(argv: list[str]) -> None:
     import argparse
+    import json
+    import logging
 
-    from grcm.data.datasets import DATASET_READERS, prepare_dataset
+    from grcm.data.datasets import DATASET_READERS, prepare_dataset, summary
 
     parser = argparse.ArgumentParser(
         prog="grcm prepare",
@@ -158,7 +160,10 @@ def _prepare(argv: list[str]) -> None:
     parser.add_argument("--out", required=True, help="corpus directory to write")
     parser.add_argument("--skip-missing", action="store_true", help="drop (and report) items without features")
     parser.add_argument("--keep-uncaptioned", action="store_true", help="keep items that have no captions")
-    parser.add_argument("--splits", nargs="*", help="read only these splits (train val test)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="warn instead of failing on a split with no captions or on feature rows no item uses")
+    parser.add_argument("--splits", nargs="*",
+                        help="read only these splits (train val test; default: those whose files exist)")
     parser.add_argument("--karpathy-json", help="Flickr30K/COCO: Karpathy dataset_*.json")
     parser.add_argument("--msrvtt-data-json", help="MSR-VTT: MSRVTT_data.json (train captions)")
     parser.add_argument("--validation", choices=["test", "official", "none"], help="MSR-VTT validation split")
@@ -175,17 +180,35 @@ def _prepare(argv: list[str]) -> None:
         }.items()
         if value is not None
     }
-    out = prepare_dataset(
-        args.name,
-        args.annotation_dir,
-        args.features,
-        args.feature_ids,
-        args.out,
-        skip_missing=args.skip_missing,
-        keep_uncaptioned=args.keep_uncaptioned,
-        **options,
-    )
-    print(f"grcm prepare: wrote {out}")
+
+    class _Notices(logging.Handler):  # reader notes as "grcm: notice:", allowed problems as "grcm: warning:"
+        def emit(self, record: logging.LogRecord) -> None:
+            kind = "warning" if record.levelno >= logging.WARNING else "notice"
+            print(f"grcm: {kind}: {' '.join(record.getMessage().split())}", file=sys.stderr)
+
+    datasets_logger = logging.getLogger("grcm.data.datasets")
+    handler, saved = _Notices(logging.INFO), (datasets_logger.level, datasets_logger.propagate)
+    datasets_logger.addHandler(handler)
+    datasets_logger.setLevel(logging.INFO)
+    datasets_logger.propagate = False
+    try:
+        out = prepare_dataset(
+            args.name,
+            args.annotation_dir,
+            args.features,
+            args.feature_ids,
+            args.out,
+            skip_missing=args.skip_missing,
+            keep_uncaptioned=args.keep_uncaptioned,
+            allow_empty=args.allow_empty,
+            **options,
+        )
+    finally:
+        datasets_logger.removeHandler(handler)
+        datasets_logger.setLevel(saved[0])
+        datasets_logger.propagate = saved[1]
+    report = json.loads((Path(out) / "preparation.json").read_text(encoding="utf-8"))
+    print(f"grcm prepare: wrote {out}: {summary(report)}")
 
 
 @extra_command("extract", "encode images/videos/audio (CLIP, SigLIP, CLAP) into the features grcm prepare joins")

@@ -268,8 +268,14 @@ def test_clotho_reads_crlf_files_like_lf(tmp_path, clotho):
     crlf = DATASET_READERS["clotho"](tmp_path, splits=("train", "test"))
     assert crlf.item_ids == clotho.item_ids and crlf.caption_text == clotho.caption_text
     assert not any("\r" in item_id for item_id in crlf.item_ids)
-    with pytest.raises(CorpusError, match="clotho_captions_validation.csv"):
-        DATASET_READERS["clotho"](tmp_path)
+    with pytest.raises(CorpusError, match="clotho_captions_validation.csv not found, but split 'val' was asked"):
+        DATASET_READERS["clotho"](tmp_path, splits=("train", "val", "test"))
+    detected = DATASET_READERS["clotho"](tmp_path)  # without splits: the CSVs that exist, a notice for the rest
+    assert detected.splits == ("train", "test") and detected.caption_text == clotho.caption_text
+    assert any(
+        "clotho_captions_validation.csv not found" in note and "data.init_args.val_from_train" in note
+        for note in detected.notes
+    )
 
 
 # -- AudioCaps ----------------------------------------------------------------------------------------------
@@ -379,11 +385,22 @@ def test_keep_uncaptioned_adds_gallery_items_only_when_asked(tmp_path, msrvtt):
     ids = [f"{video}.mp4" for video in test_videos] + ["video0.mp4", "distractor_a.mp4"]
     features_path, ids_path, _ = write_features(tmp_path / "features", ids)
     key = get_reader("msrvtt").feature_key
-    plain = load_corpus(build_corpus(msrvtt, features_path, ids_path, tmp_path / "plain", feature_key=key))
+    # no training captions (no MSRVTT_data.json here); video0 has none and distractor_a names no item: unused rows
+    with pytest.raises(CorpusError, match=r"split 'train' would have no captions.*and 1 more problem"):
+        build_corpus(msrvtt, features_path, ids_path, tmp_path / "plain", feature_key=key)
+    plain = load_corpus(
+        build_corpus(msrvtt, features_path, ids_path, tmp_path / "plain", feature_key=key, allow_empty=True)
+    )
     assert plain.item_ids == test_videos
     gallery = load_corpus(
         build_corpus(
-            msrvtt, features_path, ids_path, tmp_path / "gallery", feature_key=key, keep_uncaptioned=True
+            msrvtt,
+            features_path,
+            ids_path,
+            tmp_path / "gallery",
+            feature_key=key,
+            keep_uncaptioned=True,
+            allow_empty=True,
         )
     )
     assert gallery.item_ids == ["video0"] + test_videos + ["distractor_a.mp4"]
@@ -422,7 +439,7 @@ def test_misaligned_multi30k_file_is_reported(tmp_path):
 
 
 def test_prepared_corpus_feeds_the_corpus_datamodule(tmp_path, msvd):
-    features_path, ids_path, feature_of = write_features(tmp_path / "features", msvd.item_ids, dim=6)
+    features_path, ids_path, feature_of = write_features(tmp_path / "features", msvd.items_of_split("val"), dim=6)
     out = prepare_dataset(
         "msvd", data_dir("msvd"), features_path, ids_path, tmp_path / "corpus", splits=("val",)
     )

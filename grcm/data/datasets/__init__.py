@@ -16,7 +16,7 @@ from pathlib import Path
 
 from grcm.data.corpus import CorpusError
 from grcm.data.datasets import audiocaps, clotho, coco, flickr30k, msrvtt, msvd
-from grcm.data.datasets.build import build_corpus, load_feature_matrix, read_feature_ids
+from grcm.data.datasets.build import build_corpus, load_feature_matrix, read_feature_ids, summary
 from grcm.data.datasets.captions import CaptionSet, DatasetReader
 
 logger = logging.getLogger(__name__)
@@ -47,9 +47,13 @@ def prepare_dataset(
     skip_missing: bool = False,
     keep_uncaptioned: bool = False,
     feature_format: str = "npy",
+    allow_empty: bool = False,
     **reader_options,
 ) -> Path:
     """Read benchmark ``name`` and write its corpus directory (with ``preparation.json``).
+
+    The reader's notes (absent splits, files not found, protocol caveats) are logged at INFO level
+    (``grcm prepare`` prints them as ``grcm: notice:`` lines) and kept in ``preparation.json``.
 
     Args:
         name: one of :data:`DATASET_READERS` (msrvtt, msvd, flickr30k, coco, clotho, audiocaps).
@@ -61,6 +65,8 @@ def prepare_dataset(
         skip_missing: drop (and report) items without features instead of failing.
         keep_uncaptioned: keep items with features but no captions as extra gallery items.
         feature_format: ``"npy"`` or ``"safetensors"`` for the written features.
+        allow_empty: write the corpus even when a split read has no captions or feature rows are
+            unused (logged as warnings) instead of failing.
         **reader_options: passed to the reader, e.g. ``msrvtt_data_json=``, ``karpathy_json=``,
             ``validation=``, ``splits=``.
 
@@ -70,8 +76,8 @@ def prepare_dataset(
     reader = get_reader(name)
     captions = reader(annotation_dir, **reader_options)
     for note in captions.notes:
-        logger.warning("%s: %s", name, note)
-    _require_training_captions(name, captions, reader_options.get("splits"))
+        logger.info("%s: %s", name, note)
+    _require_training_captions(name, captions)
     return build_corpus(
         captions,
         features,
@@ -81,12 +87,14 @@ def prepare_dataset(
         skip_missing=skip_missing,
         keep_uncaptioned=keep_uncaptioned,
         feature_format=feature_format,
+        allow_empty=allow_empty,
+        id_format=reader.id_format,
     )
 
 
-def _require_training_captions(name: str, captions: CaptionSet, splits) -> None:
+def _require_training_captions(name: str, captions: CaptionSet) -> None:
     """Items read for training but not one training caption: fail now, not at fit time."""
-    if splits is not None and "train" not in splits:
+    if "train" not in captions.splits:
         return
     uncaptioned = int((~captions.captioned()).sum())
     if captions.counts()["captions"]["train"] == 0 and uncaptioned:
@@ -108,4 +116,5 @@ __all__ = [
     "prepare_dataset",
     "read_captions",
     "read_feature_ids",
+    "summary",
 ]

@@ -12,29 +12,29 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from grcm.data.corpus import SPLITS, CorpusError
-from grcm.data.datasets.captions import CaptionSet, CaptionSetBuilder, DatasetReader, check_splits
-from grcm.data.datasets.files import annotation_root, find_file, media_stem, read_csv_rows
+from grcm.data.corpus import CorpusError
+from grcm.data.datasets.captions import CaptionSet, CaptionSetBuilder, DatasetReader, detect_splits
+from grcm.data.datasets.files import annotation_root, find_optional_file, media_stem, read_csv_rows
 
 SPLIT_FILES = {"train": "train.csv", "val": "val.csv", "test": "test.csv"}
 COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
 HINT = "download train.csv, val.csv and test.csv from github.com/cdjkim/audiocaps (dataset/)."
 
 
-def read_audiocaps(annotation_dir: str | Path, *, splits: tuple[str, ...] = SPLITS) -> CaptionSet:
+def read_audiocaps(annotation_dir: str | Path, *, splits: tuple[str, ...] | None = None) -> CaptionSet:
     """Read AudioCaps captions grouped by clip.
 
     Args:
         annotation_dir: folder with the split CSVs (or its ``dataset/`` subfolder).
-        splits: splits to read (each needs its CSV).
+        splits: splits to read (each needs its CSV); None reads those whose CSV exists.
     """
     root = annotation_root(annotation_dir)
-    splits = check_splits(splits)
     builder = CaptionSetBuilder("audiocaps", "audio", root)
+    found = {split: find_optional_file(root, [name, f"dataset/{name}"]) for split, name in SPLIT_FILES.items()}
     split_of: dict[str, str] = {}
     shared: set[str] = set()
-    for split in splits:
-        path = find_file(root, [SPLIT_FILES[split], f"dataset/{SPLIT_FILES[split]}"], HINT)
+    for split in detect_splits(builder, splits, found, SPLIT_FILES, HINT):
+        path = found[split]
         for number, row in enumerate(read_csv_rows(path, COLUMNS), start=2):
             youtube_id, start = row["youtube_id"].strip(), row["start_time"].strip()
             if not youtube_id or not start.isdigit():
@@ -71,4 +71,6 @@ READER = DatasetReader(
     read=read_audiocaps,
     feature_key=audiocaps_feature_key,
     files=", ".join(SPLIT_FILES.values()),
+    id_format="<youtube_id>_<start_time>, e.g. 7fmOlUlwoNg_20 (also 7fmOlUlwoNg_20.wav or the AudioSet "
+    "name Y7fmOlUlwoNg_20.000_30.000.wav)",
 )

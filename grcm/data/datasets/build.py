@@ -42,7 +42,16 @@ def load_feature_matrix(path: str | Path) -> np.ndarray:
     return features
 
 
-def _keyed_rows(feature_ids: list[str], key: Callable[[str], str], ids_path: Path) -> dict[str, int]:
+def id_hint(captions: CaptionSet, key: Callable[[str], str], id_format: str = "") -> str:
+    """What the feature ids of ``captions``'s dataset look like, with an item id of its annotations."""
+    example = captions.item_ids[0] if captions.item_ids else ""
+    expected = f"{captions.name} feature ids look like {id_format}" if id_format else (
+        "feature ids must name the items as the annotations do")
+    return (f"{expected}; this annotation's first item is {example!r}, matched as {key(example)!r} "
+            "(docs/data.md, \"Feature ids\")")
+
+
+def _keyed_rows(feature_ids: list[str], key: Callable[[str], str], ids_path: Path, hint: str) -> dict[str, int]:
     rows: dict[str, int] = {}
     for row, raw in enumerate(feature_ids):
         canonical = key(raw)
@@ -50,13 +59,15 @@ def _keyed_rows(feature_ids: list[str], key: Callable[[str], str], ids_path: Pat
             first = rows[canonical]
             raise CorpusError(
                 f"{ids_path}: lines {first + 1} ({feature_ids[first]!r}) and {row + 1} ({raw!r}) both name item "
-                f"{canonical!r}; keep one feature row per item."
+                f"{canonical!r}; keep one feature row per item. Hint: {hint}."
             )
         rows[canonical] = row
     return rows
 
 
-def _item_rows(captions: CaptionSet, key: Callable[[str], str], row_of_key: dict[str, int]) -> np.ndarray:
+def _item_rows(
+    captions: CaptionSet, key: Callable[[str], str], row_of_key: dict[str, int], hint: str
+) -> np.ndarray:
     """``(N,)`` feature row of every item of ``captions``, -1 where there is none."""
     rows = np.full(captions.num_items, -1, dtype=np.int64)
     owner: dict[str, str] = {}
@@ -65,11 +76,56 @@ def _item_rows(captions: CaptionSet, key: Callable[[str], str], row_of_key: dict
         if canonical in owner:
             raise CorpusError(
                 f"{captions.name}: items {owner[canonical]!r} and {item_id!r} map to the same feature key "
-                f"{canonical!r}; their features could not be told apart."
+                f"{canonical!r}; their features could not be told apart. Hint: {hint}."
             )
         owner[canonical] = item_id
         rows[index] = row_of_key.get(canonical, -1)
     return rows
+
+
+def _empty_split_problems(captions: CaptionSet, kept: CaptionSet, hint: str) -> list[str]:
+    """One message per split the reader read (``captions.splits``) that ends up with no captions."""
+    problems = []
+    before, after = captions.counts(), kept.counts()
+    for split in captions.splits:
+        if after["captions"][split]:
+            continue
+        if before["captions"][split]:
+            reason = (f"all {before['items'][split]} of its captioned items have no feature row and were skipped; "
+                      f"extract features for them or check the ids ({hint})")
+        else:
+            others = [other for other in captions.splits if after["captions"][other]]
+            only = f" (--splits {' '.join(others)})" if others else ""
+            where = captions.split_files.get(split)
+            source = (f"{where} gives none (a header only?)" if where else
+                      f"the annotation files in {captions.source or 'the annotation folder'} give none"
+                      + (f" ({' '.join(captions.notes)})" if captions.notes else ""))
+            reason = f"{source}; check {'that file' if where else 'them'}, or read only the other splits{only}"
+        problems.append(f"{captions.name}: split {split!r} would have no captions: {reason}")
+    return problems
+
+
+def _unused_row_problem(
+    feature_ids: list[str], used: np.ndarray, matched: np.ndarray, ids_path: Path, key, hint: str
+) -> str | None:
+    """The message for feature rows that end up in no corpus row (None when every row is used)."""
+    unused = np.flatnonzero(~used)
+    if unused.size == 0:
+        return None
+    no_item = [row for row in unused.tolist() if not matched[row]]
+    uncaptioned = int(unused.size - len(no_item))
+    parts = []
+    if no_item:
+        examples = [feature_ids[row] for row in no_item[:3]]
+        parts.append(f"{len(no_item)} match no item of the splits read (e.g. {examples}, matched as "
+                     f"{[key(e) for e in examples]})")
+    if uncaptioned:
+        parts.append(f"{uncaptioned} name items without captions")
+    return (
+        f"{ids_path}: {unused.size} of {len(feature_ids)} feature rows would be unused: {'; '.join(parts)}. "
+        f"Hint: {hint}. Fix the ids, keep such rows as gallery items with keep_uncaptioned=True "
+        "(--keep-uncaptioned)"
+    )
 
 
 def build_corpus(
@@ -82,8 +138,14 @@ def build_corpus(
     skip_missing: bool = False,
     keep_uncaptioned: bool = False,
     feature_format: str = "npy",
+    allow_empty: bool = False,
+    id_format: str = "",
 ) -> Path:
     """Join ``captions`` with a feature matrix and write the corpus directory ``out_dir`` atomically.
+
+    Fails (a :class:`CorpusError`, nothing written) when a split the reader read
+    (``captions.splits``) ends up with no captions, or when feature rows end up unused (their
+    ids match no item, or items without captions); ``allow_empty`` logs a warning instead.
 
     Args:
         captions: what a dataset reader returned.
@@ -96,6 +158,9 @@ def build_corpus(
         keep_uncaptioned: keep items that have features but no captions (gallery distractors):
             annotation items without captions and feature rows no annotation names.
         feature_format: ``"npy"`` or ``"safetensors"`` for the written features.
+        allow_empty: write the corpus despite empty splits and unused feature rows (warned, listed
+            in ``preparation.json`` under ``warnings``).
+        id_format: what a feature id of this dataset looks like, for the hints of id errors.
 
     Returns:
         ``out_dir``.
@@ -109,7 +174,8 @@ def build_corpus(
             f"{feature_ids_path}: {len(feature_ids)} ids but {features_path} has {features.shape[0]} rows; "
             "line i of the id file must name feature row i."
         )
-    rows = _item_rows(captions, key, _keyed_rows(feature_ids, key, feature_ids_path))
+    hint = id_hint(captions, key, id_format)
+    rows = _item_rows(captions, key, _keyed_rows(feature_ids, key, feature_ids_path, hint), hint)
     captioned = captions.captioned()
     missing = captioned & (rows < 0)
     if missing.any() and (not skip_missing or missing.sum() == captioned.sum()):
@@ -123,7 +189,8 @@ def build_corpus(
         raise CorpusError(
             f"{feature_ids_path}: no feature row for item {missing_ids[0]!r} ({int(missing.sum())} of "
             f"{int(captioned.sum())} captioned {captions.name} items missing, e.g. {missing_ids}; ids are matched "
-            f"as {key(missing_ids[0])!r}, the id file's first line {example!r} as {key(example)!r}). {fix}."
+            f"as {key(missing_ids[0])!r}, the id file's first line {example!r} as {key(example)!r}). {fix}. "
+            f"Hint: {hint}."
         )
     keep = (rows >= 0) & (captioned | keep_uncaptioned)
     kept = captions.subset(keep)
@@ -133,6 +200,21 @@ def build_corpus(
         named = np.zeros(len(feature_ids), dtype=bool)
         named[rows[rows >= 0]] = True
         extra_rows = np.flatnonzero(~named)
+    used = np.zeros(len(feature_ids), dtype=bool)
+    used[np.concatenate([feature_rows, extra_rows])] = True
+    matched = np.zeros(len(feature_ids), dtype=bool)
+    matched[rows[rows >= 0]] = True
+    problems = _empty_split_problems(captions, kept, hint)
+    unused_problem = _unused_row_problem(feature_ids, used, matched, feature_ids_path, key, hint)
+    if unused_problem:
+        problems.append(unused_problem)
+    if problems and not allow_empty:
+        raise CorpusError(
+            f"{problems[0]}; or pass allow_empty=True (grcm prepare --allow-empty) to write the corpus anyway"
+            + (f" (and {len(problems) - 1} more problem(s))." if len(problems) > 1 else ".")
+        )
+    for problem in problems:
+        logger.warning("%s (written anyway: allow_empty)", problem)
     matrix = np.asarray(features[np.concatenate([feature_rows, extra_rows])])
     if matrix.dtype == np.float64:
         matrix = matrix.astype(np.float32)
@@ -161,7 +243,9 @@ def build_corpus(
         "unused_feature_rows": int(len(feature_ids) - feature_rows.size - extra_rows.size),
         "skipped_items": skipped,
         "skipped_captions": {split: int((skipped_captions == split).sum()) for split in SPLITS},
+        "splits": list(captions.splits),
         "notes": captions.notes,
+        "warnings": problems,
     }
     if skipped:
         logger.warning(
@@ -176,3 +260,13 @@ def build_corpus(
         save_corpus(corpus, tmp, feature_format=feature_format)
         write_json_atomic(tmp / "preparation.json", report)
     return out_dir
+
+
+def summary(report: dict) -> str:
+    """One line of a ``preparation.json`` report: items and captions per split, unused feature rows."""
+    splits = ", ".join(
+        f"{split} {report['items'][split]} items / {report['captions'][split]} captions" for split in SPLITS
+    )
+    kept = f", {report['uncaptioned_items_kept']} uncaptioned kept" if report["uncaptioned_items_kept"] else ""
+    return (f"{report['num_items']} items ({splits}{kept}), {report['unused_feature_rows']} unused feature rows, "
+            f"{len(report['skipped_items'])} items skipped for lack of features")

@@ -35,6 +35,52 @@ def check_splits(splits: Sequence[str]) -> tuple[str, ...]:
     return splits
 
 
+#: What happens to a split whose annotation file is absent (printed by ``grcm prepare``).
+ABSENT_SPLIT = {
+    "train": "no training split; the corpus serves evaluation only (test a model trained on another corpus)",
+    "val": "no validation split; fit will hold out part of train for validation (data.init_args.val_from_train)",
+    "test": "no test split; grcm test has nothing to evaluate",
+}
+
+
+def detect_splits(
+    builder: CaptionSetBuilder,
+    splits: Sequence[str] | None,
+    found: dict[str, Path | None],
+    expected: dict[str, str],
+    hint: str,
+) -> tuple[str, ...]:
+    """The splits a reader reads, recorded in ``builder.splits``.
+
+    Args:
+        builder: receives the splits and a note per absent split.
+        splits: the splits asked for; each needs its file. None: every split whose file was found,
+            with a note naming each missing file and what fit does instead (:data:`ABSENT_SPLIT`).
+        found: split -> its annotation file, None where it is absent.
+        expected: split -> the file name(s) looked for (for messages).
+        hint: where the files come from.
+    """
+    if splits is not None:
+        splits = check_splits(splits)
+        for split in splits:
+            if found.get(split) is None:
+                raise CorpusError(
+                    f"{builder.source}: {expected[split]} not found, but split {split!r} was asked for; {hint} "
+                    f"Or leave out --splits to read the splits whose files exist."
+                )
+    else:
+        splits = tuple(split for split in SPLITS if found.get(split) is not None)
+        if not splits:
+            files = ", ".join(expected.values())
+            raise CorpusError(f"{builder.source}: none of {files} found; {hint}")
+        for split in SPLITS:
+            if split not in splits:
+                builder.note(f"{expected[split]} not found in {builder.source}: {ABSENT_SPLIT[split]}.")
+    builder.splits = splits
+    builder.split_files.update({split: str(found[split]) for split in splits})
+    return splits
+
+
 @dataclass
 class CaptionSet:
     """Items and their captions as read from annotation files (no features yet).
@@ -49,6 +95,9 @@ class CaptionSet:
         caption_split: ``(C,)`` array of ``"train"``/``"val"``/``"test"``.
         notes: what the reader used, skipped or could not find (protocol caveats included).
         source: the annotation directory that was read.
+        splits: the splits the reader was asked for or found files for; ``grcm prepare`` fails on
+            one of them that ends up without captions (a split outside it is absent on purpose).
+        split_files: split -> the annotation file it was read from, where one file defines it.
     """
 
     name: str
@@ -59,6 +108,8 @@ class CaptionSet:
     caption_split: np.ndarray
     notes: list[str] = field(default_factory=list)
     source: str = ""
+    splits: tuple[str, ...] = SPLITS
+    split_files: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:
@@ -100,6 +151,8 @@ class CaptionSet:
             caption_split=self.caption_split[caption_keep],
             notes=list(self.notes),
             source=self.source,
+            splits=self.splits,
+            split_files=dict(self.split_files),
         )
 
 
@@ -122,6 +175,8 @@ class CaptionSetBuilder:
         self._caption_split: list[str] = []
         self._empty: Counter[str] = Counter()
         self.notes: list[str] = []
+        self.splits: tuple[str, ...] = SPLITS
+        self.split_files: dict[str, str] = {}
 
     def add_item(self, item_id: str) -> int:
         """Register ``item_id`` (idempotent); returns its index."""
@@ -164,6 +219,8 @@ class CaptionSetBuilder:
             caption_split=np.asarray(self._caption_split, dtype="<U5"),
             notes=notes,
             source=self.source,
+            splits=tuple(split for split in SPLITS if split in self.splits),
+            split_files=dict(self.split_files),
         )
 
 
@@ -178,6 +235,8 @@ class DatasetReader:
         feature_key: maps an item id *or* a line of a feature-id file to a canonical key; an item
             and a feature row join when their keys are equal (e.g. ``video7.mp4`` and ``video7``).
         files: the annotation files expected in ``annotation_dir`` (for help texts).
+        id_format: what a line of the feature-id file looks like, with an example
+            (``"development/<file_name>.wav, e.g. development/Birds.wav"``); shown by id errors.
     """
 
     name: str
@@ -185,6 +244,7 @@ class DatasetReader:
     read: Callable[..., CaptionSet]
     feature_key: Callable[[str], str]
     files: str
+    id_format: str = ""
 
     def __call__(self, annotation_dir: str | Path, **options) -> CaptionSet:
         return self.read(annotation_dir, **options)

@@ -13,31 +13,39 @@ from __future__ import annotations
 from pathlib import Path
 
 from grcm.data.corpus import SPLITS, CorpusError
-from grcm.data.datasets.captions import CaptionSet, CaptionSetBuilder, DatasetReader, check_splits
-from grcm.data.datasets.files import annotation_root, find_file, media_stem, read_id_list, read_json
+from grcm.data.datasets.captions import CaptionSet, CaptionSetBuilder, DatasetReader, detect_splits
+from grcm.data.datasets.files import (
+    annotation_root,
+    find_file,
+    find_optional_file,
+    media_stem,
+    read_id_list,
+    read_json,
+)
 
 CAPTIONS_FILE = "captions_msvd.json"
 LIST_FILES = {"train": "train_list.txt", "val": "val_list.txt", "test": "test_list.txt"}
 HINT = "MSVD captions and split lists come with the X-Pool repository (data/MSVD/)."
 
 
-def read_msvd(annotation_dir: str | Path, *, splits: tuple[str, ...] = SPLITS) -> CaptionSet:
+def read_msvd(annotation_dir: str | Path, *, splits: tuple[str, ...] | None = None) -> CaptionSet:
     """Read MSVD: every caption of every listed video, split by the list it is on.
 
     Args:
         annotation_dir: folder with ``captions_msvd.json`` and the three list files.
-        splits: splits to read.
+        splits: splits to read (each needs its list); None reads those whose list exists.
     """
     root = annotation_root(annotation_dir)
-    splits = check_splits(splits)
+    builder = CaptionSetBuilder("msvd", "video", root)
+    found = {split: find_optional_file(root, [name]) for split, name in LIST_FILES.items()}
+    splits = detect_splits(builder, splits, found, LIST_FILES, HINT)
     captions_path = find_file(root, [CAPTIONS_FILE], HINT)
     captions = read_json(captions_path)
     if not isinstance(captions, dict):
         raise CorpusError(f"{captions_path}: expected a JSON object {{video_id: [caption, ...]}}.")
-    builder = CaptionSetBuilder("msvd", "video", root)
     owner: dict[str, str] = {}
     for split in splits:
-        list_path = find_file(root, [LIST_FILES[split]], HINT)
+        list_path = found[split]
         for video in read_id_list(list_path):
             if video in owner:
                 raise CorpusError(
@@ -71,4 +79,5 @@ READER = DatasetReader(
     read=read_msvd,
     feature_key=msvd_feature_key,
     files=f"{CAPTIONS_FILE}, {', '.join(LIST_FILES.values())}",
+    id_format="<video_id> as on the split lists, e.g. -4wsuPCjDBc_5_15 (also YouTubeClips/-4wsuPCjDBc_5_15.avi)",
 )
