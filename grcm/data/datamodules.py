@@ -334,6 +334,9 @@ class SyntheticDataModule(RetrievalDataModule):
         token_features: also generate ``(N, T, D)`` token features (one per aspect plus background
             tokens); the pooled features are then the mean of each item's tokens.
         noise_tokens: most background tokens per item when ``token_features`` is on.
+        unseen_items: share of items held out of training (their train captions and generated queries
+            removed; still in the corpus, the SID table and val/test): the inductive setting, see
+            :mod:`grcm.data.unseen_items`. 0 (default) trains on every item.
         **kwargs: see :class:`RetrievalDataModule`.
     """
 
@@ -347,6 +350,7 @@ class SyntheticDataModule(RetrievalDataModule):
         generated_queries_per_item: int = 0,
         token_features: bool = False,
         noise_tokens: int = 4,
+        unseen_items: float = 0.0,
         **kwargs,
     ):
         if generated_queries_per_item < 0:
@@ -355,6 +359,7 @@ class SyntheticDataModule(RetrievalDataModule):
         self.num_items, self.seed = num_items, seed
         self.captions_per_item, self.near_duplicate_fraction = captions_per_item, near_duplicate_fraction
         self.token_features, self.noise_tokens = token_features, noise_tokens
+        self.unseen_items = float(unseen_items)
         super().__init__(feature_dim=feature_dim, **kwargs)
 
     def load_corpus(self) -> Corpus:
@@ -366,6 +371,10 @@ class SyntheticDataModule(RetrievalDataModule):
 
             items, texts = generate_synthetic_queries(corpus, self.generated_queries_per_item, self.seed, **options)
             corpus.extra_item, corpus.extra_text, corpus.extra_source = items, texts, [SOURCE] * len(texts)
+        if self.unseen_items:
+            from grcm.data.unseen_items import hold_out_items
+
+            corpus, _ = hold_out_items(corpus, self.unseen_items, self.seed)
         return corpus
 
 
