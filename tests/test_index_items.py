@@ -127,3 +127,29 @@ def test_duplicate_ids_and_wrong_feature_dimensions_are_refused_in_one_line(trai
         _index(root, out, "--features", str(tmp_path / "narrow.npy"), "--item_ids", str(root / "new_ids.txt"))
     assert "\n" not in str(error.value)
     assert not out.exists()
+
+
+def test_grdr_checkpoint_gets_every_view_of_the_new_items_from_its_own_tokenizer(tmp_path):
+    from grcm.retriever.grdr import GRDRRetriever
+    from grcm.retriever.grdr.state import CHECKPOINT_KEY
+
+    torch.manual_seed(0)
+    module = GRDRRetriever(vocab_size=40, feature_dim=12, num_views=2, num_levels=2, codebook_size=5, d_model=8,
+                           tokenizer_hidden=8, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=16)
+    features = torch.randn(30, 12)
+    module.sids.attach_corpus([f"v{i}" for i in range(25)], features[:25].numpy(), "toy")
+    module.sids.initialised_levels.fill_(2)
+    module.sids.refresh(module.tokenizer)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                  "pytorch-lightning_version": L.__version__, CHECKPOINT_KEY: module.sids.checkpoint_extras()}
+    torch.save(checkpoint, tmp_path / "grdr.ckpt")
+    np.save(tmp_path / "new.npy", features[25:].numpy())
+    (tmp_path / "ids.txt").write_text("\n".join(f"v{i}" for i in range(25, 30)))
+    main(["--ckpt_path", str(tmp_path / "grdr.ckpt"), "--out", str(tmp_path / "out.ckpt"),
+          "--features", str(tmp_path / "new.npy"), "--item_ids", str(tmp_path / "ids.txt")])
+    indexed = GRDRRetriever.load_from_checkpoint(tmp_path / "out.ckpt", weights_only=True)
+    assert indexed.item_ids == [f"v{i}" for i in range(30)]
+    with torch.no_grad():
+        expected = module.eval().tokenizer.encode(features, 2)  # all 30 items through the same tokenizer
+    assert torch.equal(indexed.sid_codes, expected)
+    assert torch.equal(indexed.sid_codes[:25], module.sid_codes)
