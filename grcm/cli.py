@@ -211,6 +211,13 @@ def _prepare(argv: list[str]) -> None:
     print(f"grcm prepare: wrote {out}: {summary(report)}")
 
 
+@extra_command("index-items", "give items added after training their SIDs and add them to a retriever checkpoint")
+def _index_items(argv: list[str]) -> None:
+    from grcm.index_items import main as index_items_main
+
+    index_items_main(argv)
+
+
 @extra_command("extract", "encode images/videos/audio (CLIP, SigLIP, CLAP) into the features grcm prepare joins")
 def _extract(argv: list[str]) -> None:
     from grcm.extract.runner import main as extract_main
