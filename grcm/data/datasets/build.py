@@ -97,7 +97,8 @@ def _empty_split_problems(captions: CaptionSet, kept: CaptionSet, hint: str) -> 
             others = [other for other in captions.splits if after["captions"][other]]
             only = f" (--splits {' '.join(others)})" if others else ""
             where = captions.split_files.get(split)
-            source = (f"{where} gives none (a header only?)" if where else
+            about = [note for note in captions.notes if where and where in note]
+            source = (f"{where} gives none ({' '.join(about) or 'a header only?'})" if where else
                       f"the annotation files in {captions.source or 'the annotation folder'} give none"
                       + (f" ({' '.join(captions.notes)})" if captions.notes else ""))
             reason = f"{source}; check {'that file' if where else 'them'}, or read only the other splits{only}"

@@ -188,6 +188,11 @@ class CaptionSetBuilder:
     def has_item(self, item_id: str) -> bool:
         return item_id in self._index
 
+    def captioned_items(self) -> set[str]:
+        """Ids of the items that have at least one caption so far."""
+        ids = list(self._index)
+        return {ids[index] for index in set(self._caption_item)}
+
     def add_caption(self, item_id: str, text: str, split: str, source: str | Path) -> None:
         """Add one caption of ``item_id`` to ``split``; empty captions are counted per ``source`` and skipped."""
         text = clean_caption(text, self.unescape_html)
