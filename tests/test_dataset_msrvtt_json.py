@@ -89,8 +89,12 @@ def test_test_only_json_prepares_without_splits_and_bad_records_are_named(tmp_pa
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert "msrvtt_ret_train9k.jsonl: line 2 is not a {\"video\": <file name>, \"caption\"" in err
+    (tmp_path / "msrvtt" / "msrvtt_ret_train9k.jsonl").unlink()
+    (tmp_path / "msrvtt" / "msrvtt_test1k.json").rename(tmp_path / "msrvtt" / "msrvtt_1ka.json")
+    with pytest.raises(CorpusError, match=r"\['msrvtt_1ka.json'\] hold \{video, caption\} records: put 'test'"):
+        read_captions("msrvtt", tmp_path / "msrvtt")
+    (tmp_path / "msrvtt" / "msrvtt_ret_train9k.jsonl").write_text('{"video": "v.mp4", "caption": "a"}\n{oops\n')
     with pytest.raises(CorpusError, match="line 2 is not JSON"):
-        (tmp_path / "msrvtt" / "msrvtt_ret_train9k.jsonl").write_text('{"video": "v.mp4", "caption": "a"}\n{oops\n')
         read_captions("msrvtt", tmp_path / "msrvtt")
 
 

@@ -114,8 +114,10 @@ def _test_queries(root: Path, records: dict, builder: CaptionSetBuilder) -> tupl
             builder.note(f"test queries from {TEST_FILE}; {[p.name for p in test_records]} not used for test.")
         return test_csv, queries
     if not test_records:
+        unnamed = [path.name for path in records if _split_word(path) is None]
+        rename = f" ({unnamed} hold {{video, caption}} records: put 'test' in the test file's name)" if unnamed else ""
         raise CorpusError(
-            f"annotation file not found (tried {root / TEST_FILE} and JSON record files named *test*); {HINT}"
+            f"annotation file not found (tried {root / TEST_FILE} and JSON record files named *test*){rename}; {HINT}"
         )
     path = _pick(test_records, "1k", "test")
     return path, _by_video(records[path])
