@@ -89,7 +89,9 @@ def item_token_batch(corpus: Corpus, items: np.ndarray | torch.Tensor) -> tuple[
     if corpus.token_features is None:
         raise CorpusError(
             f"corpus {corpus.name!r} has no token features; generate the synthetic corpus with "
-            "data.token_features=true or add token_features.npy (see grcm/data/corpus.py)."
+            "data.init_args.token_features=true, or write token_features.npy (N, T, D) and token_lengths.npy into "
+            "the corpus directory and name them in its corpus.json (grcm extract --per-frame writes them; format in "
+            "docs/data.md, \"Token features\"), or set data.init_args.corpus_dir to a corpus that has them."
         )
     index = items.cpu().numpy() if isinstance(items, torch.Tensor) else items
     return token_batch(corpus.token_features, corpus.token_lengths, index)

@@ -22,9 +22,9 @@ Query vocabularies (``query_vocab``: ``"minilm"``, ``"minilm_compact"``, ``"word
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from grcm.data.batches import (  # noqa: F401 (token_batch, item_token_batch re-exported from here)
@@ -43,7 +44,16 @@ from grcm.data.batches import (  # noqa: F401 (token_batch, item_token_batch re-
     token_batch,
 )
 from grcm.data.corpus import Corpus, CorpusError, load_corpus, load_features, read_corpus_header
-from grcm.data.protocol import FIX, QueryCoverage
+from grcm.data.protocol import (  # noqa: F401 (transductive_split re-exported from here)
+    DEFAULT_VAL_FROM_TRAIN,
+    QueryCoverage,
+    constant_val_error,
+    held_out_notice,
+    hold_out_validation,
+    needs_training_queries,
+    transductive_split,
+    uncovered_fix,
+)
 from grcm.data.query_tokenizer import QueryTokenizer
 from grcm.data.query_vocab import BUILT_VOCABS, QueryVocab, same_on_every_rank
 from grcm.data.synthetic import generate_synthetic_corpus
@@ -52,19 +62,6 @@ from grcm.resume import ResumableDataLoader, ResumableSampler, gather_rng_states
 Serve = Literal["queries", "items"]
 log = logging.getLogger(__name__)
 _same_on_every_rank = same_on_every_rank  # the former private name (tests/test_ddp.py)
-
-
-def transductive_split(corpus: Corpus, holdout: int) -> Corpus:
-    """A copy of ``corpus`` where each test item keeps its first ``holdout`` test captions as test queries and
-    its other test captions become training queries (val captions are left alone)."""
-    split = corpus.caption_split.copy()
-    seen = np.zeros(corpus.num_items, dtype=np.int64)
-    for row in np.flatnonzero(split == "test").tolist():
-        item = corpus.caption_item[row]
-        if seen[item] >= holdout:
-            split[row] = "train"
-        seen[item] += 1
-    return dataclasses.replace(corpus, caption_split=split)
 
 
 class RetrievalDataModule(L.LightningDataModule, ABC):
@@ -93,8 +90,14 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
             (which a generative retriever cannot return; see :mod:`grcm.data.protocol`): ``"warn"``,
             ``"error"`` (a :class:`CorpusError` with the fix) or ``"ignore"``. The coverage is kept in
             :attr:`coverage` and always logged.
-        transductive_holdout: when set to k, each test item keeps k of its test captions as test queries and
-            its other test captions become training queries (the transductive setting; the test set shrinks).
+        transductive_holdout: when set to k, each val and test item keeps k of its captions of that split as
+            queries and its other captions of that split become training queries (the transductive setting; the
+            val and test sets shrink). See :func:`~grcm.data.protocol.transductive_split`.
+        val_from_train: validate on captions held out of the training split instead of the corpus's val split:
+            a share ``0 < x < 1`` of the training items (or a count ``x >= 1``) gives one caption each (items
+            with two or more training captions first, so they keep training queries); see
+            :func:`~grcm.data.protocol.hold_out_validation`. A corpus with no val captions uses
+            ``DEFAULT_VAL_FROM_TRAIN`` (0.05) automatically, with a printed notice.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
         split_seed: int = 0,
         uncovered_items: Literal["warn", "error", "ignore"] = "warn",
         transductive_holdout: int | None = None,
+        val_from_train: float | None = None,
     ):
         super().__init__()
         if serve not in ("queries", "items"):
@@ -128,7 +132,10 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
             raise ValueError(f"data.uncovered_items must be 'warn', 'error' or 'ignore', got {uncovered_items!r}")
         if transductive_holdout is not None and transductive_holdout < 1:
             raise ValueError(f"data.transductive_holdout must be >= 1 or null, got {transductive_holdout}")
+        if val_from_train is not None and not val_from_train > 0:
+            raise ValueError(f"data.val_from_train must be a share in (0, 1), a count >= 1 or null, got {val_from_train}")
         self.uncovered_items, self.transductive_holdout = uncovered_items, transductive_holdout
+        self.val_from_train = val_from_train
         self.coverage: QueryCoverage | None = None
         if query_vocab == "minilm":
             self.query_tokenizer: QueryTokenizer | None = QueryTokenizer.minilm(max_query_length)
@@ -160,12 +167,27 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
                     f"corpus {corpus.name!r} has {corpus.feature_dim}-d features but data.feature_dim is "
                     f"{self.feature_dim}; set data.feature_dim={corpus.feature_dim}."
                 )
-            self.corpus = corpus if self.transductive_holdout is None else transductive_split(
-                corpus, self.transductive_holdout
-            )
+            self.corpus = self._resplit(corpus)
         if self.serve == "queries" and not self._splits:
             self._build_query_splits()
             self._check_coverage()
+        if self.serve == "queries" and stage == "fit":
+            self._check_monitored_split()
+
+    def _resplit(self, corpus: Corpus) -> Corpus:
+        """Apply ``transductive_holdout`` and ``val_from_train`` (or its fallback when there is no val split)."""
+        if self.transductive_holdout is not None:
+            corpus = transductive_split(corpus, self.transductive_holdout)
+        if self.serve != "queries":
+            return corpus
+        amount = self.val_from_train
+        if amount is None and not (corpus.caption_split == "val").any():
+            amount = DEFAULT_VAL_FROM_TRAIN
+        if amount is None:
+            return corpus
+        corpus, held = hold_out_validation(corpus, amount, self.split_seed)
+        _notice(held_out_notice(corpus.name, held, explicit=self.val_from_train is not None))
+        return corpus
 
     def _check_coverage(self) -> None:
         """Measure which val/test items have training queries; warn or fail per ``uncovered_items``."""
@@ -179,14 +201,26 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
             if not missing.size:
                 continue
             ids = [self.corpus.item_ids[i] for i in missing[:3].tolist()]
+            fix = uncovered_fix(split, self.transductive_holdout)
             message = (
                 f"corpus {self.corpus.name!r}: {missing.size} of {coverage.eval_items[split].size} {split} items "
-                f"(e.g. {ids}) have no training queries; {coverage.describe(split)} {FIX}"
+                f"(e.g. {ids}) have no training queries; {coverage.describe(split)} {fix}"
             )
             if self.uncovered_items == "error":
                 raise CorpusError(message)
             warnings.warn(message, stacklevel=2)
             return
+
+    def _check_monitored_split(self) -> None:
+        """Refuse to fit a generative retriever whose val items all lack training queries (see
+        :func:`~grcm.data.protocol.constant_val_error`)."""
+        trainer = self.trainer
+        if trainer is None or self.coverage is None or not needs_training_queries(trainer.lightning_module):
+            return
+        if trainer.limit_val_batches != 0:
+            message = constant_val_error(self.corpus.name, self.coverage, self.transductive_holdout)
+            if message:
+                raise CorpusError(message)
 
     def _build_query_splits(self) -> None:
         corpus = self.corpus
@@ -268,7 +302,14 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
             return self._loader(items, self.corpus.num_items, batch, shuffle)
         queries = self._splits[split]
         if len(queries) == 0:
-            raise CorpusError(f"corpus {self.corpus.name!r} has no {split} captions to serve.")
+            fix = {
+                "train": "prepare the corpus with its training annotations, or set data.init_args.transductive_holdout"
+                         "=<k> to train on all but k captions of each val/test item",
+                "val": "set data.init_args.val_from_train=<share or count> to validate on held-out training captions, "
+                       "or skip validation with --trainer.limit_val_batches=0",
+                "test": "prepare the corpus with its test annotations (grcm prepare <dataset> --splits ... test)",
+            }[split]
+            raise CorpusError(f"corpus {self.corpus.name!r} has no {split} captions to serve; {fix}.")
         return self._loader(queries, len(queries), self.batch_size if shuffle else self.eval_batch_size, shuffle)
 
     def train_dataloader(self) -> DataLoader:
@@ -317,6 +358,12 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
             self._splits = {}
             if self.corpus is not None and self.serve == "queries":
                 self._build_query_splits()
+
+
+@rank_zero_only
+def _notice(message: str) -> None:
+    """A one-line notice on standard error (rank zero only)."""
+    print(f"grcm: notice: {message}", file=sys.stderr)
 
 
 class SyntheticDataModule(RetrievalDataModule):
