@@ -6,8 +6,15 @@ embedding size, optimiser and epochs:
 
 * ``dual_tower``: ``experiments/synthetic/dual_tower.yaml``; it reads each item's pooled
   feature, i.e. the L2-normalised mean of the item's valid tokens;
-* ``hybrid_tower``: ``experiments/synthetic/hybrid_tower.yaml``; it reads the tokens;
-* ``hybrid_no_generator`` (learned-query pooling) and ``hybrid_no_selector``: one flag off each.
+* ``dual_tower_attention``: ``experiments/synthetic/dual_tower_attention.yaml``, the same
+  token attention pooling (one learned query) as the hybrid tower, no pseudo-query: the
+  baseline the pseudo-query has to beat (``hybrid_no_generator`` is the same model, kept
+  under its old name);
+* ``hybrid_tower``: ``experiments/synthetic/hybrid_tower.yaml``, one pseudo-query vector
+  and one pooling layer; ``hybrid_no_selector``: without the token selector;
+* ``pig``: ``experiments/synthetic/hybrid_tower_pig.yaml``, pseudo-query tokens supervised
+  token-level, two interaction layers; ``pig_*``: one flag changed each (generator off,
+  sentence-level target, interaction depth, generation weight, contrastive term).
 
 Both kinds of model store one ``embed_dim`` float32 vector per item in a FAISS Flat index, so
 index bytes per item are equal. With ``--ace-checkpoint`` (a trained
@@ -30,11 +37,23 @@ from pathlib import Path
 
 from grcm.io import write_json_atomic
 
+_PIG = "hybrid_tower_pig.yaml"
 ARMS = {
     "dual_tower": ("dual_tower.yaml", []),
+    "dual_tower_attention": ("dual_tower_attention.yaml", []),
     "hybrid_tower": ("hybrid_tower.yaml", []),
     "hybrid_no_generator": ("hybrid_tower.yaml", ["--model.init_args.use_generator=false"]),
     "hybrid_no_selector": ("hybrid_tower.yaml", ["--model.init_args.use_selector=false"]),
+    "pig": (_PIG, []),
+    "pig_no_generator": (_PIG, ["--model.init_args.use_generator=false"]),
+    "pig_sentence": (_PIG, ["--model.init_args.generation_target=sentence"]),
+    "pig_depth0": (_PIG, ["--model.init_args.interaction_layers=0"]),
+    "pig_depth1": (_PIG, ["--model.init_args.interaction_layers=1"]),
+    "pig_depth3": (_PIG, ["--model.init_args.interaction_layers=3"]),
+    "pig_no_generation_loss": (_PIG, ["--model.init_args.generation_weight=0"]),
+    "pig_generation_weight0.3": (_PIG, ["--model.init_args.generation_weight=0.3"]),
+    "pig_generation_weight3": (_PIG, ["--model.init_args.generation_weight=3"]),
+    "pig_contrastive": (_PIG, ["--model.init_args.generation_contrastive=0.5"]),
 }
 QUICK = [
     "--data.init_args.num_items=200",
@@ -51,7 +70,16 @@ def _uptime() -> str:
         return "unknown"
 
 
-def _run_arm(config: Path, overrides: list[str], out: Path, reuse: bool) -> tuple[dict[str, float], str, float]:
+def _cpu() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0]} x {len(names)}" if names else "unknown"
+
+
+def _run_arm(config: Path, overrides: list[str], out: Path, reuse: bool) -> tuple[dict[str, float], str, float, int]:
     from grcm.cli import GrcmCLI
 
     args = ["-c", str(config), "--data.init_args.token_features=true", f"--trainer.default_root_dir={out}",
@@ -66,7 +94,8 @@ def _run_arm(config: Path, overrides: list[str], out: Path, reuse: bool) -> tupl
         best = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
     model = type(cli.model).load_from_checkpoint(best, weights_only=True)
     results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False)[0]
-    return {key: float(value) for key, value in results.items()}, best, seconds
+    item_parameters = sum(p.numel() for p in model.item_tower.parameters())
+    return {key: float(value) for key, value in results.items()}, best, seconds, item_parameters
 
 
 def _two_stage(ace_checkpoint: str, dense_checkpoints: dict[str, str], cache: Path, quick: bool) -> dict:
@@ -133,20 +162,22 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="an extra dotted override for every arm (repeatable)")
     args = parser.parse_args()
     experiments, runs = Path(args.experiments), Path(args.runs)
-    report: dict = {"load_before": _uptime(), "arms": {}, "two_stage": {}}
+    report: dict = {"load_before": _uptime(), "cpu": _cpu(), "arms": {}, "two_stage": {}}
     checkpoints = {}
     for name in args.arms:
         config, overrides = ARMS[name]
         if args.quick:
-            overrides = [*overrides, *QUICK] + (["--model.init_args.item_width=32"] if "hybrid" in name else [])
+            overrides = [*overrides, *QUICK] + (["--model.init_args.item_width=32"] if config != "dual_tower.yaml" else [])
         overrides = [*overrides, *args.override]
-        metrics, checkpoint, seconds = _run_arm(experiments / config, overrides, runs / name, args.reuse)
+        metrics, checkpoint, seconds, item_parameters = _run_arm(experiments / config, overrides, runs / name,
+                                                                 args.reuse)
         checkpoints[name] = checkpoint
         report["arms"][name] = {"metrics": metrics, "fit_seconds": seconds, "checkpoint": checkpoint,
-                                "load_after": _uptime()}
+                                "item_tower_parameters": item_parameters, "load_after": _uptime()}
         print(name, {k: round(v, 4) for k, v in metrics.items()}, f"fit {seconds:.0f} s", flush=True)
     if args.ace_checkpoint:
-        dense = {name: path for name, path in checkpoints.items() if name in ("dual_tower", "hybrid_tower")}
+        dense = {name: path for name, path in checkpoints.items()
+                 if name in ("dual_tower", "dual_tower_attention", "hybrid_tower", "pig")}
         report["two_stage"] = _two_stage(args.ace_checkpoint, dense, runs / "ace_test_candidates.pt", args.quick)
     report["load_after"] = _uptime()
     write_json_atomic(Path(args.out), report)

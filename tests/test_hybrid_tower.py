@@ -18,13 +18,15 @@ from grcm.rerank.dense_models import corpus_item_embeddings, load_dense_model
 from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.hybrid_tower import HybridTower
 from grcm.rerank.index import DenseIndex
-from grcm.rerank.pseudo_query import HybridItemEncoder
+from grcm.rerank.pseudo_query import HybridItemEncoder, token_generation_loss
 from grcm.rerank.two_stage import TwoStageEvaluation
 
 DIM = 16
-ENCODER_FLAGS = pytest.mark.parametrize(
-    "flags", [{}, {"use_selector": False}, {"use_generator": False}, {"top_k": 8}], ids=["full", "all", "xpool", "k8"]
-)
+PIG = {"interaction": "pig", "pseudo_tokens": 3, "interaction_layers": 2}
+FLAGS = [{}, {"use_selector": False}, {"use_generator": False}, {"top_k": 8}, PIG, {**PIG, "use_generator": False},
+         {**PIG, "use_selector": False, "interaction_layers": 0, "generator_layers": 2}]
+FLAG_IDS = ["full", "all", "xpool", "k8", "pig", "pig-slots", "pig-depth0"]
+ENCODER_FLAGS = pytest.mark.parametrize("flags", FLAGS, ids=FLAG_IDS)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
@@ -75,20 +77,39 @@ def _unit(x):
     return x / x.norm(dim=-1, keepdim=True)
 
 
+def _block(block, x, kv, bias=None):
+    """A pre-norm attention block on one item: ``(L, d)`` queries over ``(n, d)`` real keys/values."""
+    x = x + _attend(block.attention, _layer_norm(block.norm, x), _layer_norm(block.kv_norm, kv), bias)
+    return x + _ffn(block.ffn, _layer_norm(block.ffn_norm, x))
+
+
 def _reference_item(encoder: HybridItemEncoder, tokens: torch.Tensor):
-    """One item's ``(n, D)`` real tokens -> its ``(E,)`` embedding and ``(E,)`` pseudo-query (or None)."""
+    """One item's ``(n, D)`` real tokens -> its ``(E,)`` embedding and pseudo-query (or None): ``(E,)``, or
+    ``(L, E)`` pseudo-query tokens with ``interaction="pig"``."""
     te = encoder.token_encoder
     hidden = _linear(te.input, tokens)
     hidden = hidden + _ffn(te.mlp[1:], _layer_norm(te.mlp[0], hidden))  # LayerNorm, Linear, GELU, Linear
     pseudo = None
-    if encoder.generator is not None:
-        chosen, bias = hidden, None
-        if encoder.selector is not None:
-            sel = encoder.selector
-            logits = _linear(sel.key, hidden) @ _linear(sel.query, hidden.mean(0)) / math.sqrt(hidden.shape[-1])
-            log_attention = logits - torch.logsumexp(logits, 0)
-            keep = torch.topk(log_attention, min(sel.top_k, len(hidden))).indices
-            chosen, bias = hidden[keep], log_attention[keep]
+    chosen, bias = hidden, None
+    if encoder.selector is not None:
+        sel = encoder.selector
+        logits = _linear(sel.key, hidden) @ _linear(sel.query, hidden.mean(0)) / math.sqrt(hidden.shape[-1])
+        log_attention = logits - torch.logsumexp(logits, 0)
+        keep = torch.topk(log_attention, min(sel.top_k, len(hidden))).indices
+        chosen, bias = hidden[keep], log_attention[keep]
+    if encoder.interaction == "pig":
+        if encoder.generator is None:
+            slots = encoder.learned_query[0]
+        else:
+            slots = encoder.generator.slots[0]
+            for block in encoder.generator.blocks:
+                slots = _block(block, slots, chosen, bias)
+            pseudo = _linear(encoder.generator.projection, slots)  # (L, E)
+        for layer in encoder.interactions:
+            hidden = _block(layer.items_read_pseudo, hidden, slots)
+            slots = _block(layer.pseudo_reads_items, slots, hidden)
+        query = slots.mean(0)
+    elif encoder.generator is not None:
         gen = encoder.generator
         g = gen.query[0] + _attend(gen.attention, gen.query[0], chosen, bias)
         g = g + _ffn(gen.ffn, _layer_norm(gen.norm, g))
@@ -141,9 +162,7 @@ def test_item_embedding_depends_on_its_own_tokens_as_a_set(flags):
                                    atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "flags", [{}, {"use_selector": False}, {"use_generator": False}, {"top_k": 8}], ids=["full", "all", "xpool", "k8"]
-)
+@ENCODER_FLAGS
 def test_padding_tokens_are_never_attended(flags):
     torch.manual_seed(0)
     encoder = HybridItemEncoder(DIM, embed_dim=12, width=DIM, num_heads=2, **{"top_k": 3, **flags}).eval()
@@ -179,34 +198,111 @@ def _small_tower(dm, **kwargs) -> HybridTower:
                        text_heads=2, text_ffn=32, item_width=DIM, item_heads=2, top_k=3, dropout=0.0, **kwargs)
 
 
-def _reference_loss(model: HybridTower, dm, batch) -> torch.Tensor:
-    """Symmetric InfoNCE over the batch's distinct items + generation_weight * mean |pseudo - query|^2 (the
-    query detached), with every item encoded alone from its real tokens."""
-    corpus, items = dm.corpus, batch["item_index"].tolist()
-    queries = model.encode_queries(batch["input_ids"], batch["attention_mask"])
-    alone = [torch.tensor(corpus.token_features[i, : corpus.token_lengths[i]], dtype=torch.float32) for i in items]
-    encoded = [model.item_tower(t[None], torch.ones(1, len(t), dtype=torch.bool)) for t in alone]
+def _reference_nce(queries, row_vectors, items, scale) -> torch.Tensor:
+    """Symmetric InfoNCE, by hand: ``(B, E)`` queries, ``(B, E)`` each row's item vector, ``items`` ids."""
     distinct = sorted(set(items))
-    item_vectors = torch.stack([encoded[items.index(u)][0][0] for u in distinct])  # (U, E)
-    scores = model.log_logit_scale.exp().clamp(max=100.0) * queries @ item_vectors.T  # (B, U)
+    item_vectors = torch.stack([row_vectors[items.index(u)] for u in distinct])  # (U, E)
+    scores = scale * queries @ item_vectors.T  # (B, U)
     column = torch.tensor([distinct.index(i) for i in items])
     query_to_item = (torch.logsumexp(scores, 1) - scores[torch.arange(len(items)), column]).mean()
     item_to_query = torch.stack([
         torch.logsumexp(scores[:, u], 0) - torch.logsumexp(scores[column == u, u], 0) for u in range(len(distinct))
     ]).mean()
-    loss = 0.5 * (query_to_item + item_to_query)
-    if model.item_tower.generator is not None:
-        pseudo = torch.stack([e[1][0] for e in encoded])
-        loss = loss + model.hparams.generation_weight * (pseudo - queries.detach()).pow(2).sum(-1).mean()
+    return 0.5 * (query_to_item + item_to_query)
+
+
+def _caption_token_embeddings(model: HybridTower, input_ids, attention_mask) -> list[torch.Tensor]:
+    """Each caption alone, trimmed to its real tokens (no padding, no padding mask), through the scratch text
+    tower's layers -> a list of ``(n, E)`` projected token states (the token-level generation target)."""
+    tower, out = model.text_tower, []
+    for ids, mask in zip(input_ids, attention_mask):
+        n = int(mask.sum())
+        assert mask[:n].all(), "captions are right-padded"
+        hidden = tower.token_embedding(ids[None, :n]) + tower.position_embedding(torch.arange(n))[None]
+        out.append(_linear(tower.projection, tower.final_norm(tower.encoder(hidden)))[0])
+    return out
+
+
+def _chamfer(pseudo: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+    """``(L, E)`` pseudo-query tokens vs ``(n, E)`` caption tokens: mean of (coverage, precision), 2 - 2 cos."""
+    cos = _unit(caption) @ _unit(pseudo).T  # (n, L)
+    return 0.5 * ((2 - 2 * cos.max(1).values).mean() + (2 - 2 * cos.max(0).values).mean())
+
+
+def _reference_loss(model: HybridTower, dm, batch) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch's distinct items + the generation terms, with every item encoded alone
+    from its real tokens and every caption alone from its real tokens; every generation target detached.
+    "pooling": generation_weight * mean |pseudo - query|^2. "pig": generation_weight * the Chamfer distance
+    to the caption's token embeddings (or |mean-pseudo-token direction - query|^2 for the sentence target),
+    plus generation_contrastive * InfoNCE(query, mean-pseudo-token direction) at the detached scale."""
+    corpus, items, hp = dm.corpus, batch["item_index"].tolist(), model.hparams
+    queries = model.encode_queries(batch["input_ids"], batch["attention_mask"])
+    alone = [torch.tensor(corpus.token_features[i, : corpus.token_lengths[i]], dtype=torch.float32) for i in items]
+    encoded = [model.item_tower(t[None], torch.ones(1, len(t), dtype=torch.bool)) for t in alone]
+    scale = model.log_logit_scale.exp().clamp(max=100.0)
+    loss = _reference_nce(queries, torch.stack([e[0][0] for e in encoded]), items, scale)
+    if model.item_tower.generator is None:
+        return loss
+    pseudo = [e[1][0] for e in encoded]
+    if hp.interaction == "pooling":
+        sentence = torch.stack(pseudo)
+        generation = (sentence - queries.detach()).pow(2).sum(-1).mean()
+    else:
+        sentence = torch.stack([_unit(p.mean(0)) for p in pseudo])
+        if hp.generation_target == "tokens":
+            captions = _caption_token_embeddings(model, batch["input_ids"], batch["attention_mask"])
+            generation = torch.stack([_chamfer(p, c.detach()) for p, c in zip(pseudo, captions)]).mean()
+        else:
+            generation = (sentence - queries.detach()).pow(2).sum(-1).mean()
+    loss = loss + hp.generation_weight * generation
+    if hp.generation_contrastive > 0:
+        loss = loss + hp.generation_contrastive * _reference_nce(queries.detach(), sentence, items, scale.detach())
     return loss
 
 
-@pytest.mark.parametrize("use_generator", [True, False], ids=["pig", "xpool"])
-def test_training_loss_and_gradients_equal_an_independent_computation(data, use_generator):
+def test_caption_token_target_equals_each_caption_encoded_alone(data):
+    """The token-level generation target (one text-tower pass over the padded batch) equals each caption's
+    projected token states computed alone from its real tokens; the query embedding of that pass is
+    :meth:`encode_queries`' (the normalised mean of the same token embeddings)."""
+    model = _small_tower(data, interaction="pig").eval()
+    train = data.query_batches("train")
+    rows = torch.arange(0, 40, 3)
+    ids, mask = train.input_ids[rows], train.attention_mask[rows]
+    assert len(set(mask.sum(1).tolist())) > 1  # captions of several lengths: padding is exercised
+    with torch.no_grad():
+        queries, tokens = model._queries_and_caption_tokens(ids, mask)
+        for b, reference in enumerate(_caption_token_embeddings(model, ids, mask)):
+            torch.testing.assert_close(tokens[b, : len(reference)], reference, atol=2e-5, rtol=0)
+        torch.testing.assert_close(queries, model.encode_queries(ids, mask), atol=2e-6, rtol=0)
+
+
+def test_token_generation_loss_is_a_chamfer_distance_between_token_sets():
+    """Against a per-row loop; zero when the pseudo-query tokens are the caption's tokens (any order, any
+    positive scale); the padding of a caption never counts."""
+    torch.manual_seed(0)
+    pseudo, caption = torch.randn(3, 4, 6), torch.randn(3, 5, 6)
+    mask = torch.arange(5)[None, :] < torch.tensor([5, 2, 3])[:, None]
+    loss = token_generation_loss(pseudo, caption, mask)
+    expected = torch.stack([_chamfer(pseudo[b], caption[b, : int(mask[b].sum())]) for b in range(3)]).mean()
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=0)
+    padded = caption.masked_fill(~mask[..., None], 0.0) + 50 * torch.randn_like(caption) * ~mask[..., None]
+    torch.testing.assert_close(token_generation_loss(pseudo, padded, mask), loss, atol=1e-6, rtol=0)
+    same = caption[:, [2, 0, 1, 0]] * torch.tensor([1.0, 3.0, 0.5, 2.0])[None, :, None]  # covers tokens 0, 1, 2
+    assert float(token_generation_loss(same, caption, torch.arange(5)[None, :] < 3)) == pytest.approx(0, abs=1e-6)
+    assert float(token_generation_loss(same, caption, torch.ones(3, 5, dtype=torch.bool))) > 0.1
+
+
+LOSS_FLAGS = [{"use_generator": True}, {"use_generator": False}, {**PIG}, {**PIG, "generation_target": "sentence"},
+              {**PIG, "generation_contrastive": 0.4}, {**PIG, "use_generator": False}]
+LOSS_IDS = ["pooling", "xpool", "pig-tokens", "pig-sentence", "pig-contrastive", "pig-slots"]
+
+
+@pytest.mark.parametrize("flags", LOSS_FLAGS, ids=LOSS_IDS)
+def test_training_loss_and_gradients_equal_an_independent_computation(data, flags):
     """The training step's loss and every parameter's gradient equal :func:`_reference_loss`: the generation
-    term trains the generator and item tower but never the text tower; without the generator the loss is
+    terms train the generator and item tower but never the text tower; without the generator the loss is
     the contrastive term alone, whatever ``generation_weight`` says."""
-    model = _small_tower(data, use_generator=use_generator, generation_weight=0.7)
+    model = _small_tower(data, generation_weight=0.7, **flags)
     model._trainer = SimpleNamespace(datamodule=data)
     model.log = lambda *args, **kwargs: None
     train = data.query_batches("train")
@@ -230,6 +326,8 @@ def test_training_loss_and_gradients_equal_an_independent_computation(data, use_
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith("item_tower.")), "items get no gradient"
+    if model.item_tower.generator is not None:  # the pseudo-query is trained (by both terms), not detached
+        assert all(grads[n].abs().sum() > 0 for n, _ in model.named_parameters() if ".generator." in n)
 
 
 @pytest.fixture(scope="module")
@@ -272,6 +370,30 @@ def test_short_fit_retrieves_far_better_than_chance_and_than_untrained(trained):
     fitted, before = _recall_at_10(model, dm), _recall_at_10(untrained, dm)
     assert before < 2 * chance, before
     assert fitted > 2.5 * chance and fitted > before + 0.1, (fitted, before, chance)
+
+
+def test_pig_short_fit_learns_and_stores_one_vector_per_item(data, tmp_path):
+    """The paper-style tower (pseudo-query tokens, token-level target, two interaction layers) trains end to
+    end: retrieval far above chance and above the untrained tower; one ``(E,)`` vector per item, the same
+    whatever the item batch; the test run's index stores ``E`` float32 per item, like the dual tower."""
+    model = _small_tower(data, warmup_steps=2, lr=5e-3, eval_item_batch_size=32, **PIG)
+    untrained = copy.deepcopy(model).eval()
+    trainer = L.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, datamodule=data)
+    model.eval()
+    chance = 10 / data.corpus.num_items
+    fitted, before = _recall_at_10(model, data), _recall_at_10(untrained, data)
+    assert fitted > 2.5 * chance and fitted > before + 0.1, (fitted, before, chance)
+    corpus = data.corpus
+    items = model.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths)
+    assert items.shape == (corpus.num_items, DIM)
+    model.hparams.eval_item_batch_size = 7
+    np.testing.assert_allclose(model.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths),
+                               items, atol=1e-6)
+    result = trainer.test(model, datamodule=data, verbose=False)[0]
+    assert DIM * 4 <= result["test/index_bytes_per_item"] < DIM * 4 + 1
 
 
 def test_item_vectors_are_query_independent_and_faiss_is_exact(trained):

@@ -10,8 +10,20 @@ against a FAISS index of those vectors, exactly like the dual tower, so the inde
 the same bytes per item.
 
 Loss: symmetric InfoNCE with a learnable temperature, plus ``generation_weight`` times
-the L2 distance between each training query's text embedding (no gradient into the text
-tower) and its item's pseudo-query.
+the generation loss, whose target never sends a gradient into the text tower:
+
+* ``interaction="pooling"``: the squared L2 distance between each training query's text
+  embedding and its item's pseudo-query vector;
+* ``interaction="pig"`` with ``generation_target="tokens"``: a Chamfer distance between the
+  item's ``L`` pseudo-query tokens and the query's projected token states (the text tower's
+  token-level embeddings, whose normalised mean is the query embedding), see
+  :func:`~grcm.rerank.pseudo_query.token_generation_loss`; ``"sentence"``: the L2 distance
+  between the normalised mean pseudo-query token and the query embedding.
+
+``generation_contrastive`` adds that weight times an InfoNCE between the sentence
+pseudo-queries and the (detached) query embeddings of the batch, at the model's
+(detached) temperature: a pseudo-query should be closer to its own item's captions than
+to the other items'.
 
 A checkpoint records its class (``checkpoint["dense_model_class"]``) so that
 :func:`grcm.rerank.dense_models.load_dense_model` (used by two-stage retrieval) loads the
@@ -31,7 +43,13 @@ from grcm.data.datamodules import item_token_batch, token_batch
 from grcm.rerank.contrastive import symmetric_info_nce
 from grcm.rerank.dual_tower import DENSE_MODEL_CLASS_KEY, DualTower
 from grcm.rerank.index import DenseIndexConfig
-from grcm.rerank.pseudo_query import HybridItemEncoder, pseudo_query_loss
+from grcm.rerank.pseudo_query import (
+    HybridItemEncoder,
+    pseudo_query_loss,
+    sentence_pseudo_query,
+    token_generation_loss,
+)
+from grcm.rerank.text_encoder import masked_mean
 
 
 class HybridTower(DualTower):
@@ -48,7 +66,14 @@ class HybridTower(DualTower):
         use_selector: informativeness top-k token selection before the generator (off = all tokens).
         top_k: tokens kept by the selector.
         use_generator: pseudo-query generation (off = pooling with one learned query, X-Pool-like).
-        generation_weight: weight of the pseudo-query L2 loss (ignored without the generator).
+        generation_weight: weight of the generation loss (ignored without the generator).
+        interaction: ``"pooling"`` (one pseudo-query vector, one pooling layer) or ``"pig"`` (a sequence of
+            pseudo-query tokens and a stack of interaction layers), see
+            :class:`~grcm.rerank.pseudo_query.HybridItemEncoder`.
+        pseudo_tokens, generator_layers, interaction_layers: the ``"pig"`` item tower's shape.
+        generation_target: ``"tokens"`` (token-level, the caption's token embeddings) or ``"sentence"``
+            (the caption embedding); ``"pig"`` only (``"pooling"`` is sentence-level).
+        generation_contrastive: weight of the pseudo-query vs caption InfoNCE (0 = off).
         lr, weight_decay, warmup_steps, temperature, index, ks, mrr_k, eval_item_batch_size,
             gather_negatives, index_path: as in :class:`DualTower`.
     """
@@ -70,6 +95,12 @@ class HybridTower(DualTower):
         top_k: int = 4,
         use_generator: bool = True,
         generation_weight: float = 1.0,
+        interaction: Literal["pooling", "pig"] = "pooling",
+        pseudo_tokens: int = 8,
+        generator_layers: int = 1,
+        interaction_layers: int = 2,
+        generation_target: Literal["tokens", "sentence"] = "tokens",
+        generation_contrastive: float = 0.0,
         pad_token_id: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -105,8 +136,13 @@ class HybridTower(DualTower):
             gather_negatives=gather_negatives,
             index_path=index_path,
         )
-        if generation_weight < 0:
-            raise ValueError(f"generation_weight must be >= 0, got {generation_weight}")
+        if generation_weight < 0 or generation_contrastive < 0:
+            raise ValueError(
+                f"generation_weight and generation_contrastive must be >= 0, got {generation_weight} and "
+                f"{generation_contrastive}"
+            )
+        if generation_target not in ("tokens", "sentence"):
+            raise ValueError(f"generation_target must be 'tokens' or 'sentence', got {generation_target!r}")
         # this class's own arguments replace the parent's (plain types only: weights_only loading)
         self.save_hyperparameters(ignore=["index"])
         self.hparams["index"] = dataclasses.asdict(self.index_config)
@@ -118,6 +154,10 @@ class HybridTower(DualTower):
             use_selector=use_selector,
             top_k=top_k,
             use_generator=use_generator,
+            interaction=interaction,
+            pseudo_tokens=pseudo_tokens,
+            generator_layers=generator_layers,
+            interaction_layers=interaction_layers,
         )
 
     # -- towers ---------------------------------------------------------------------------------
@@ -158,20 +198,68 @@ class HybridTower(DualTower):
         return self.encode_corpus(corpus.features, corpus.token_features, corpus.token_lengths)
 
     # -- training -------------------------------------------------------------------------------
+    def _queries_and_caption_tokens(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One text-tower pass -> ``(B, E)`` unit query embeddings (as :meth:`encode_queries`) and ``(B, T, E)``
+        token-level embeddings (the projected token states, not normalised)."""
+        tower = self.text_tower
+        tokens = tower.projection(tower.token_states(input_ids, attention_mask))
+        return torch.nn.functional.normalize(masked_mean(tokens, attention_mask), dim=-1), tokens
+
+    def generation_losses(
+        self, pseudo: torch.Tensor, queries: torch.Tensor, caption_tokens: torch.Tensor | None,
+        attention_mask: torch.Tensor, items: torch.Tensor, scale: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The generation terms for one batch (targets detached: no gradient into the text tower).
+
+        Args:
+            pseudo: each row's pseudo-query, ``(B, E)`` (``"pooling"``) or ``(B, L, E)`` (``"pig"``).
+            queries: ``(B, E)`` unit query embeddings.
+            caption_tokens: ``(B, T, E)`` token-level caption embeddings (token target only, else None).
+            attention_mask: ``(B, T)`` caption mask.
+            items: ``(B,)`` item id of each row.
+            scale: the InfoNCE inverse temperature.
+
+        Returns:
+            ``{"generation": scalar}`` plus ``{"generation_contrastive": scalar}`` when its weight is > 0.
+        """
+        hp = self.hparams
+        if hp.interaction == "pooling":
+            sentence, generation = pseudo, pseudo_query_loss(pseudo, queries.detach())
+        else:
+            sentence = sentence_pseudo_query(pseudo)
+            if hp.generation_target == "tokens":
+                generation = token_generation_loss(pseudo, caption_tokens.detach(), attention_mask)
+            else:
+                generation = pseudo_query_loss(sentence, queries.detach())
+        losses = {"generation": generation}
+        if hp.generation_contrastive > 0:
+            losses["generation_contrastive"] = symmetric_info_nce(queries.detach(), sentence, items, scale.detach())
+        return losses
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        corpus = self.trainer.datamodule.corpus
+        corpus, hp = self.trainer.datamodule.corpus, self.hparams
         items = batch["item_index"]
         unique_items, inverse = torch.unique(items, return_inverse=True)
         tokens, mask = item_token_batch(corpus, unique_items)
-        queries = self.encode_queries(batch["input_ids"], batch["attention_mask"])
+        token_target = hp.interaction == "pig" and hp.generation_target == "tokens" and hp.use_generator
+        if token_target:
+            queries, caption_tokens = self._queries_and_caption_tokens(batch["input_ids"], batch["attention_mask"])
+        else:
+            queries, caption_tokens = self.encode_queries(batch["input_ids"], batch["attention_mask"]), None
         item_embeddings, pseudo_queries = self.item_tower(tokens.to(self.device), mask.to(self.device))
         scale = self.log_logit_scale.exp().clamp(max=100.0)
         nce = symmetric_info_nce(queries, item_embeddings[inverse], items, scale)
         loss = nce
         if pseudo_queries is not None:
-            generation = pseudo_query_loss(pseudo_queries[inverse], queries.detach())
-            loss = nce + self.hparams.generation_weight * generation
-            self.log("train/generation_loss", generation, batch_size=len(items))
+            terms = self.generation_losses(pseudo_queries[inverse], queries, caption_tokens,
+                                           batch["attention_mask"], items, scale)
+            loss = nce + hp.generation_weight * terms["generation"]
+            if "generation_contrastive" in terms:
+                loss = loss + hp.generation_contrastive * terms["generation_contrastive"]
+            for name, value in terms.items():
+                self.log(f"train/{name}_loss", value, batch_size=len(items))
         self.log("train/nce_loss", nce, batch_size=len(items))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(items))
         self.log("train/logit_scale", scale, batch_size=len(items))

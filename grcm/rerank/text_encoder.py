@@ -67,14 +67,17 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text encoder backbone must be 'scratch' or 'minilm', got {backbone!r}")
         self.projection = nn.Linear(hidden, out_dim)
 
+    def token_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` ids and bool mask -> ``(B, T, hidden)`` contextual token states (before pooling)."""
+        if self.backbone_name == "minilm":
+            return self.encoder(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.token_embedding(input_ids) + self.position_embedding(positions)[None]
+        return self.final_norm(self.encoder(hidden, src_key_padding_mask=~attention_mask))
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` ids and bool mask -> ``(B, out_dim)`` unit vectors."""
-        if self.backbone_name == "minilm":
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
-        else:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            hidden = self.token_embedding(input_ids) + self.position_embedding(positions)[None]
-            hidden = self.final_norm(self.encoder(hidden, src_key_padding_mask=~attention_mask))
+        hidden = self.token_states(input_ids, attention_mask)
         return F.normalize(self.projection(masked_mean(hidden, attention_mask)), dim=-1)
 
 
