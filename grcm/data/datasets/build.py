@@ -47,7 +47,7 @@ def id_hint(captions: CaptionSet, key: Callable[[str], str], id_format: str = ""
     example = captions.item_ids[0] if captions.item_ids else ""
     expected = f"{captions.name} feature ids look like {id_format}" if id_format else (
         "feature ids must name the items as the annotations do")
-    return (f"{expected}; this annotation's first item is {example!r}, matched as {key(example)!r} "
+    return (f"{expected}; the annotations' first item is {example!r}, matched as {key(example)!r} "
             "(docs/data.md, \"Feature ids\")")
 
 
