@@ -1,12 +1,18 @@
-"""Dual-tower baseline: InfoNCE maths, exact search, and a short real training run."""
+"""Dual-tower baselines: InfoNCE maths, exact search, a short real training run, and the attention-pooling
+comparison row of the hybrid tower."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from grcm.cli import main
 from grcm.data import SyntheticDataModule
 from grcm.metrics import item_level_hits, ranks_from_scores
 from grcm.rerank.contrastive import symmetric_info_nce
@@ -70,3 +76,30 @@ def test_training_improves_recall_and_search_is_exact(tmp_path):
     trainer.save_checkpoint(path)
     reloaded = DualTower.load_from_checkpoint(path, weights_only=True)
     assert np.allclose(reloaded.encode_corpus(dm.corpus.features[:5]), items[:5], atol=1e-6)
+
+
+def test_attention_pooling_dual_tower_is_the_hybrid_tower_without_its_pseudo_query(capsys):
+    """``dual_tower_attention.yaml`` (the comparison row of the hybrid tower) is ``hybrid_tower.yaml`` with the
+    generator off, and shares the mean-pooled ``dual_tower.yaml``'s text tower, embedding size, optimiser,
+    batch, epochs and exact index (so the same 1,024 bytes per item): only the item side differs."""
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "synthetic"
+    printed = {}
+    for name in ("dual_tower", "dual_tower_attention", "hybrid_tower"):
+        with pytest.raises(SystemExit):
+            main(["fit", "-c", str(experiments / f"{name}.yaml"), "--print_config"])
+        printed[name] = yaml.safe_load(capsys.readouterr().out)
+    attention, hybrid, mean = (printed[n]["model"] for n in ("dual_tower_attention", "hybrid_tower", "dual_tower"))
+    assert attention["class_path"] == hybrid["class_path"] == "grcm.rerank.hybrid_tower.HybridTower"
+    assert attention["init_args"]["use_generator"] is False and hybrid["init_args"]["use_generator"] is True
+    assert {k: v for k, v in attention["init_args"].items() if k != "use_generator"} == {
+        k: v for k, v in hybrid["init_args"].items() if k != "use_generator"}
+    shared = ("embed_dim", "text_backbone", "text_layers", "text_width", "text_heads", "text_ffn", "dropout", "lr",
+              "weight_decay", "warmup_steps", "temperature", "index")
+    assert {k: attention["init_args"][k] for k in shared} == {k: mean["init_args"][k] for k in shared}
+    assert attention["init_args"]["index"]["kind"] == "flat"
+    data = {n: printed[n]["data"]["init_args"] for n in printed}
+    assert data["dual_tower_attention"] == data["hybrid_tower"] and data["dual_tower_attention"]["token_features"]
+    for key in ("num_items", "feature_dim", "query_vocab", "batch_size", "seed"):
+        assert data["dual_tower_attention"][key] == data["dual_tower"][key], key
+    assert printed["dual_tower_attention"]["trainer"]["max_epochs"] == printed["dual_tower"]["trainer"]["max_epochs"]
+    assert printed["dual_tower_attention"]["trainer"]["default_root_dir"] == "runs/synthetic/dual_tower_attention"
