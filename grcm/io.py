@@ -70,3 +70,23 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def update_json_atomic(path: str | os.PathLike, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into the JSON object at ``path`` (top-level keys replaced) and write it atomically.
+
+    A missing file, or one that does not hold a JSON object (damaged), starts from ``{}``.
+    Returns the written object.
+    """
+    target = Path(path)
+    payload: dict[str, Any] = {}
+    if target.is_file():
+        try:
+            loaded = json.loads(target.read_text())
+        except (OSError, ValueError):
+            loaded = None
+        if isinstance(loaded, dict):
+            payload = loaded
+    payload.update(updates)
+    write_json_atomic(target, payload)
+    return payload

@@ -7,12 +7,24 @@
 - **Run directories**: ``fit`` refuses a run directory whose checkpoint folder (or, for a
   tokenizer, bundle) already holds artifacts, unless it resumes (``--ckpt_path``) or is given
   ``--overwrite=true`` (then the old checkpoints/bundle are deleted first). Logs go to
-  versioned ``logs/version_N`` folders, so evaluations never replace a fit's logs.
-- **Restoring** (``--ckpt_path``): Lightning rebuilds the model from the checkpoint's
+  versioned ``logs/version_N`` folders, so evaluations never replace a fit's logs; the resolved
+  config is saved there as ``config_<command>.yaml``. A start that fails before logging a metric
+  leaves no ``version_N`` behind. A W&B-logged run gets a CSV log too (:mod:`grcm.loggers`).
+- **Results**: a successful fit/validate/test writes its final metrics to ``<run dir>/results.json``
+  and fit's last line names the run directory and the best checkpoint with its monitored value
+  (:mod:`grcm.run_results`).
+- **Restoring** (``--ckpt_path``): the checkpoint is read with ``weights_only=True``; a missing,
+  truncated or foreign file, or another model class's checkpoint, is one
+  :class:`~grcm.checkpoint.CheckpointError` line. The model is rebuilt from the checkpoint's
   hyperparameters. Command-line ``--model.*`` arguments that may change at evaluation (each
   model class lists them in ``EVAL_OVERRIDABLE``) are applied on top; any other that differs
-  from the checkpoint is refused with a :class:`~grcm.errors.GrcmError` naming it. A checkpoint
-  whose feature or vocabulary size differs from the data is refused too.
+  from the checkpoint is refused with a :class:`~grcm.errors.GrcmError` naming it. The data
+  settings the fit ran with (stored in every checkpoint by
+  :class:`~grcm.checkpoint.RunSettingsRecorder`) are restored the same way: the config's values are
+  replaced (a notice lists them), evaluation-only ones (:data:`DATA_EVAL_OVERRIDABLE`) are taken
+  from the config, and a differing one given on the command line is refused, naming the fit's saved
+  config. A checkpoint whose feature or vocabulary size differs from the data is refused too.
+- No abbreviated options: ``--trainer.max_epoch`` is an error that suggests ``--trainer.max_epochs``.
 - Training always validates after its last epoch (also with ``check_val_every_n_epoch`` > 1),
   so a monitored ``best.ckpt`` exists after every fit that validates at all.
 - ``predict`` writes each query's ranked items to JSONL (:mod:`grcm.predictions`).
@@ -20,10 +32,11 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
-import dataclasses
-import importlib
+import difflib
 import inspect
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,21 +45,33 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from grcm.checkpoint import RUN_SETTINGS_KEY, CheckpointError, RunSettingsRecorder, read_checkpoint
 from grcm.errors import GrcmError
+from grcm.run_settings import (
+    DATA_EVAL_OVERRIDABLE,  # noqa: F401 -- documented here, defined beside the restore rules
+    check_model_class,
+    command_line_keys,
+    command_line_model_keys,
+    restored_data_settings,
+)
+from grcm.run_settings import import_class as _import
+from grcm.run_settings import plain as _plain
 
 #: Data attributes linked into the model's constructor when the model accepts them.
 LINKED_SIZES = ("feature_dim", "vocab_size", "pad_token_id")
 #: ``ckpt_path`` values that Lightning resolves itself (not file paths).
 CKPT_KEYWORDS = ("best", "last", "hpc", "registry")
+def stage_name(stage: Any) -> str:
+    """``"fit"``, ``"validate"``, ``"test"`` or ``"predict"`` for a Lightning stage (a ``TrainerFn`` or a str)."""
+    return str(getattr(stage, "value", stage))
 
 
 class WandbAwareSaveConfig(SaveConfigCallback):
-    """Saves the resolved config beside the logs (``config.yaml``; ``config_<command>.yaml`` for evaluations)
-    and uploads it to W&B when a ``WandbLogger`` is active."""
+    """Saves the resolved config beside the logs as ``config_<command>.yaml`` (``config_fit.yaml``,
+    ``config_test.yaml``, ...) and uploads it to W&B when a ``WandbLogger`` is active."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage != "fit":
-            self.config_filename = f"config_{stage}.yaml"
+        self.config_filename = f"config_{stage_name(stage)}.yaml"
         super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
@@ -73,38 +98,6 @@ class ValidateLastEpoch(Callback):
             trainer.check_val_every_n_epoch = 1
 
 
-def _import(class_path: str):
-    module_name, _, class_name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
-def _plain(value: Any) -> Any:
-    """Namespaces, dataclasses and tuples as plain dicts/lists, for comparing config values."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return value
-
-
-def command_line_model_keys(argv: list[str]) -> list[str]:
-    """Top-level model argument names given on the command line (``--model.init_args.beam_size=5`` -> beam_size)."""
-    keys = []
-    for token in argv:
-        if not token.startswith("--model."):
-            continue
-        name = token[len("--model.") :].split("=", 1)[0]
-        name = name.removeprefix("init_args.").removeprefix("dict_kwargs.")
-        name = name.split(".", 1)[0]
-        if name and name not in ("class_path", "help", "init_args", "dict_kwargs") and name not in keys:
-            keys.append(name)
-    return keys
-
-
 class GrcmCLI(LightningCLI):
     """LightningCLI with subclass-mode model/data, omegaconf+ interpolation, size links and grcm's run rules."""
 
@@ -116,9 +109,11 @@ class GrcmCLI(LightningCLI):
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("parser_mode", "omegaconf+")
         parser_kwargs.setdefault("exit_on_error", False)  # grcm.cli.main prints parse errors as one line
+        parser_kwargs.setdefault("allow_abbrev", False)  # --trainer.max_epoch is a typo, not max_epochs
         for sub in ("fit", "validate", "test", "predict"):
             parser_kwargs.setdefault(sub, {}).setdefault("parser_mode", "omegaconf+")
             parser_kwargs[sub].setdefault("exit_on_error", False)
+            parser_kwargs[sub].setdefault("allow_abbrev", False)
         self._checkpoint: dict[str, Any] | None = None
         # configs name keys from their own root (${trainer.default_root_dir}) with or without a subcommand
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -137,11 +132,30 @@ class GrcmCLI(LightningCLI):
         )
 
     def parse_arguments(self, parser, args) -> None:
-        """Parse, and remember the model arguments the command line gave (before a checkpoint's hparams apply)."""
-        super().parse_arguments(parser, args)
+        """Parse, and remember the model and data arguments the command line gave (before a checkpoint's apply)."""
         argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:
+            if "unrecognized arguments" not in str(error):
+                raise
+            raise self._unrecognized(str(error), argv) from error
         self._command_line_model_keys = command_line_model_keys(argv)
+        self._command_line_data_keys = command_line_keys(argv, "data")
         self._config_before_checkpoint = copy.deepcopy(self._subcommand_config())
+
+    def _unrecognized(self, message: str, argv: list[str]) -> GrcmError:
+        """An unknown option as one line with the closest known ones (options are never abbreviated)."""
+        subcommand = next((arg for arg in argv if arg in getattr(self, "_subcommand_parsers", {})), None)
+        parser = self._subcommand_parsers[subcommand] if subcommand else self.parser
+        known = [option for option in parser._option_string_actions if option.startswith("--")]
+        given = re.findall(r"--[\w.\-]+", message.split("unrecognized arguments:", 1)[-1])
+        hints = [match for option in given for match in difflib.get_close_matches(option, known, n=1, cutoff=0.75)]
+        hint = f"; did you mean {' '.join(hints)}?" if hints else ""
+        return GrcmError(
+            f"unrecognized arguments: {' '.join(given) or message}{hint} (options are never abbreviated; "
+            f"grcm {subcommand or '<command>'} --help lists them)"
+        )
 
     def _subcommand_config(self, config=None):
         config = self.config if config is None else config
@@ -149,11 +163,42 @@ class GrcmCLI(LightningCLI):
         return config[subcommand] if subcommand else config
 
     # ------------------------------------------------------------------------ restoring checkpoints
+    def _parse_ckpt_path(self) -> None:
+        """Read ``--ckpt_path`` once (one-line errors), check its model class, restore its model and data settings."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or str(ckpt_path) in CKPT_KEYWORDS:
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        self._checkpoint = {"hparams": hparams, "checkpoint": checkpoint}
+        self._check_model_class(hparams.get("_class_path"), Path(ckpt_path))
+        self._restore_data_settings(checkpoint.get(RUN_SETTINGS_KEY) or {}, Path(ckpt_path))
+        model = {key: value for key, value in hparams.items() if key != "_instantiator"}  # parsing consumes it
+        if not model:
+            return
+        if "_class_path" in model:
+            model = {"class_path": model.pop("_class_path"), "dict_kwargs": model}
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+
+    def _check_model_class(self, trained: str | None, ckpt_path: Path) -> None:
+        model = self._subcommand_config().get("model")
+        check_model_class(trained, getattr(model, "class_path", None) if model is not None else None, ckpt_path)
+
+    def _restore_data_settings(self, run: dict[str, Any], ckpt_path: Path) -> None:
+        """The fit's data settings replace the config's (:func:`grcm.run_settings.restored_data_settings`)."""
+        current = self._subcommand_config().get("data")
+        if current is None or not getattr(current, "class_path", None):
+            return
+        restored = restored_data_settings(
+            current.class_path, _plain(current.init_args) or {}, run, ckpt_path, self._command_line_data_keys
+        )
+        if restored is not None:
+            self.config = self.parser.parse_object({self.config["subcommand"]: {"data": restored}}, self.config)
+
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and str(ckpt_path) not in CKPT_KEYWORDS:
-            self._checkpoint = self._load_checkpoint(Path(ckpt_path))
         model = config.get("model")
         if model is None or not getattr(model, "class_path", None):
             return
@@ -161,25 +206,6 @@ class GrcmCLI(LightningCLI):
         self._drop_unknown_checkpoint_kwargs(model, model_class)
         if self._checkpoint is not None:
             self._apply_command_line_overrides(model, model_class, Path(ckpt_path))
-
-    @staticmethod
-    def _load_checkpoint(path: Path) -> dict[str, Any]:
-        if not path.is_file():
-            found = sorted(p.name for p in path.parent.glob("*.ckpt")) if path.parent.is_dir() else []
-            hint = (
-                f"{path.parent} holds {', '.join(found)}"
-                if found
-                else "train one first (grcm fit -c <config>), or check the run directory"
-            )
-            raise GrcmError(f"--ckpt_path={path}: no such checkpoint; {hint}.")
-        import torch
-
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 -- any unreadable file is the user's to replace
-            raise GrcmError(f"--ckpt_path={path}: not a readable checkpoint ({type(error).__name__}); "
-                            "pass a .ckpt written by grcm fit.") from error
-        return {"hparams": dict(checkpoint.get("hyper_parameters", {})), "checkpoint": checkpoint}
 
     @staticmethod
     def _drop_unknown_checkpoint_kwargs(model, model_class) -> None:
@@ -255,6 +281,45 @@ class GrcmCLI(LightningCLI):
                     f"{name}={served} (data: {type(self.datamodule).__name__}); evaluate the checkpoint on the "
                     "corpus and data settings it was trained with, or train a model for this data."
                 )
+
+    # ------------------------------------------------------------------------------- the run itself
+    def instantiate_trainer(self, **kwargs: Any):
+        """The trainer, plus a CSV log beside W&B and the recorder of the data settings in every checkpoint."""
+        from grcm.loggers import add_csv_beside_wandb
+
+        trainer = super().instantiate_trainer(**kwargs)
+        add_csv_beside_wandb(trainer)
+        data = self._subcommand_config().get("data")
+        if data is not None and getattr(data, "class_path", None):
+            settings = {"class_path": data.class_path, "init_args": _plain(data.init_args) or {}}
+            trainer.callbacks.append(RunSettingsRecorder(settings, config_name="config_fit.yaml"))
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run; on failure remove the log folders that logged nothing; on success write results.json."""
+        from grcm.loggers import finish_wandb, new_log_dirs, remove_unused_log_dirs
+        from grcm.run_results import fit_summary, write_run_results
+
+        created = new_log_dirs(self.trainer) if self.trainer.is_global_zero else []
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException as error:
+            remove_unused_log_dirs(created)
+            if isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in str(error):
+                ckpt_path = Path(str(self._subcommand_config().get("ckpt_path")))
+                raise CheckpointError(
+                    f"--ckpt_path={ckpt_path}: its weights do not fit {type(self.model).__name__} as configured (a "
+                    f"checkpoint of another model or size); pass this model's checkpoint, e.g. "
+                    f"{ckpt_path.parent / 'last.ckpt'}."
+                ) from error
+            raise
+        written = write_run_results(self.trainer, subcommand, self._subcommand_config().get("ckpt_path"))
+        finish_wandb(self.trainer)
+        if self.trainer.is_global_zero:
+            if subcommand == "fit":
+                print(fit_summary(self.trainer), flush=True)
+            elif written is not None:
+                print(f"grcm {subcommand}: metrics in {written}", flush=True)
 
     # ---------------------------------------------------------------------------- run directories
     def before_fit(self) -> None:

@@ -75,3 +75,70 @@ def log_run_tables(trainer: L.Trainer, pl_module: L.LightningModule, stage: str)
                 )
             if plot is not None:
                 logger.log_image(key="sid/coarse_tokens", images=[str(plot)])
+
+
+# ------------------------------------------------------------------------------ local logs and cleanup
+def add_csv_beside_wandb(trainer: L.Trainer) -> None:
+    """A run logged to W&B also gets a local CSV log (``<run dir>/logs/version_N``), placed first.
+
+    Placed first, it is ``trainer.log_dir``: the resolved config is saved beside its ``metrics.csv``.
+    Nothing changes when no ``WandbLogger`` is attached or a ``CSVLogger`` already is.
+    """
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not wandb_loggers(trainer) or any(isinstance(logger, CSVLogger) for logger in trainer.loggers):
+        return
+    trainer.loggers = [CSVLogger(save_dir=trainer.default_root_dir, name="logs"), *trainer.loggers]
+
+
+def finish_wandb(trainer: L.Trainer) -> None:
+    """Close the attached W&B runs now (their sync output comes before grcm's last line, not at exit)."""
+    for logger in wandb_loggers(trainer):
+        run = getattr(logger, "_experiment", None)
+        if run is not None and hasattr(run, "finish"):
+            run.finish()
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def new_log_dirs(trainer: L.Trainer) -> list[tuple[Path, Path]]:
+    """The loggers' version folders this run will create: ``(log_dir, the nearest folder above that exists)``.
+
+    Call before the run starts (it fixes a ``CSVLogger``'s version number, as the run would).
+    """
+    found = []
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir and not Path(log_dir).exists():
+            found.append((Path(log_dir), _nearest_existing(Path(log_dir))))
+    return found
+
+
+def _holds_metrics(log_dir: Path) -> bool:
+    metrics = log_dir / "metrics.csv"
+    if metrics.is_file():
+        with metrics.open() as handle:
+            return sum(1 for _ in handle) > 1  # a header and at least one row
+    return any(path.suffix not in (".yaml", ".csv") for path in log_dir.rglob("*") if path.is_file())
+
+
+def remove_unused_log_dirs(created: list[tuple[Path, Path]]) -> None:
+    """After a failed start: delete the version folders that logged no metric, and the folders made for them.
+
+    A run that logged metrics before failing keeps its folder (its curves matter); a start that failed in
+    set-up leaves no empty ``logs/version_N`` behind, so the next run takes the same number.
+    """
+    import shutil
+
+    for log_dir, existing in created:
+        if not log_dir.is_dir() or _holds_metrics(log_dir):
+            continue
+        shutil.rmtree(log_dir, ignore_errors=True)
+        parent = log_dir.parent
+        while parent != existing and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent

@@ -37,7 +37,7 @@ def test_fit_one_epoch_from_config(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the config's relative run paths land in the temporary folder
     main(["fit", "-c", DUAL_TOWER, *SMALL, "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"])
     assert (tmp_path / "runs/synthetic/dual_tower/checkpoints/last.ckpt").is_file(), "fit writes a checkpoint"
-    assert list(tmp_path.rglob("config.yaml")), "the resolved config is saved with the run"
+    assert list(tmp_path.rglob("config_fit.yaml")), "the resolved config is saved with the run, named by its command"
 
 
 def test_links_and_dotted_overrides(tmp_path):

@@ -3,7 +3,7 @@
 Each case from the field: a truncated or garbage ``features.npy`` (once wrapped in jsonargparse's
 Union message), a non-UTF-8 CSV, a duplicated item id (once reported as a different, missing id),
 MSR-VTT prepared without ``MSRVTT_data.json`` (once an empty training split found at fit time),
-bad config keys; ``--debug`` / ``GRCM_DEBUG=1`` bring the traceback back.
+bad config keys and abbreviated options; ``--debug`` / ``GRCM_DEBUG=1`` bring the traceback back.
 Missing checkpoints and feature dimensions differing from a checkpoint: tests/test_cli_runs.py.
 """
 
@@ -120,6 +120,9 @@ def test_non_utf8_annotation_csv_at_prepare_time(tmp_path, capsys):
     "override, expected",
     [
         ("--model.init_args.embed_dimm=3", "Option 'embed_dimm' is not accepted"),
+        # a prefix of an option is a typo, never that option (argparse's abbreviation matching is off)
+        ("--trainer.max_epoch=1", "unrecognized arguments: --trainer.max_epoch; did you mean --trainer.max_epochs?"),
+        ("--overwr=true", "did you mean --overwrite?"),
     ],
 )
 def test_bad_config_keys_are_one_line(tmp_path, capsys, monkeypatch, override, expected):

@@ -1,5 +1,7 @@
 """Runs through the ``grcm`` command: restore on a trained (wordpiece) vocabulary, run directories,
-command-line overrides with ``--ckpt_path`` applied or refused, ``grcm predict`` output.
+command-line overrides with ``--ckpt_path`` applied or refused, the fit's data settings restored from the
+checkpoint, unreadable checkpoints as one line, ``results.json`` and fit's last line, failed starts that leave
+no log folder, ``grcm predict`` output.
 
 One tiny pipeline (hierarchical K-Means tokenizer -> generative retriever on a wordpiece vocabulary)
 is trained once per module and shared by the tests.
@@ -7,6 +9,8 @@ is trained once per module and shared by the tests.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -54,12 +58,16 @@ def last_logged_hparams(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A folder holding runs/hk (tokenizer + bundle) and runs/gr (retriever trained 1 epoch, wordpiece)."""
+    """A folder holding runs/hk (tokenizer + bundle) and runs/gr (retriever trained 1 epoch, wordpiece);
+    ``fit_stdout.txt`` holds what the retriever's fit printed."""
     folder = tmp_path_factory.mktemp("runs")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         assert grcm("fit", *TOKENIZER, "--trainer.default_root_dir=runs/hk") == 0
-        assert grcm("fit", *RETRIEVER, "--trainer.max_epochs=1") == 0
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert grcm("fit", *RETRIEVER, "--trainer.max_epochs=1") == 0
+        (folder / "fit_stdout.txt").write_text(printed.getvalue())
     return folder
 
 
@@ -74,8 +82,100 @@ def test_fit_writes_everything_under_the_run_directory(in_trained):
     assert (run / "checkpoints" / "best.ckpt").is_file(), "validation ran after the last epoch: best.ckpt exists"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()
-    assert (run / "logs" / "version_0" / "config.yaml").is_file()
+    assert (run / "logs" / "version_0" / "config_fit.yaml").is_file(), "the saved config is named by its command"
     assert (in_trained / "runs" / "hk" / "bundle").is_dir(), "the tokenizer bundle follows default_root_dir"
+
+
+def test_fit_writes_results_and_ends_naming_the_best_checkpoint(in_trained):
+    results = json.loads((in_trained / "runs/gr/results.json").read_text())
+    fit = results["fit"]
+    best = Path(fit["best_checkpoint"])
+    assert best.name == "best.ckpt" and best.is_file() and fit["monitor"] == "val/recall@1"
+    logged = torch.load(best, map_location="cpu", weights_only=True)["callbacks"]
+    (state,) = [value for key, value in logged.items() if key.startswith("ModelCheckpoint")]
+    assert fit["best_score"] == pytest.approx(float(state["best_model_score"]))
+    assert fit["metrics"]["val/recall@1"] == pytest.approx(fit["best_score"]), "one epoch: the last validation is best"
+    assert fit["global_step"] > 0 and not list((in_trained / "runs/gr").glob(".results.json.*")), "no temporary file"
+    last = [line for line in (in_trained / "fit_stdout.txt").read_text().splitlines() if line.strip()][-1]
+    assert last.startswith("grcm fit: run directory runs/gr;"), last
+    assert "best.ckpt (val/recall@1=" in last and f"{fit['best_score']:.4f}" in last and "results.json" in last
+
+
+def test_test_restores_the_fits_data_settings(in_trained, capsys):
+    """The fit ran on 40 items, 16-d features and a wordpiece vocabulary (command-line overrides); a test with
+    the bare config (2,000 items, 256-d, minilm_compact) evaluates on the fit's data, not the config's."""
+    run = in_trained / "runs" / "gr"
+    bare = ["-c", str(EXPERIMENTS / "ace_retriever.yaml"), *QUIET, "--trainer.default_root_dir=runs/gr"]
+    assert grcm("test", *bare, "--ckpt_path=runs/gr/checkpoints/best.ckpt", "--data.init_args.eval_batch_size=7") == 0
+    saved = yaml.safe_load((last_version(run) / "config_test.yaml").read_text())["data"]["init_args"]
+    assert (saved["num_items"], saved["feature_dim"], saved["query_vocab"]) == (40, 16, "wordpiece")
+    assert saved["eval_batch_size"] == 7, "evaluation-only data arguments still apply"
+    test = json.loads((run / "results.json").read_text())["test"]
+    assert test["ckpt_path"] == "runs/gr/checkpoints/best.ckpt" and 0 <= test["metrics"]["test/recall@1"] <= 1
+    assert "fit" in json.loads((run / "results.json").read_text()), "a test keeps the fit's section"
+    assert grcm("validate", *bare, "--ckpt_path=runs/gr/checkpoints/best.ckpt") == 0
+    assert grcm("predict", *bare, "--ckpt_path=runs/gr/checkpoints/last.ckpt") == 0
+    assert len((run / "predictions" / "last.jsonl").read_text().splitlines()) == 40, "the fit's 40 test queries"
+    assert "error" not in capsys.readouterr().err
+
+
+def test_data_argument_differing_from_the_checkpoint_is_refused(in_trained, capsys):
+    assert grcm("test", *RETRIEVER, "--ckpt_path=runs/gr/checkpoints/best.ckpt", "--data.init_args.num_items=41") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--data.init_args.num_items=41" in err and "num_items=40" in err
+    assert "-c runs/gr/logs/version_0/config_fit.yaml" in err, "names the fit's saved config"
+
+
+def test_failed_start_leaves_no_log_folder(in_trained, tmp_path, capsys):
+    """Set-up fails after the logger made its folder (a bundle of 40 items, a corpus of 41)."""
+    failing = [*RETRIEVER, "--data.init_args.num_items=41", "--trainer.max_epochs=1"]
+    assert grcm("fit", *failing, f"--trainer.default_root_dir={tmp_path / 'new'}") == 2
+    assert "rebuild the bundle" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists(), "nothing is left of a run that never started"
+    earlier = tmp_path / "old" / "logs" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.csv").write_text("epoch,val/recall@1\n0,0.5\n")
+    assert grcm("fit", *failing, f"--trainer.default_root_dir={tmp_path / 'old'}") == 2
+    assert sorted(p.name for p in (tmp_path / "old" / "logs").iterdir()) == ["version_0"]
+    assert (earlier / "metrics.csv").is_file(), "an earlier run's logs stay"
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "empty", "tensors_only", "pickled_object", "tokenizer"])
+def test_unloadable_checkpoint_is_one_line_suggesting_last_ckpt(in_trained, tmp_path, capsys, kind):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(in_trained / "runs/gr/checkpoints/last.ckpt", folder / "last.ckpt")
+    bad = folder / "epoch=0-step=3.ckpt"
+    marker = tmp_path / "unpickled"
+    if kind == "truncated":
+        bad.write_bytes((folder / "last.ckpt").read_bytes()[:4096])
+    elif kind == "text":
+        bad.write_text("this is not a checkpoint\n")
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "tensors_only":
+        torch.save({"weight": torch.zeros(2)}, bad)
+    elif kind == "pickled_object":
+        torch.save({"state_dict": {}, "payload": Unpickled(str(marker))}, bad)
+    else:
+        bad = in_trained / "runs/hk/checkpoints/last.ckpt"
+    assert grcm("test", *RETRIEVER, f"--ckpt_path={bad}") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"grcm: error: --ckpt_path={bad}"), err
+    assert "last.ckpt" in err and "weights_only" not in err and "Traceback" not in err
+    assert not marker.exists(), "checkpoints are loaded with weights_only=True: nothing is unpickled"
+    if kind == "tokenizer":
+        assert "is a checkpoint of ACETokenizer, but the config's model is GenerativeRetriever" in err
+
+
+class Unpickled:
+    """Unpickling it would create ``path`` (what a weights_only=False load of a foreign file would run)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_restore_on_wordpiece_vocabulary_test_and_resumed_fit(in_trained, capsys):
