@@ -1,9 +1,12 @@
-"""W&B offline mode: the offline run directory holds the metrics, the resolved config and the SID tables/plot."""
+"""W&B offline mode: the offline run directory (where docs/scale-out.md says) holds the metrics, the resolved
+config and the SID tables/plot; a CSV log sits beside it; fit's last line names the best checkpoint."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -59,7 +62,18 @@ def test_offline_run_holds_metrics_config_and_sid_health(tmp_path):
     ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    (run,) = (tmp_path / "wandb_runs" / "wandb").glob("offline-run-*")
+    # docs/scale-out.md says where an offline run lands; that is where it is
+    documented = re.search(r"`<run dir>/(wandb/[^`]+)`", (ROOT / "docs" / "scale-out.md").read_text()).group(1)
+    (run,) = (tmp_path / "wandb_runs").glob(documented)
+    # a local CSV log beside W&B, holding the config and the same metrics
+    csv_log = tmp_path / "wandb_runs" / "logs" / "version_0"
+    assert (csv_log / "config_fit.yaml").is_file()
+    with (csv_log / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert any(row.get("val/recon") for row in rows) and any(row.get("sid/collision_rate") for row in rows)
+    # the last line printed names the run directory and the best checkpoint with its metric
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"grcm fit: run directory {tmp_path / 'wandb_runs'};") and "(val/recon=" in last, last
     records = read_wandb_records(next(run.glob("run-*.wandb")))
     history: dict[str, object] = {}
     config: dict[str, object] = {}
