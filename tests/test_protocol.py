@@ -153,6 +153,9 @@ def test_corpus_without_val_split_validates_on_held_out_training_captions(tmp_pa
     again = CorpusDataModule(str(tmp_path / "c"), uncovered_items="ignore", split_seed=3)
     again.setup("fit")
     assert np.array_equal(again.corpus.captions_of_split("val"), val), "the draw is seeded by split_seed"
+    skipped = _attach(CorpusDataModule(str(tmp_path / "c"), uncovered_items="ignore"), object(), 0)
+    skipped.setup("fit")
+    assert len(skipped.corpus.captions_of_split("train")) == 160, "no validation: nothing held out"
 
 
 def test_val_from_train_counts_replace_the_val_split(tmp_path, capsys):

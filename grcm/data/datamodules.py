@@ -181,7 +181,8 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
         if self.serve != "queries":
             return corpus
         amount = self.val_from_train
-        if amount is None and not (corpus.caption_split == "val").any():
+        skipped = self.trainer is not None and self.trainer.limit_val_batches == 0
+        if amount is None and not skipped and not (corpus.caption_split == "val").any():
             amount = DEFAULT_VAL_FROM_TRAIN
         if amount is None:
             return corpus
