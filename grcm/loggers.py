@@ -1,4 +1,11 @@
-"""Weights & Biases extras: a results table per run and the SID health table/plot, logged from rank 0.
+"""Loggers of a run: Weights & Biases extras, a CSV log beside W&B, no empty log folder after a failed start.
+
+- :func:`add_csv_beside_wandb`: a W&B-logged run also writes ``<run dir>/logs/version_N/metrics.csv``.
+- :func:`new_log_dirs` / :func:`remove_unused_log_dirs`: the CLI notes the version folders a run will
+  create and, when the run fails before logging a metric, deletes them (no empty ``version_N``).
+- :func:`finish_wandb`: closes the W&B runs at the end of a command.
+
+W&B extras: a results table per run and the SID health table/plot, logged from rank 0.
 
 Scalars reach W&B through Lightning's ``WandbLogger`` like any logger. At the end of a
 ``grcm fit`` / ``grcm test`` (the CLI calls :func:`log_run_tables` when the trainer tears down)
@@ -22,7 +29,14 @@ from typing import Any
 
 import lightning as L
 
-__all__ = ["log_run_tables", "wandb_loggers"]
+__all__ = [
+    "add_csv_beside_wandb",
+    "finish_wandb",
+    "log_run_tables",
+    "new_log_dirs",
+    "remove_unused_log_dirs",
+    "wandb_loggers",
+]
 
 
 def wandb_loggers(trainer: L.Trainer) -> list[Any]:

@@ -86,10 +86,20 @@ def write_run_results(trainer: L.Trainer, stage: str, ckpt_path: str | None = No
     return path
 
 
+def _shown(path: str) -> str:
+    """``path`` relative to the working directory when inside it (as the user typed the run directory)."""
+    absolute = Path(path).resolve()
+    try:
+        return str(absolute.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def fit_summary(trainer: L.Trainer) -> str:
     """The last line of ``grcm fit``: the run directory, the best checkpoint and its monitored value."""
     run = Path(trainer.default_root_dir)
-    best = _best_checkpoint(trainer)
+    best = {key: _shown(value) if key.endswith("_checkpoint") and value else value
+            for key, value in _best_checkpoint(trainer).items()}
     if best.get("best_checkpoint") and best.get("monitor"):
         score = best.get("best_score")
         value = "n/a" if score is None else f"{score:.4f}"

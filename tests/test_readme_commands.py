@@ -161,6 +161,8 @@ def test_every_readme_and_docs_command_runs_as_written(tmp_path, monkeypatch, ca
         record = json.loads(lines[0])
         assert len(lines) == 48 and record["items"] and len(record["items"]) == len(record["scores"])
     assert (runs / "ace_tokenizer" / "bundle_last").is_dir() and (runs / "ace_tokenizer" / "sids.png").is_file()
+    results = json.loads((runs / "ace_retriever" / "results.json").read_text())
+    assert results["fit"]["best_checkpoint"] and 0 <= results["test"]["metrics"]["test/recall@1"] <= 1
     assert (tmp_path / "data" / "msvd" / "corpus" / "corpus.json").is_file()
     assert (tmp_path / "runs" / "msvd" / "dual_tower" / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "runs" / "grdr_study" / "v4" / "checkpoints" / "last.ckpt").is_file()
@@ -170,6 +172,20 @@ def test_every_readme_and_docs_command_runs_as_written(tmp_path, monkeypatch, ca
     # every skip reason is used (a stale entry would hide nothing), and nothing else was skipped
     used = {prefix for prefix in SKIPPED if any(command.startswith(prefix) for command in skipped)}
     assert used == set(SKIPPED), set(SKIPPED) - used
+
+
+def test_documented_query_vocab_default_is_the_codes():
+    """The docs' statements of the data modules' default query vocabulary (the W&B offline folder the docs name
+    is checked where a run writes one, tests/test_wandb_offline.py)."""
+    import inspect
+
+    from grcm.data.datamodules import RetrievalDataModule
+
+    default = inspect.signature(RetrievalDataModule.__init__).parameters["query_vocab"].default
+    data = " ".join((ROOT / "docs" / "data.md").read_text().split())
+    assert f"`{default}` (the class default" in data
+    accuracy = " ".join((ROOT / "docs" / "studies" / "accuracy.md").read_text().split())
+    assert f"`data.query_vocab={default}` (the data modules' default" in accuracy
 
 
 @pytest.mark.parametrize("command", ["make demo", "wandb sweep experiments/sweeps/dual_tower.yaml"])
