@@ -259,8 +259,9 @@ Data (grcm fit --data.help <class>):
 {rows(DATA_CLASSES)}
 
 Every output of a run lands under its trainer.default_root_dir (checkpoints/, logs/, bundle/,
-predictions/); override it with --trainer.default_root_dir=<dir>. fit refuses a directory that
-already holds a run unless you resume (--ckpt_path) or pass --overwrite=true.
+predictions/, results.json); override it with --trainer.default_root_dir=<dir>. fit refuses a
+directory that already holds a run unless you resume (--ckpt_path) or pass --overwrite=true.
+With --ckpt_path, test/validate/predict restore the data settings the checkpoint was fit on.
 
 Errors you can fix print as one line; --debug or GRCM_DEBUG=1 shows the traceback."""
 
