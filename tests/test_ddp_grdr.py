@@ -54,7 +54,7 @@ GRDR = [
     "--model.init_args.pretrain_epochs=[1,0]", "--model.init_args.main_epochs=[1,1]",
     "--model.init_args.fit_epochs=[0,1]",
 ]
-PROBED = ("embed_queries", "cluster_routes", "random_routes", "nearest_view_routes")
+PROBED = ("embed_queries", "cluster_routes", "facet_routes", "matched_routes", "random_routes", "nearest_view_routes")
 
 
 class ComputationProbe(L.Callback):
@@ -73,9 +73,9 @@ class ComputationProbe(L.Callback):
             setattr(grdr_routing, name, self._recording(name, getattr(grdr_routing, name)))
         init_level = pl_module.tokenizer.init_level
 
-        def recorded_init_level(features, level, seed=0):
+        def recorded_init_level(features, level, seed=0, per_view=False):
             self.calls.append(f"init_level {level}")
-            return init_level(features, level, seed=seed)
+            return init_level(features, level, seed=seed, per_view=per_view)
 
         pl_module.tokenizer.init_level = recorded_init_level
 
@@ -108,7 +108,10 @@ def test_grdr_ddp_replicas_identical_and_one_off_work_done_once_on_rank_zero(ddp
     _assert_replicas_identical(ddp_run / "replicas.json", epochs=EPOCHS)
     rank0 = json.loads((ddp_run / "probe" / "rank0.json").read_text())
     rank1 = json.loads((ddp_run / "probe" / "rank1.json").read_text())
-    assert rank0 == ["embed_queries", "cluster_routes", "init_level 0", "init_level 1"], rank0
+    # grdr.yaml's routing "matched": query groups matched to facets in setup, re-matched to the views in every
+    # epoch after the first while the tokenizer trains (epochs 1 and 2 here; epoch 3 is the fit phase)
+    assert rank0 == ["embed_queries", "cluster_routes", "facet_routes", "init_level 0", "matched_routes",
+                     "init_level 1", "matched_routes"], rank0
     assert rank1 == [], f"rank 1 must receive these from rank 0, not compute them: {rank1}"
 
 

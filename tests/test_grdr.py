@@ -78,15 +78,22 @@ def test_shared_codebook_is_one_parameter_and_gets_gradient_from_the_retrieval_l
     assert unshared.model.code_embeddings[0].weight is not unshared.tokenizer.codebooks[0]
 
 
+@pytest.mark.parametrize("freeze_earlier", [False, True])
 @pytest.mark.parametrize("schedule", ["joint", "frozen_tokenizer"])
-def test_phase_schedule_freezes_exactly_what_it_says(schedule):
-    module = _tiny_retriever(schedule=schedule, pretrain_epochs=[1, 0], main_epochs=1, fit_epochs=[1, 2])
+def test_phase_schedule_freezes_exactly_what_it_says(schedule, freeze_earlier):
+    module = _tiny_retriever(schedule=schedule, pretrain_epochs=[1, 0], main_epochs=1, fit_epochs=[1, 2],
+                             freeze_earlier_levels=freeze_earlier)
     groups = module.parameter_groups()
     ids = [id(p) for params in groups.values() for p in params]
     assert sorted(ids) == sorted(id(p) for p in module.parameters())  # a partition of all parameters
     for phase in module.phases:
         module.apply_phase(phase)
         for name in GROUPS:
+            if name == "codebooks":  # with freeze_earlier_levels, the levels below the phase's level stay fixed
+                expected = [TRAINABLE[phase.name][name] and not (freeze_earlier and level < phase.level)
+                            for level in range(2)]
+                assert [p.requires_grad for p in groups[name]] == expected, phase
+                continue
             assert all(p.requires_grad == TRAINABLE[phase.name][name] for p in groups[name]), (phase, name)
     names = [(p.name, p.level, p.start, p.end) for p in module.phases]
     if schedule == "joint":
@@ -156,7 +163,8 @@ def fitted(tmp_path_factory):
     L.seed_everything(0)
     data = SyntheticDataModule(num_items=60, feature_dim=16, batch_size=32, eval_batch_size=64,
                                max_val_queries=20)
-    module = _tiny_retriever(vocab_size=data.vocab_size, query_encoder="minilm_static", pretrain_epochs=[1, 0],
+    module = _tiny_retriever(vocab_size=data.vocab_size, query_encoder="minilm_static", routing="first_query",
+                             pretrain_epochs=[1, 0],
                              main_epochs=1, fit_epochs=[0, 1], beam_size=4, dropout=0.3)
     trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_train_batches=3, default_root_dir=tmp_path,
@@ -342,7 +350,8 @@ def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     run, ckpt = tmp_path / "runs" / "grdr", "--ckpt_path=runs/grdr/checkpoints/last.ckpt"
     assert grcm("fit", "-c", config, *GRDR_CLI) == 0
-    assert GRDRRetriever.EVAL_OVERRIDABLE == ("beam_size", "eval_max_items", "ks", "mrr_k")
+    assert GRDRRetriever.EVAL_OVERRIDABLE == ("beam_size", "eval_max_items", "ks", "mrr_k", "recall_levels",
+                                              "max_pool_items")
 
     assert grcm("test", "-c", config, *GRDR_CLI, ckpt) == 0
     trained = test_metrics(run)
@@ -358,7 +367,7 @@ def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, mo
     assert grcm("test", "-c", config, *GRDR_CLI, ckpt, "--model.init_args.num_views=1") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--model.init_args.num_views=1" in err and "cannot change" in err
-    assert "beam_size, eval_max_items, ks, mrr_k" in err
+    assert "beam_size, eval_max_items, ks, mrr_k, recall_levels, max_pool_items" in err
 
 
 def test_codebook_gradients_are_summed_without_racing_threads():

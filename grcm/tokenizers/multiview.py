@@ -13,7 +13,13 @@ Shapes: B items, D feature width, V views, L levels, K codes per level, d latent
 * Reconstruction: the mean of V per-view decoders applied to the
   straight-through quantised latents, loss ``1 - cos(x̂, x)``.
 * :meth:`MultiViewTokenizer.init_level` K-Means-initialises level l's codebook
-  from the level-l residuals of every item and view (faiss, seeded).
+  from the level-l residuals of every item and view pooled (faiss, seeded), or with
+  ``per_view=True`` one K-Means per view, view v's residuals filling its own slice of about K / V
+  codes, so one item's views start on different codes.
+* ``detach_residual`` (GRDR): the residual handed to level l + 1 is detached, so a later level's
+  losses do not move the view encoders or the earlier codebooks.
+* :func:`view_margin_loss` pushes one item's view latents apart (hinge on their pairwise cosine);
+  :func:`view_latent_cosine` measures how close they are before quantisation.
 * View separation (:func:`routed_view_infonce` against guidance query embeddings, or
   :func:`code_usage_balance`) keeps the V views from collapsing onto the same codes.
   GRDR also uses :func:`routed_view_infonce` with its retriever's own query vectors, as its
@@ -69,6 +75,7 @@ class MultiViewTokenizer(nn.Module):
         beta: commitment weight (GRDR 0.65).
         query_dim: width of the guidance query embeddings (MiniLM: 384).
         code_scale: s of the code-loss logits ``s * cos(r_l, E_l)``.
+        detach_residual: detach the residual between levels (GRDR: True).
     """
 
     def __init__(
@@ -82,12 +89,14 @@ class MultiViewTokenizer(nn.Module):
         beta: float = 0.65,
         query_dim: int = 384,
         code_scale: float = 20.0,
+        detach_residual: bool = False,
     ) -> None:
         super().__init__()
         if num_views < 1 or num_levels < 1 or codebook_size < 2:
             raise ValueError("num_views and num_levels must be >= 1 and codebook_size >= 2")
         self.num_views, self.num_levels, self.codebook_size = num_views, num_levels, codebook_size
         self.latent_dim, self.beta, self.code_scale = latent_dim, beta, code_scale
+        self.detach_residual = detach_residual
         self.view_encoders = nn.ModuleList(
             nn.Sequential(nn.Linear(feature_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, latent_dim))
             for _ in range(num_views)
@@ -131,6 +140,8 @@ class MultiViewTokenizer(nn.Module):
             codes.append(code)
             total = total + vector
             residual = residual - vector
+            if self.detach_residual:  # the next level's losses reach neither the encoders nor this codebook
+                residual = residual.detach()
         quantized = latents + (total - latents).detach() if levels else latents
         code_tensor = torch.stack(codes, dim=-1) if codes else latents.new_zeros(*latents.shape[:2], 0).long()
         return MultiViewOutput(latents, code_tensor, quantized, residuals, vq / max(levels, 1))
@@ -157,19 +168,68 @@ class MultiViewTokenizer(nn.Module):
         return torch.cat(pieces)
 
     @torch.no_grad()
-    def init_level(self, features: Tensor, level: int, seed: int = 0) -> Tensor:
-        """K-Means-initialise codebook ``level`` from the level's residuals of every item and view.
+    def init_level(self, features: Tensor, level: int, seed: int = 0, per_view: bool = False) -> Tensor:
+        """K-Means-initialise codebook ``level`` from the level's residuals.
 
-        Returns the (N * V, d) residuals it clustered (after quantising levels < ``level``).
+        ``per_view=False``: one K-Means of every item's and view's residuals pooled. ``per_view=True``:
+        the K codes are cut into V contiguous slices (:func:`view_code_slices`) and slice v is the
+        K-Means of view v's residuals alone (seed ``seed + v``).
+
+        Returns the (N, V, d) residuals it clustered (after quantising levels < ``level``).
         """
         residuals = []
         for i in range(0, features.shape[0], 8192):
             out = self.quantize(self.view_latents(features[i : i + 8192]), level)
-            residuals.append((out.latents - sum_codes(self, out.codes)).reshape(-1, self.latent_dim))
-        residual = torch.cat(residuals)
-        centroids = fit_kmeans(residual, self.codebook_size, seed=seed)
+            residuals.append(out.latents - sum_codes(self, out.codes))
+        residual = torch.cat(residuals)  # (N, V, d)
+        if per_view:
+            centroids = np.concatenate([
+                fit_kmeans(residual[:, view], stop - start, seed=seed + view)
+                for view, (start, stop) in enumerate(view_code_slices(self.codebook_size, self.num_views))
+            ])
+        else:
+            centroids = fit_kmeans(residual.reshape(-1, self.latent_dim), self.codebook_size, seed=seed)
         self.codebooks[level].data.copy_(torch.from_numpy(centroids).to(self.codebooks[level]))
         return residual
+
+
+def view_code_slices(codebook_size: int, num_views: int) -> list[tuple[int, int]]:
+    """V contiguous [start, stop) slices of K codes, sizes differing by at most one (the first ones larger)."""
+    if codebook_size < num_views:
+        raise ValueError(f"per-view K-Means needs codebook_size >= num_views, got {codebook_size} < {num_views}")
+    bounds = np.cumsum([0] + [codebook_size // num_views + (v < codebook_size % num_views) for v in range(num_views)])
+    return [(int(bounds[v]), int(bounds[v + 1])) for v in range(num_views)]
+
+
+def _pairwise_view_cosine(latents: Tensor) -> Tensor:
+    """(B, V, d) -> (B, V * (V - 1) / 2) cosine of every pair v < v' of one item's views."""
+    unit = F.normalize(latents, dim=-1)
+    cosine = unit @ unit.transpose(1, 2)  # (B, V, V)
+    upper = torch.triu_indices(latents.shape[1], latents.shape[1], offset=1, device=latents.device)
+    return cosine[:, upper[0], upper[1]]
+
+
+def view_margin_loss(latents: Tensor, margin: float = 0.0) -> Tensor:
+    """Separation of one item's views: mean over items and view pairs of ``max(0, cos(z_v, z_v') - margin)``.
+
+    Args:
+        latents: (B, V, d) view latents (V >= 2; V = 1 gives 0).
+        margin: the cosine below which a pair costs nothing (0: orthogonal views are free).
+
+    Returns:
+        Scalar; its gradient lowers the cosine of every pair above the margin.
+    """
+    if latents.shape[1] < 2:
+        return latents.new_zeros(())
+    return F.relu(_pairwise_view_cosine(latents) - margin).mean()
+
+
+@torch.no_grad()
+def view_latent_cosine(latents: Tensor) -> float:
+    """Mean cosine between one item's views before quantisation, over (B, V, d) latents (0 for V = 1)."""
+    if latents.shape[1] < 2 or latents.shape[0] == 0:
+        return 0.0
+    return float(_pairwise_view_cosine(latents).mean())
 
 
 def sum_codes(tokenizer: MultiViewTokenizer, codes: Tensor) -> Tensor:
@@ -229,7 +289,8 @@ def multiview_health(codes: Tensor, vocab_sizes: list[int]) -> dict[str, float]:
 
     Keys: ``view{v}_level{l}_utilisation`` (active codes / K), ``view{v}_level{l}_active_codes``,
     ``view{v}_gini`` (Gini of SID occupancy within the view), ``duplicate_sid_item_fraction``
-    (items with two views on the same SID), ``unique_sids_per_item`` (mean distinct SIDs of an
+    (items with two views on the same SID), ``duplicate_level0_item_fraction`` (items with two views
+    on the same level-0 code), ``unique_sids_per_item`` (mean distinct SIDs of an
     item), ``num_sids`` (distinct SIDs in the trie), ``items_per_sid`` (mean distinct items per
     SID), ``gini`` (Gini of item occupancy over all SIDs).
     """
@@ -248,6 +309,8 @@ def multiview_health(codes: Tensor, vocab_sizes: list[int]) -> dict[str, float]:
     ordered = np.sort(per_item, axis=1)
     distinct = 1 + (np.diff(ordered, axis=1) != 0).sum(1)  # (N,) distinct SIDs of each item
     health["duplicate_sid_item_fraction"] = float((distinct < num_views).mean()) if n else 0.0
+    first = np.sort(codes[:, :, 0].numpy(), axis=1)
+    health["duplicate_level0_item_fraction"] = float((np.diff(first, axis=1) == 0).any(1).mean()) if n else 0.0
     health["unique_sids_per_item"] = float(distinct.mean()) if n else 0.0
     pairs = np.unique(np.stack([per_item.reshape(-1), np.repeat(np.arange(n), num_views)], 1), axis=0)
     items_per_sid = np.bincount(pairs[:, 0])

@@ -7,7 +7,6 @@ path (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`); the SID table,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,25 +16,29 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from grcm.ddp import broadcast_from_rank_zero, is_rank_zero
 from grcm.decoding import BeamSearchOutput, RankedItems, SIDTrie
 from grcm.errors import GrcmError
 from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, fixed_width
 from grcm.rerank.text_encoder import masked_mean
 from grcm.retriever.grdr.heads import CosineCodeHead
-from grcm.retriever.grdr.losses import (
-    anchor_code_loss,
-    guided_view_separation,
-    query_item_infonce,
-    routed_sid_loss,
-)
-from grcm.retriever.grdr.routing import nearest_routes, route_training_queries
+from grcm.retriever.grdr.losses import anchor_code_loss, query_item_infonce, routed_sid_loss
+from grcm.retriever.grdr.routing import reroute, route_training_queries
 from grcm.retriever.grdr.state import CHECKPOINT_KEY, GRDRState, rename_unprefixed_buffers
+from grcm.retriever.grdr.training import (
+    KMEANS_INITS,
+    adam_warmup_cosine,
+    epoch_end_health,
+    freeze_earlier_codebooks,
+    initialise_level,
+    newest_codebook,
+    parameter_groups,
+    scale_update,
+    view_separation_terms,
+)
 from grcm.retriever.model import GenerativeRetrieverModel
-from grcm.retriever.phases import GROUPS, TRAINABLE, Phase, build_schedule, phase_at, resolve_weights
-from grcm.retriever.schedule import warmup_cosine_restarts
+from grcm.retriever.phases import TRAINABLE, Phase, build_schedule, phase_at, resolve_weights
 from grcm.retriever.sid_retrieval import SIDRetrievalModule, check_decoding_args
-from grcm.tokenizers.multiview import MultiViewTokenizer, code_usage_balance, multiview_health
+from grcm.tokenizers.multiview import MultiViewTokenizer
 from grcm.tokenizers.query_routing import QUERY_ENCODERS, ROUTINGS
 
 SEPARATIONS = ("infonce", "balance", "both", "none")
@@ -59,13 +62,22 @@ class GRDRRetriever(SIDRetrievalModule):
         beta: VQ commitment weight (GRDR 0.65).
         shared_codebook: tie codebooks to the decoder's embeddings and heads (False: the
             "unshared" ablation, the decoder keeps its own tables and linear heads).
-        routing: ``cluster`` (K-Means of the item's queries), ``nearest`` (closest view,
-            re-routed every epoch, clustered at first) or ``random`` (no query guidance).
+        routing: ``matched`` (each item's query groups matched one-to-one to views: to corpus-wide facet
+            prototypes at first, to the item's current view latents every epoch after),
+            ``first_query`` (alias ``cluster``: group g -> view g, groups numbered by their first
+            query), ``nearest`` (closest view, re-routed every epoch, clustered at first) or ``random``.
         query_encoder: ``minilm`` or ``minilm_static`` (see :func:`embed_queries`).
         view_separation: ``infonce`` (guided view separation: multi-positive query -> view InfoNCE on
             the guidance embeddings), ``balance`` (per-view level-0 code-usage balancing), ``both``
             (their sum) or ``none``.
         separation_weight: its weight, in every phase where the tokenizer trains.
+        view_margin, view_margin_weight: the view margin term (inside ``separation_weight``):
+            ``view_margin_weight * mean max(0, cos(z_iv, z_iv') - view_margin)`` over one item's views.
+        kmeans_init: ``pooled`` (one K-Means of all views' residuals) or ``per_view`` (view v's
+            residuals fill about K / V codes of each new level).
+        freeze_earlier_levels: freeze the codebooks below the level a phase builds (GRDR: True).
+        detach_residual: detach the residual between levels (GRDR: True).
+        new_codebook_lr_multiplier: the newest codebook's update is scaled by this (GRDR: 10).
         schedule, pretrain_epochs, main_epochs, fit_epochs: see :mod:`grcm.retriever.phases`.
         phase_weights: per-phase loss-weight overrides, e.g. ``{"main": {"sid": 1.0}}``.
         label_smoothing: SID cross-entropy label smoothing.
@@ -96,10 +108,16 @@ class GRDRRetriever(SIDRetrievalModule):
         tokenizer_hidden: int = 256,
         beta: float = 0.65,
         shared_codebook: bool = True,
-        routing: str = "cluster",
+        routing: str = "matched",
         query_encoder: str = "minilm",
         view_separation: str = "infonce",
         separation_weight: float = 0.5,
+        view_margin: float = 0.0,
+        view_margin_weight: float = 0.0,
+        kmeans_init: str = "pooled",
+        freeze_earlier_levels: bool = True,
+        detach_residual: bool = True,
+        new_codebook_lr_multiplier: float = 10.0,
         schedule: str = "joint",
         pretrain_epochs: int | list[int] = 1,
         main_epochs: int | list[int] = 1,
@@ -130,7 +148,8 @@ class GRDRRetriever(SIDRetrievalModule):
     ) -> None:
         super().__init__()
         for name, value, choices in (("routing", routing, ROUTINGS), ("query_encoder", query_encoder, QUERY_ENCODERS),
-                                     ("view_separation", view_separation, SEPARATIONS)):
+                                     ("view_separation", view_separation, SEPARATIONS),
+                                     ("kmeans_init", kmeans_init, KMEANS_INITS)):
             if value not in choices:
                 raise GrcmError(f"model.{name}={value!r} is not one of {list(choices)}.")
         check_decoding_args(beam_size, eval_max_items, ks, mrr_k, incremental_decoding, compile_decoder,
@@ -139,7 +158,8 @@ class GRDRRetriever(SIDRetrievalModule):
         self.phases = build_schedule(num_levels, schedule, pretrain_epochs, main_epochs, fit_epochs)
         self.weights = resolve_weights(phase_weights)
         self.tokenizer = MultiViewTokenizer(
-            feature_dim, num_views, num_levels, codebook_size, d_model, tokenizer_hidden, beta
+            feature_dim, num_views, num_levels, codebook_size, d_model, tokenizer_hidden, beta,
+            detach_residual=detach_residual,
         )
         self.model = GenerativeRetrieverModel(
             vocab_size=vocab_size, sid_vocab_sizes=self.tokenizer.vocab_sizes, d_model=d_model,
@@ -211,18 +231,7 @@ class GRDRRetriever(SIDRetrievalModule):
     # ------------------------------------------------------------ parameter groups
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The four groups of :data:`grcm.retriever.phases.GROUPS`, every parameter in exactly one."""
-        codebooks = list(self.tokenizer.codebooks)
-        shared = {id(p) for p in codebooks}
-        model = self.model
-        encoder_modules = [model.token_embedding, model.position_embedding, model.encoder_layers,
-                           model.encoder_norms, self.query_head]
-        encoder = {id(p): p for module in encoder_modules for p in module.parameters()}
-        groups: dict[str, list[nn.Parameter]] = {name: [] for name in GROUPS}
-        groups["codebooks"] = codebooks
-        groups["tokenizer"] = [p for p in self.tokenizer.parameters() if id(p) not in shared]
-        groups["encoder"] = list(encoder.values())
-        groups["decoder"] = [p for p in model.parameters() if id(p) not in shared and id(p) not in encoder]
-        return groups
+        return parameter_groups(self.tokenizer, self.model, self.query_head)
 
     def apply_phase(self, phase: Phase) -> None:
         """Set ``requires_grad`` of every parameter group as :data:`TRAINABLE` says for ``phase``."""
@@ -230,6 +239,8 @@ class GRDRRetriever(SIDRetrievalModule):
         for name, params in self.parameter_groups().items():
             for param in params:
                 param.requires_grad_(trainable[name])
+        if self.hparams.freeze_earlier_levels:
+            freeze_earlier_codebooks(self.tokenizer.codebooks, phase)
 
     def phase_of_epoch(self, epoch: int) -> Phase:
         return phase_at(self.phases, epoch)
@@ -267,10 +278,10 @@ class GRDRRetriever(SIDRetrievalModule):
         query_index, item = train.query_index.numpy(), train.item_index.numpy()
         hparams = self.hparams
         need_embeddings = hparams.routing != "random" or hparams.view_separation in ("infonce", "both")
-        embeddings, routes = route_training_queries(self, query_index, item, corpus, hparams.routing,
-                                                    hparams.query_encoder, hparams.num_views, hparams.seed,
-                                                    need_embeddings)
-        self.sids.set_training_queries(query_index, item, routes, embeddings)
+        embeddings, routes, groups = route_training_queries(self, query_index, item, corpus, hparams.routing,
+                                                            hparams.query_encoder, hparams.num_views,
+                                                            hparams.seed, need_embeddings)
+        self.sids.set_training_queries(query_index, item, routes, embeddings, groups)
 
     # --------------------------------------------------------------- phases
     def _enter_phase(self) -> Phase:
@@ -294,41 +305,28 @@ class GRDRRetriever(SIDRetrievalModule):
     def on_train_epoch_start(self) -> None:
         phase = self._enter_phase()
         sids = self.sids
+        hparams = self.hparams
         if phase.initialises_level and int(sids.initialised_levels) <= phase.level:
-            codebook = self.tokenizer.codebooks[phase.level]
-            centroids = None
-            if is_rank_zero(self):
-                self.tokenizer.init_level(sids.features_on_device(), phase.level, seed=self.hparams.seed + phase.level)
-                centroids = codebook.detach().cpu()
-            centroids = broadcast_from_rank_zero(self, centroids)
-            codebook.data.copy_(centroids.to(codebook))
-            sids.initialised_levels.fill_(phase.level + 1)
-            rank_zero_info(f"GRDR: level-{phase.level} codebook K-Means-initialised from its residuals")
+            initialise_level(self, self.tokenizer, sids, phase.level, hparams.seed + phase.level,
+                             per_view=hparams.kmeans_init == "per_view")
+            rank_zero_info(f"GRDR: level-{phase.level} codebook K-Means-initialised ({hparams.kmeans_init})")
         if int(sids.anchored_phase) < phase.index:  # snapshot once per phase (kept across resumes)
             sids.snapshot_anchors(self.tokenizer, phase.index)
-        if self.hparams.routing == "nearest" and int(sids.initialised_levels) > 0 and sids.query_embeddings is not None:
-            self._reroute_nearest()
-
-    def _reroute_nearest(self) -> None:
-        """Route each training query to its item's closest view (on rank 0, broadcast)."""
-        sids = self.sids
-        known = (sids.query_item >= 0).nonzero().flatten()
-        routes = nearest_routes(self, self.tokenizer, sids.query_embeddings[known], sids.query_item[known],
-                                sids.features_on_device())
-        sids.query_routes[known.to(routes.device)] = routes
+        if sids.query_embeddings is None:
+            return
+        if hparams.routing == "nearest" and int(sids.initialised_levels) > 0:
+            self.log("train/route_changed", reroute(self, self.tokenizer, sids, nearest=True), sync_dist=True)
+        elif (hparams.routing == "matched" and self.current_epoch > 0 and sids.query_groups is not None
+              and TRAINABLE[phase.name]["tokenizer"] and hparams.num_views > 1):
+            self.log("train/route_changed", reroute(self, self.tokenizer, sids, nearest=False), sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
-        levels = int(self.sids.initialised_levels)
-        codes = self.sids.refresh(self.tokenizer)[:, :, :levels].clone()
-        previous = self._previous_codes
-        if previous is not None and 0 < previous.shape[-1] <= levels:
-            earlier = previous.shape[-1]
-            changed = (codes[:, :, :earlier] != previous.to(codes.device)).any(-1).any(-1)
-            self.log("train/code_drift", changed.float().mean(), sync_dist=True)
+        codes, drift, health = epoch_end_health(self.tokenizer, self.sids, self._previous_codes)
         self._previous_codes = codes
         # the values below are equal on every rank; sync_dist keeps DDP quiet
-        if levels:
-            health = multiview_health(codes, self.tokenizer.vocab_sizes[:levels])
+        if drift is not None:
+            self.log("train/code_drift", drift, sync_dist=True)
+        if health:
             self.sids.health = health
             keep = [k for k in health if "level0_utilisation" in k or "_level" not in k]
             self.log_dict({f"sid/{k}": float(health[k]) for k in keep}, sync_dist=True)
@@ -370,18 +368,15 @@ class GRDRRetriever(SIDRetrievalModule):
             self.log("train/sid_accuracy", exact.float().mean(), batch_size=batch_size)
         loss = sum(weights[name] * value for name, value in parts.items())
         separation = hparams.view_separation
-        if TRAINABLE[phase.name]["tokenizer"] and separation != "none" and hparams.separation_weight:
-            separation_loss = out.latents.new_zeros(())
+        if TRAINABLE[phase.name]["tokenizer"] and hparams.separation_weight and (
+                separation != "none" or hparams.view_margin_weight):
+            guidance = None
             if separation in ("infonce", "both"):
                 guidance = self.tokenizer.query_projection(sids.query_embeddings.to(self.device)[query_index])
-                parts["view_separation_infonce"] = guided_view_separation(
-                    guidance, out.latents, items, routes, hparams.temperature
-                )
-                separation_loss = separation_loss + parts["view_separation_infonce"]
-            if separation in ("balance", "both"):
-                parts["usage_balance"] = code_usage_balance(self.tokenizer, out.latents)
-                separation_loss = separation_loss + parts["usage_balance"]
-            parts["separation"] = separation_loss
+            terms, parts["separation"] = view_separation_terms(
+                self.tokenizer, out.latents, guidance, items, routes, separation, hparams.temperature,
+                hparams.view_margin, hparams.view_margin_weight)
+            parts.update(terms)
             loss = loss + hparams.separation_weight * parts["separation"]
         for name, value in parts.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
@@ -390,18 +385,19 @@ class GRDRRetriever(SIDRetrievalModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimiser step, with the newest codebook's update scaled by ``new_codebook_lr_multiplier``."""
+        multiplier = float(self.hparams.new_codebook_lr_multiplier)
+        codebook = newest_codebook(self.tokenizer.codebooks, self.phase_of_epoch(self.current_epoch))
+        before = codebook.detach().clone() if codebook is not None and multiplier != 1.0 else None
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if before is not None:
+            scale_update(codebook, before, multiplier)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        trainer = self.trainer
-        trainer.estimated_stepping_batches  # noqa: B018 -- fills num_training_batches
-        batches = trainer.num_training_batches
-        steps = max(1, math.ceil(batches / trainer.accumulate_grad_batches)) if math.isfinite(batches) else 1
-        total = max(1, self.phases[-1].end * steps)
-        scheduler = warmup_cosine_restarts(
-            optimizer, warmup_steps=round(self.hparams.warmup_epochs * steps), restart_period=total,
-            warmup_start_lr=self.hparams.lr * 1e-3, min_lr=self.hparams.min_lr,
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        hparams = self.hparams
+        return adam_warmup_cosine(self, self.phases[-1].end, hparams.lr, hparams.weight_decay,
+                                  hparams.warmup_epochs, hparams.min_lr)
 
     # ------------------------------------------------------------- evaluation
     # decode, retrieve, recall/MRR, logging, index size and predict_step: SIDRetrievalModule

@@ -15,7 +15,8 @@ Buffers:
 * ``query_routes`` (Q,) long: the view each training query is routed to (-1: not a training query).
 
 Not in the state dict: ``features`` (N, D) from the corpus, ``query_embeddings`` (Q, 384) and
-``query_item`` (Q,) of the training queries (rebuilt in ``setup``), ``item_ids`` and ``health``
+``query_item`` (Q,) and ``query_groups`` (Q,) (each query's K-Means group within its item, -1: none) of
+the training queries (rebuilt in ``setup``), ``item_ids`` and ``health``
 (checkpoint extras).
 
 The trie over all ``N * V`` SIDs (:meth:`GRDRState.build_trie`) is a function of ``sid_codes`` and
@@ -74,6 +75,7 @@ class GRDRState(nn.Module):
         self.features: Tensor | None = None
         self.query_embeddings: Tensor | None = None
         self.query_item: Tensor | None = None
+        self.query_groups: Tensor | None = None
 
     # ------------------------------------------------------------------- corpus
     def attach_corpus(self, item_ids: Sequence[str], features: np.ndarray, corpus_name: str) -> None:
@@ -99,8 +101,9 @@ class GRDRState(nn.Module):
         return self.features
 
     def set_training_queries(self, query_index: np.ndarray, item: np.ndarray, routes: np.ndarray,
-                             embeddings: np.ndarray | None) -> None:
-        """Index the training queries by id: (n,) ids, their items (n,), routes (n,), embeddings (n, E) or None."""
+                             embeddings: np.ndarray | None, groups: np.ndarray | None = None) -> None:
+        """Index the training queries by id: (n,) ids, their items (n,), routes (n,), embeddings (n, E) or
+        None, groups (n,) or None."""
         size = int(query_index.max()) + 1
         ids = torch.from_numpy(query_index)
         table = torch.full((size,), -1, dtype=torch.long)
@@ -108,6 +111,10 @@ class GRDRState(nn.Module):
         self.query_routes = table.to(self.sid_codes.device)
         self.query_item = torch.full((size,), -1, dtype=torch.long)
         self.query_item[ids] = torch.from_numpy(item)
+        self.query_groups = None
+        if groups is not None:
+            self.query_groups = torch.full((size,), -1, dtype=torch.long)
+            self.query_groups[ids] = torch.from_numpy(np.asarray(groups, dtype=np.int64))
         if embeddings is not None:
             full = torch.zeros(size, embeddings.shape[1])
             full[ids] = torch.from_numpy(embeddings)
