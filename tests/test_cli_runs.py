@@ -168,6 +168,18 @@ def test_unloadable_checkpoint_is_one_line_suggesting_last_ckpt(in_trained, tmp_
         assert "is a checkpoint of ACETokenizer, but the config's model is GenerativeRetriever" in err
 
 
+def test_unreadable_dense_checkpoint_of_two_stage_is_one_line(in_trained, tmp_path, capsys):
+    bad = tmp_path / "dense.ckpt"
+    bad.write_text("not a checkpoint\n")
+    assert grcm(
+        "test", *RETRIEVER, "--ckpt_path=runs/gr/checkpoints/best.ckpt",
+        "--trainer.callbacks+=grcm.rerank.two_stage.TwoStageEvaluation", f"--trainer.callbacks.dense_checkpoint={bad}",
+    ) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"grcm: error: dense_checkpoint={bad}: cannot be loaded"), err
+    assert "weights_only" not in err
+
+
 class Unpickled:
     """Unpickling it would create ``path`` (what a weights_only=False load of a foreign file would run)."""
 

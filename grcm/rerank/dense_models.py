@@ -36,7 +36,9 @@ def dense_model_classes() -> dict[str, type]:
 def dense_model_class(path: str | Path) -> type:
     """The class of the dense checkpoint at ``path``: its recorded class, else the CLI's ``_class_path``,
     else :class:`~grcm.rerank.dual_tower.DualTower`."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    from grcm.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path, what="dense_checkpoint")  # one-line errors for unreadable files
     name = checkpoint.get(DENSE_MODEL_CLASS_KEY) or checkpoint.get("hyper_parameters", {}).get("_class_path", "")
     name = str(name).rpartition(".")[2] or "DualTower"
     classes = dense_model_classes()
