@@ -127,7 +127,9 @@ def test_non_utf8_annotation_csv_at_prepare_time(tmp_path, capsys):
 )
 def test_bad_config_keys_are_one_line(tmp_path, capsys, monkeypatch, override, expected):
     monkeypatch.chdir(tmp_path)
-    line = one_line_error(capsys, "fit", "-c", str(ROOT / "experiments/synthetic/dual_tower.yaml"), override)
+    # --print_config: a parser that took the typo would print and exit 0 instead of training for minutes
+    line = one_line_error(capsys, "fit", "-c", str(ROOT / "experiments/synthetic/dual_tower.yaml"), override,
+                          "--print_config")
     assert expected in line and "help" in line
 
 

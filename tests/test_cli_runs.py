@@ -124,6 +124,8 @@ def test_data_argument_differing_from_the_checkpoint_is_refused(in_trained, caps
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--data.init_args.num_items=41" in err and "num_items=40" in err
     assert "-c runs/gr/logs/version_0/config_fit.yaml" in err, "names the fit's saved config"
+    # ... which evaluates as it is
+    assert grcm("test", "-c", "runs/gr/logs/version_0/config_fit.yaml", "--ckpt_path=runs/gr/checkpoints/best.ckpt") == 0
 
 
 def test_failed_start_leaves_no_log_folder(in_trained, tmp_path, capsys):
