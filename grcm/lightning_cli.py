@@ -20,7 +20,8 @@
   model class lists them in ``EVAL_OVERRIDABLE``) are applied on top; any other that differs
   from the checkpoint is refused with a :class:`~grcm.errors.GrcmError` naming it. The data
   settings the fit ran with (stored in every checkpoint by
-  :class:`~grcm.checkpoint.RunSettingsRecorder`) are restored the same way: the config's values are
+  :class:`~grcm.checkpoint.RunSettingsRecorder`; for an older checkpoint, its run's saved fit config)
+  are restored the same way: the config's values are
   replaced (a notice lists them), evaluation-only ones (:data:`DATA_EVAL_OVERRIDABLE`) are taken
   from the config, and a differing one given on the command line is refused, naming the fit's saved
   config. A checkpoint whose feature or vocabulary size differs from the data is refused too.
@@ -53,6 +54,7 @@ from grcm.run_settings import (
     command_line_keys,
     command_line_model_keys,
     restored_data_settings,
+    saved_fit_settings,
 )
 from grcm.run_settings import import_class as _import
 from grcm.run_settings import plain as _plain
@@ -173,7 +175,8 @@ class GrcmCLI(LightningCLI):
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         self._checkpoint = {"hparams": hparams, "checkpoint": checkpoint}
         self._check_model_class(hparams.get("_class_path"), Path(ckpt_path))
-        self._restore_data_settings(checkpoint.get(RUN_SETTINGS_KEY) or {}, Path(ckpt_path))
+        run = checkpoint.get(RUN_SETTINGS_KEY) or saved_fit_settings(Path(ckpt_path))
+        self._restore_data_settings(run, Path(ckpt_path))
         model = {key: value for key, value in hparams.items() if key != "_instantiator"}  # parsing consumes it
         if not model:
             return

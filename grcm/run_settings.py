@@ -13,7 +13,8 @@ section of the config from it:
 - a differing value given on the command line is refused with one line naming the argument, the
   checkpoint's value and the fit's saved config (``<run>/logs/version_N/config_fit.yaml``).
 
-:func:`check_model_class` refuses a checkpoint of another model class (a tokenizer's checkpoint given to a
+A checkpoint written before grcm stored its data settings gets them from its run's saved fit config
+instead (:func:`saved_fit_settings`). :func:`check_model_class` refuses a checkpoint of another model class (a tokenizer's checkpoint given to a
 retriever config). :func:`command_line_keys` tells which arguments the command line itself gave.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ __all__ = [
     "plain",
     "restored_data_settings",
     "same_class",
+    "saved_fit_settings",
 ]
 
 #: Data arguments that may differ from a checkpoint's at evaluation (a data class may list its own in
@@ -92,6 +95,29 @@ def command_line_keys(argv: list[str], group: str = "model") -> list[str]:
 def command_line_model_keys(argv: list[str]) -> list[str]:
     """Top-level model argument names given on the command line (``--model.init_args.beam_size=5`` -> beam_size)."""
     return [key for key in command_line_keys(argv, "model") if key != "class_path"]
+
+
+def saved_fit_settings(ckpt_path: Path) -> dict[str, Any]:
+    """The run record of a checkpoint that has none, from its run's saved fit config, or ``{}``.
+
+    Looks for ``<run dir>/logs/version_N/config_fit.yaml`` (``config.yaml`` before configs were named
+    by command) beside ``<run dir>/checkpoints/``; takes the newest one saved before the checkpoint was
+    written (the fit that wrote it).
+    """
+    import yaml
+
+    logs = Path(ckpt_path).resolve().parent.parent / "logs"
+    written = Path(ckpt_path).stat().st_mtime
+    candidates = [
+        path for pattern in ("version_*/config_fit.yaml", "version_*/config.yaml") for path in logs.glob(pattern)
+        if path.stat().st_mtime <= written
+    ]
+    for path in sorted(candidates, key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0), reverse=True):
+        data = (yaml.safe_load(path.read_text()) or {}).get("data")
+        if isinstance(data, dict) and data.get("class_path"):
+            return {"data": {"class_path": data["class_path"], "init_args": data.get("init_args") or {}},
+                    "config": str(path)}
+    return {}
 
 
 def _short(class_path: str) -> str:

@@ -119,6 +119,21 @@ def test_test_restores_the_fits_data_settings(in_trained, capsys):
     assert "error" not in capsys.readouterr().err
 
 
+def test_checkpoint_without_data_settings_takes_them_from_the_runs_saved_config(in_trained, tmp_path):
+    """A checkpoint written before grcm stored its data settings: its run's logs/version_N/config.yaml has them."""
+    run = tmp_path / "legacy"
+    shutil.copytree(in_trained / "runs/gr/checkpoints", run / "checkpoints")
+    (run / "logs" / "version_0").mkdir(parents=True)
+    shutil.copy(in_trained / "runs/gr/logs/version_0/config_fit.yaml", run / "logs/version_0/config.yaml")
+    checkpoint = torch.load(run / "checkpoints/best.ckpt", map_location="cpu", weights_only=True)
+    del checkpoint["grcm_run"]
+    torch.save(checkpoint, run / "checkpoints/best.ckpt")
+    bare = ["-c", str(EXPERIMENTS / "ace_retriever.yaml"), *QUIET, f"--trainer.default_root_dir={run}"]
+    assert grcm("test", *bare, f"--ckpt_path={run / 'checkpoints/best.ckpt'}") == 0
+    saved = yaml.safe_load((last_version(run) / "config_test.yaml").read_text())["data"]["init_args"]
+    assert (saved["num_items"], saved["query_vocab"]) == (40, "wordpiece")
+
+
 def test_data_argument_differing_from_the_checkpoint_is_refused(in_trained, capsys):
     assert grcm("test", *RETRIEVER, "--ckpt_path=runs/gr/checkpoints/best.ckpt", "--data.init_args.num_items=41") == 2
     err = capsys.readouterr().err.strip()
