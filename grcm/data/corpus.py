@@ -273,15 +273,12 @@ def read_corpus_header(root: str | Path) -> dict:
     """Read ``corpus.json`` and check its version; cheap (used in DataModule ``__init__``)."""
     path = Path(root) / "corpus.json"
     if not path.is_file():
-        raise CorpusError(
-            f"{path}: not found; a corpus directory needs corpus.json: run grcm prepare <dataset> --annotation-dir ... "
-            "--features ... --feature-ids ... --out <dir> (docs/data.md) and set data.init_args.corpus_dir=<dir>."
-        )
+        raise CorpusError(f"{path}: not found; a corpus directory needs corpus.json: run grcm prepare <dataset> "
+                          "... --out <dir> (docs/data.md) and set data.init_args.corpus_dir=<dir>.")
     header = json.loads(path.read_text())
     if header.get("format_version") != FORMAT_VERSION:
-        raise CorpusError(
-            f"{path}: format_version {header.get('format_version')!r} is not supported (expected {FORMAT_VERSION})."
-        )
+        version = header.get("format_version")
+        raise CorpusError(f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION}).")
     return header
 
 
