@@ -73,8 +73,8 @@ class GRDRRetriever(SIDRetrievalModule):
         separation_weight: its weight, in every phase where the tokenizer trains.
         view_margin, view_margin_weight: the view margin term (inside ``separation_weight``):
             ``view_margin_weight * mean max(0, cos(z_iv, z_iv') - view_margin)`` over one item's views.
-        kmeans_init: ``pooled`` (one K-Means of all views' residuals) or ``per_view`` (view v's
-            residuals fill about K / V codes of each new level).
+        kmeans_init: ``pooled`` (one K-Means of all views' residuals), ``per_view`` (view v's
+            residuals fill about K / V codes of each new level) or ``per_view_first`` (per view at level 0).
         freeze_earlier_levels: freeze the codebooks below the level a phase builds (GRDR: True).
         detach_residual: detach the residual between levels (GRDR: True).
         new_codebook_lr_multiplier: the newest codebook's update is scaled by this (GRDR: 10).
@@ -308,7 +308,8 @@ class GRDRRetriever(SIDRetrievalModule):
         hparams = self.hparams
         if phase.initialises_level and int(sids.initialised_levels) <= phase.level:
             initialise_level(self, self.tokenizer, sids, phase.level, hparams.seed + phase.level,
-                             per_view=hparams.kmeans_init == "per_view")
+                             per_view=hparams.kmeans_init == "per_view" or (
+                                 hparams.kmeans_init == "per_view_first" and phase.level == 0))
             rank_zero_info(f"GRDR: level-{phase.level} codebook K-Means-initialised ({hparams.kmeans_init})")
         if int(sids.anchored_phase) < phase.index:  # snapshot once per phase (kept across resumes)
             sids.snapshot_anchors(self.tokenizer, phase.index)

@@ -36,7 +36,10 @@ from grcm.tokenizers.multiview import (
     view_margin_loss,
 )
 
-KMEANS_INITS = ("pooled", "per_view")
+#: ``pooled``: one K-Means of all views' residuals per level; ``per_view``: view v's residuals fill about K / V
+#: codes of every level; ``per_view_first``: per view at level 0 (an item's views start on distinct first
+#: codes), pooled at the later levels (every view refines with all K codes)
+KMEANS_INITS = ("pooled", "per_view", "per_view_first")
 
 
 def view_separation_terms(
