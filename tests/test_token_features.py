@@ -85,5 +85,5 @@ def test_item_batches_and_token_batch_mask(corpus):
     assert batch["token_features"].shape[:2] == batch["token_mask"].shape and batch["features"].shape == (25, 16)
     plain = SyntheticDataModule(num_items=60, feature_dim=16, serve="items")
     assert "token_features" not in next(iter(plain.val_dataloader()))
-    with pytest.raises(CorpusError, match="no token features.*data.token_features=true"):
+    with pytest.raises(CorpusError, match="no token features.*data.init_args.token_features=true"):
         item_token_batch(plain.corpus, items)
