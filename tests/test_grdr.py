@@ -351,7 +351,7 @@ def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, mo
     run, ckpt = tmp_path / "runs" / "grdr", "--ckpt_path=runs/grdr/checkpoints/last.ckpt"
     assert grcm("fit", "-c", config, *GRDR_CLI) == 0
     assert GRDRRetriever.EVAL_OVERRIDABLE == ("beam_size", "eval_max_items", "ks", "mrr_k", "recall_levels",
-                                              "max_pool_items")
+                                              "max_pool_items", "item_score")
 
     assert grcm("test", "-c", config, *GRDR_CLI, ckpt) == 0
     trained = test_metrics(run)
@@ -367,7 +367,7 @@ def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, mo
     assert grcm("test", "-c", config, *GRDR_CLI, ckpt, "--model.init_args.num_views=1") == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--model.init_args.num_views=1" in err and "cannot change" in err
-    assert "beam_size, eval_max_items, ks, mrr_k, recall_levels, max_pool_items" in err
+    assert "beam_size, eval_max_items, ks, mrr_k, recall_levels, max_pool_items, item_score" in err
 
 
 def test_codebook_gradients_are_summed_without_racing_threads():
@@ -414,3 +414,31 @@ def test_codebook_gradients_are_summed_without_racing_threads():
     for level, codebook in enumerate(tokenizer.codebooks):
         assert got[level].abs().sum() > 0
         torch.testing.assert_close(got[level], codebook.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_item_score_logsumexp_ranks_predictions_by_the_sum_over_views(fitted):
+    from grcm.decoding.beam import logsumexp_per_item
+
+    module, data, _, _ = fitted
+    batch = next(iter(data.test_dataloader()))
+    module.hparams.item_score = "logsumexp"
+    try:
+        ranked = module.predict_step(batch, 0)
+    finally:
+        module.hparams.item_score = "max"
+    output = module.decode(batch["input_ids"], batch["attention_mask"])
+    trie = module.recall_trie
+    per_leaf = trie.max_items_per_leaf
+    leaves = trie.lookup(output.sequences).masked_fill(~(output.scores > float("-inf")), -1)
+    items = trie.items_of_leaves(leaves.reshape(-1), per_leaf).reshape(output.scores.shape[0], -1)
+    totals = logsumexp_per_item(items, output.scores.repeat_interleave(per_leaf, dim=1))
+    for row in range(items.shape[0]):
+        best = {}
+        for item, total in zip(items[row].tolist(), totals[row].tolist()):
+            if item >= 0:
+                best.setdefault(item, total)
+        kept = [(item, score) for item, score in zip(ranked["items"][row].tolist(), ranked["scores"][row].tolist())
+                if item >= 0]
+        assert [score for _, score in kept] == sorted((score for _, score in kept), reverse=True)
+        for item, score in kept:
+            assert score == pytest.approx(best[item], abs=1e-5)

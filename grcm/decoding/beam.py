@@ -246,8 +246,39 @@ def stable_topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return chosen_values.gather(1, order), chosen.gather(1, order)
 
 
+ITEM_SCORES = ("max", "logsumexp")
+
+
+def logsumexp_per_item(items: Tensor, scores: Tensor) -> Tensor:
+    """Each entry's score replaced by the log-sum-exp of the scores of every entry of its item in its row.
+
+    Args:
+        items: (Q, K) item indices, ``-1`` = padding.
+        scores: (Q, K) float scores of the entries (log-probabilities of the beams that reached them).
+
+    Returns:
+        (Q, K) float: for an item reached by several beams, log(sum_b exp(score_b)) on each of its entries;
+        ``-inf`` on padding.
+    """
+    present = items >= 0
+    keys = torch.where(present, items, torch.iinfo(items.dtype).max)
+    sorted_keys, order = torch.sort(keys, dim=1, stable=True)
+    sorted_scores = scores.gather(1, order).masked_fill(~present.gather(1, order), float("-inf"))
+    new_group = torch.ones_like(sorted_keys, dtype=torch.bool)
+    new_group[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    group = new_group.long().cumsum(dim=1) - 1  # (Q, K) segment id within the row
+    peak = torch.full_like(sorted_scores, float("-inf")).scatter_reduce(1, group, sorted_scores, "amax")
+    safe_peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    shifted = (sorted_scores - safe_peak.gather(1, group)).exp()
+    total = torch.zeros_like(sorted_scores).scatter_add(1, group, shifted)
+    group_score = (total.log() + safe_peak).masked_fill(~torch.isfinite(peak), float("-inf"))
+    aggregated_sorted = group_score.gather(1, group)
+    aggregated = torch.empty_like(aggregated_sorted).scatter_(1, order, aggregated_sorted)
+    return aggregated.masked_fill(~present, float("-inf"))
+
+
 def beams_to_scored_items(
-    output: BeamSearchOutput, trie: SIDTrie, max_items: int | None = None
+    output: BeamSearchOutput, trie: SIDTrie, max_items: int | None = None, item_score: str = "max"
 ) -> RankedItems:
     """Expand ranked beams into ranked items.
 
@@ -260,6 +291,9 @@ def beams_to_scored_items(
         trie: the trie the SIDs are looked up in.
         max_items: output width ``M``. ``None`` uses the largest number of items any
             query recalls (one host synchronisation).
+        item_score: ``"max"`` (an item keeps its best beam's score and position) or ``"logsumexp"``
+            (an item reached by several beams, e.g. several GRDR views, scores the log-sum-exp of their
+            scores; items are re-ranked by it, ties in first-occurrence order).
 
     Returns:
         :class:`RankedItems` with ``items (B, M)`` and ``scores (B, M)``.
@@ -271,7 +305,14 @@ def beams_to_scored_items(
     per_leaf = max(per_leaf, 1)
     items = trie.items_of_leaves(leaves.reshape(-1), per_leaf).reshape(num_queries, num_beams * per_leaf)
     item_scores = scores.repeat_interleave(per_leaf, dim=1)
+    if item_score not in ITEM_SCORES:
+        raise ValueError(f"item_score must be one of {ITEM_SCORES}, got {item_score!r}.")
+    if item_score == "logsumexp":
+        item_scores = logsumexp_per_item(items, item_scores)
     items, item_scores = deduplicate_ranked(items, item_scores)
+    if item_score == "logsumexp":
+        order = item_scores.sort(dim=1, descending=True, stable=True).indices
+        items, item_scores = items.gather(1, order), item_scores.gather(1, order)
     if max_items is None:
         width = max(int((items >= 0).sum(dim=1).max()), 1)
     else:

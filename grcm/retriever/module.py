@@ -86,6 +86,7 @@ class GenerativeRetriever(SIDRetrievalModule):
             the unique token) and expand each decoded prefix to every item under it, items without training
             queries included (see :mod:`grcm.retriever.sid_retrieval`); None (default) decodes full SIDs.
         max_pool_items: cap on the recalled pool per query (best beams first); None: no cap.
+        item_score: ``max`` (an item ranks by its best beam) or ``logsumexp`` over the beams reaching it.
 
     :meth:`decode` and :meth:`retrieve` (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`)
     always run in evaluation mode under ``torch.inference_mode`` (the training flags are restored
@@ -95,7 +96,7 @@ class GenerativeRetriever(SIDRetrievalModule):
     #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (``bundle_dir`` only to a
     #: bundle holding the checkpoint's own SIDs); see :mod:`grcm.lightning_cli`.
     EVAL_OVERRIDABLE = ("beam_size", "constrained", "eval_max_items", "ks", "mrr_k", "bundle_dir", "recall_levels",
-                        "max_pool_items")
+                        "max_pool_items", "item_score")
 
     def __init__(
         self,
@@ -134,6 +135,7 @@ class GenerativeRetriever(SIDRetrievalModule):
         cuda_graphs: bool = False,
         recall_levels: int | None = None,
         max_pool_items: int | None = None,
+        item_score: str = "max",
     ) -> None:
         super().__init__()
         if rdrop_omega < 0:

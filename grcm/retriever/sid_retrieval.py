@@ -53,6 +53,7 @@ from grcm.decoding import (
     constrained_beam_search,
     sid_table_nbytes,
 )
+from grcm.decoding.beam import ITEM_SCORES
 from grcm.errors import GrcmError
 from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, SeenUnseenMetrics, candidate_recall, fixed_width
 from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
@@ -122,6 +123,8 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     def init_retrieval(self, ks: Sequence[int], mrr_k: int) -> None:
         """Create the metric states, the decode timers and the trie caches; check the prefix-recall arguments."""
         check_recall_args(self.hparams.get("recall_levels"), self.hparams.get("max_pool_items"), ks, mrr_k)
+        if self.hparams.get("item_score", "max") not in ITEM_SCORES:
+            raise RetrieverConfigError(f"model.item_score must be one of {ITEM_SCORES}, got {self.hparams.item_score!r}.")
         self.val_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.val_groups, self.test_groups = SeenUnseenMetrics(ks, mrr_k), SeenUnseenMetrics(ks, mrr_k)
@@ -275,7 +278,8 @@ class SIDRetrievalModule(L.LightningModule, ABC):
             return None
         start = time.perf_counter()
         output = self.decode(batch["input_ids"], batch["attention_mask"])
-        recalled = beams_to_scored_items(output, self.recall_trie, self.hparams.get("max_pool_items"))
+        recalled = beams_to_scored_items(output, self.recall_trie, self.hparams.get("max_pool_items"),
+                                         self.hparams.get("item_score", "max"))
         ranked = fixed_width(recalled.items, self.eval_max_items)  # = beams_to_items(output, trie, eval_max_items)
         decode_seconds = time.perf_counter() - start
         self._decode_seconds += decode_seconds
@@ -354,5 +358,6 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """``{"query_index": (B,), "items": (B, M), "scores": (B, M)}`` ranked items with beam scores."""
         output = self.decode(batch["input_ids"], batch["attention_mask"])
-        ranked = beams_to_scored_items(output, self.recall_trie, self.eval_max_items)
+        ranked = beams_to_scored_items(output, self.recall_trie, self.eval_max_items,
+                                       self.hparams.get("item_score", "max"))
         return {"query_index": batch["query_index"], "items": ranked.items, "scores": ranked.scores}

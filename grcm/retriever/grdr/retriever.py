@@ -86,6 +86,7 @@ class GRDRRetriever(SIDRetrievalModule):
             the retriever's shape (:class:`GenerativeRetrieverModel`).
         beam_size: beams; eval_max_items: ranked items kept per query (default: the largest cut-off);
             recall_levels, max_pool_items: prefix recall, as for the ACE retriever (default: full SIDs, no cap).
+            item_score: ``max`` (an item ranks by its best view's beam) or ``logsumexp`` over its views' beams.
         lr, warmup_epochs, min_lr, weight_decay: Adam and its warm-up + cosine schedule.
         seed: K-Means and routing seed.
         ks, mrr_k: reported cut-offs.
@@ -94,7 +95,7 @@ class GRDRRetriever(SIDRetrievalModule):
     """
 
     #: arguments that ``grcm test/validate/predict --ckpt_path=...`` may change (decoding and reporting only)
-    EVAL_OVERRIDABLE = ("beam_size", "eval_max_items", "ks", "mrr_k", "recall_levels", "max_pool_items")
+    EVAL_OVERRIDABLE = ("beam_size", "eval_max_items", "ks", "mrr_k", "recall_levels", "max_pool_items", "item_score")
 
     def __init__(
         self,
@@ -145,6 +146,7 @@ class GRDRRetriever(SIDRetrievalModule):
         compile_decoder: bool = False,
         decode_precision: str = "32",
         cuda_graphs: bool = False, recall_levels: int | None = None, max_pool_items: int | None = None,
+        item_score: str = "max",
     ) -> None:
         super().__init__()
         for name, value, choices in (("routing", routing, ROUTINGS), ("query_encoder", query_encoder, QUERY_ENCODERS),
