@@ -17,13 +17,6 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VAL_NOTICE = "no validation split; fit will hold out part of train for validation (data.init_args.val_from_train)"
 
 
-def by_item(captions, split: str) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for item, text, s in zip(captions.caption_item.tolist(), captions.caption_text, captions.caption_split):
-        if s == split:
-            grouped.setdefault(captions.item_ids[item], []).append(text)
-    return grouped
-
 
 def coco_line(image_id: int, part: str) -> str:
     return f"{part}2014/COCO_{part}2014_{image_id:012d}.jpg {image_id}\n"
@@ -50,9 +43,9 @@ def test_coco_image_lists_of_every_split_with_coco_caption_files(tmp_path):
     coco = read_captions("coco", tmp_path)
     assert coco.splits == ("train", "val", "test")
     assert coco.item_ids == ["9", "25", "42", "73", "74", "391895"]  # list order, restval images on the train list
-    assert by_item(coco, "train") == {"9": [f"a {k} caption" for k in range(5)], "25": [f"b{k}" for k in range(5)],
+    assert coco.captions_by_item("train") == {"9": [f"a {k} caption" for k in range(5)], "25": [f"b{k}" for k in range(5)],
                                       "42": ["r0"]}
-    assert by_item(coco, "val") == {"73": ["v0", "v1"]} and by_item(coco, "test") == {"74": ["u0"], "391895": ["t0", "t1"]}
+    assert coco.captions_by_item("val") == {"73": ["v0", "v1"]} and coco.captions_by_item("test") == {"74": ["u0"], "391895": ["t0", "t1"]}
     # without the val2014 caption file the val and test lists have no captions: prepare names the file to add
     (tmp_path / "annotations/captions_val2014.json").unlink()
     np.save(tmp_path / "f.npy", np.ones((6, 4), dtype=np.float32))
@@ -90,7 +83,7 @@ def test_real_coco_karpathy_test_list_with_a_caption_file(tmp_path):
     coco = read_captions("coco", tmp_path)
     assert coco.splits == ("test",) and coco.item_ids[:2] == ["253964", "350334"] and len(coco.item_ids) == 5000
     assert coco.counts()["captions"] == {"train": 0, "val": 0, "test": 25000}
-    assert by_item(coco, "test")["253964"] == [f"image 253964 caption {k}" for k in range(5)]
+    assert coco.captions_by_item("test")["253964"] == [f"image 253964 caption {k}" for k in range(5)]
     assert any(VAL_NOTICE in note for note in coco.notes)
 
 
@@ -107,7 +100,7 @@ def test_flickr30k_image_lists_with_the_release_token_file(tmp_path):
     (tmp_path / "results_20130124.token").write_text(token + "9.jpg#0\tnot listed\n")
     flickr = read_captions("flickr30k", tmp_path)
     assert flickr.item_ids == ["1.jpg", "2.jpg", "3.jpg", "4.jpg"]
-    assert by_item(flickr, "train")["2.jpg"] == [f"dog & cat 2.jpg {k}" for k in range(5)]
+    assert flickr.captions_by_item("train")["2.jpg"] == [f"dog & cat 2.jpg {k}" for k in range(5)]
     assert flickr.counts()["captions"] == {"train": 10, "val": 5, "test": 5}
     (tmp_path / "results_20130124.token").write_text("1.jpg caption without a tab\n")
     with pytest.raises(CorpusError, match=r"results_20130124.token: line 1 is not '<file>#<k><TAB><caption>'"):
@@ -138,4 +131,4 @@ def test_real_multi30k_test_list_with_a_token_file(tmp_path):
         "".join(f"{image}#{k}\tcaption {k} of {image}\n" for image in images for k in range(5)))
     flickr = read_captions("flickr30k", tmp_path)
     assert flickr.splits == ("test",) and flickr.item_ids == images and len(images) == 1000
-    assert by_item(flickr, "test")[images[0]] == [f"caption {k} of {images[0]}" for k in range(5)]
+    assert flickr.captions_by_item("test")[images[0]] == [f"caption {k} of {images[0]}" for k in range(5)]

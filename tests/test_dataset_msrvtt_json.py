@@ -16,13 +16,6 @@ from grcm.data.datasets import read_captions
 SHARED_MSRVTT = Path(__file__).resolve().parents[2] / "shared" / "data" / "msrvtt"
 
 
-def by_item(captions, split: str) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = {}
-    for item, text, s in zip(captions.caption_item.tolist(), captions.caption_text, captions.caption_split):
-        if s == split:
-            grouped.setdefault(captions.item_ids[item], []).append(text)
-    return grouped
-
 
 def write_json_layout(folder: Path) -> None:
     """A 9k-style train list as JSON Lines (one caption list among strings) and a 1k-style test list as a JSON array."""
@@ -39,10 +32,10 @@ def test_json_train_and_test_lists_without_the_csvs(tmp_path):
     write_json_layout(tmp_path)
     captions = read_captions("msrvtt", tmp_path)
     assert captions.item_ids == [f"video{n}" for n in (0, 1, 2, 3, 4, 90, 91, 92)]
-    assert by_item(captions, "train")["video1"] == ["train clip 1 take 0", "train clip 1 take 1"]
-    assert by_item(captions, "train")["video4"] == ["a list caption", "another one"]
-    assert by_item(captions, "test") == {f"video{n}": [f"test query {n}"] for n in (90, 91, 92)}
-    assert by_item(captions, "val") == by_item(captions, "test")  # validation="test", as with the JSFusion CSV
+    assert captions.captions_by_item("train")["video1"] == ["train clip 1 take 0", "train clip 1 take 1"]
+    assert captions.captions_by_item("train")["video4"] == ["a list caption", "another one"]
+    assert captions.captions_by_item("test") == {f"video{n}": [f"test query {n}"] for n in (90, 91, 92)}
+    assert captions.captions_by_item("val") == captions.captions_by_item("test")  # validation="test", as with the JSFusion CSV
     assert captions.counts()["captions"] == {"train": 10, "val": 3, "test": 3}
 
 
@@ -108,7 +101,7 @@ def test_real_grdr_record_file_as_a_test_list(tmp_path):
     assert set(captions.item_ids) == set(jsfusion) and captions.item_ids[0] == "video7960"
     assert captions.counts()["captions"] == {"train": 0, "val": 0, "test": 20000}
     entries = json.loads(addition.read_text())
-    assert by_item(captions, "test")["video7960"] == [
+    assert captions.captions_by_item("test")["video7960"] == [
         " ".join(e["caption"].split()) for e in entries if e["video"] == "video7960.mp4"
     ]
     # beside the CSVs, the same file named as GRDR names it is the transductive source, not a train list

@@ -11,7 +11,7 @@ import html
 import json
 import re
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +39,6 @@ def data_dir(name: str) -> Path:
 def read(name: str, **options):
     return DATASET_READERS[name](data_dir(name), **options)
 
-
-def captions_by_item(captions, split: str) -> dict[str, list[str]]:
-    grouped: dict[str, list[str]] = defaultdict(list)
-    for item, text, s in zip(captions.caption_item.tolist(), captions.caption_text, captions.caption_split):
-        if s == split:
-            grouped[captions.item_ids[item]].append(text)
-    return grouped
 
 
 def write_features(
@@ -95,17 +88,17 @@ def test_msrvtt_1k_a_test_and_9k_train_videos(msrvtt):
     assert test_items == [row["video_id"] for row in rows] and len(test_items) == 1000
     assert len(train) == 9000 and not train & set(test_items)
     assert set(msrvtt.item_ids) == train | set(test_items) == {f"video{n}" for n in range(10000)}
-    assert captions_by_item(msrvtt, "test") == {row["video_id"]: [row["sentence"]] for row in rows}
+    assert msrvtt.captions_by_item("test") == {row["video_id"]: [row["sentence"]] for row in rows}
     # 1k-A has no validation split: val repeats the test queries; no training captions without MSRVTT_data.json
-    assert captions_by_item(msrvtt, "val") == captions_by_item(msrvtt, "test")
+    assert msrvtt.captions_by_item("val") == msrvtt.captions_by_item("test")
     assert msrvtt.counts()["captions"]["train"] == 0
     assert any("MSRVTT_data.json" in note for note in msrvtt.notes)
 
 
 def test_msrvtt_transductive_captions_leave_out_the_test_queries():
     captions = read("msrvtt", transductive=True, validation="none")
-    test = captions_by_item(captions, "test")
-    train = captions_by_item(captions, "train")
+    test = captions.captions_by_item("test")
+    train = captions.captions_by_item("train")
     assert captions.counts()["captions"]["val"] == 0 and set(train) == set(test)
     entries = json.loads((data_dir("msrvtt") / "msrvtt_ret_train_addition.json").read_text())
     assert len(entries) == 20000
@@ -133,7 +126,7 @@ def test_msrvtt_official_validation_with_user_supplied_data_json(tmp_path):
     assert counts["items"] == {"train": 9000 - 497, "val": 497, "test": 1000}
     assert counts["captions"] == {"train": 2 * 8503, "val": 2 * 497, "test": 1000}
     assert set(captions.items_of_split("val")) == {f"video{n}" for n in range(6513, 7010)}
-    assert captions_by_item(captions, "train")["video0"] == ["clip 0 caption 0", "clip 0 caption 1"]
+    assert captions.captions_by_item("train")["video0"] == ["clip 0 caption 0", "clip 0 caption 1"]
     with pytest.raises(CorpusError, match="nowhere.json"):
         read("msrvtt", msrvtt_data_json=tmp_path / "nowhere.json")
 
@@ -151,7 +144,7 @@ def test_msvd_split_sizes_match_the_lists_and_caption_file(msvd):
         listed = (root / f"{split}_list.txt").read_text().split()
         assert msvd.items_of_split(split) == listed
         assert sum(len(all_captions[video]) for video in listed) == counts["captions"][split]
-    assert captions_by_item(msvd, "test")["eyhzdC936uk_15_27"] == all_captions["eyhzdC936uk_15_27"]
+    assert msvd.captions_by_item("test")["eyhzdC936uk_15_27"] == all_captions["eyhzdC936uk_15_27"]
 
 
 # -- Flickr30K ----------------------------------------------------------------------------------------------
@@ -177,7 +170,7 @@ def test_flickr30k_decodes_html_entities_and_keeps_line_alignment(flickr30k):
     ]
     escaped = sum(html.unescape(line) != line for lines in raw for line in lines)
     assert escaped == 82
-    train = captions_by_item(flickr30k, "train")
+    train = flickr30k.captions_by_item("train")
     for i in (0, 1234, 28999):
         assert train[images[i]] == [" ".join(html.unescape(lines[i]).split()) for lines in raw]
     assert not any(re.search(r"&(amp|lt|gt|quot|#\d+);", text) for text in flickr30k.caption_text)
@@ -186,7 +179,7 @@ def test_flickr30k_decodes_html_entities_and_keeps_line_alignment(flickr30k):
 def test_flickr30k_test_captions_equal_scan_precomp_order(flickr30k):
     scan = (data_dir("flickr30k") / "f30k_precomp/test_caps.txt").read_text(encoding="utf-8").split("\n")
     assert len(scan) == 5000
-    test = captions_by_item(flickr30k, "test")
+    test = flickr30k.captions_by_item("test")
     ours = [text for image in flickr30k.items_of_split("test") for text in test[image]]
     ours, scan = ["".join(t.split()) for t in ours], ["".join(t.split()) for t in scan]
     assert [t.lower() for t in ours] == [t.lower() for t in scan]
@@ -255,7 +248,7 @@ def test_clotho_split_qualified_ids_and_leading_spaces(clotho):
             open(data_dir("clotho") / "clotho_captions_evaluation.csv", newline="", encoding="utf-8")
         )
     )
-    evaluation = captions_by_item(clotho, "test")
+    evaluation = clotho.captions_by_item("test")
     assert evaluation[f"evaluation/{row['file_name']}"] == [
         " ".join(row[f"caption_{k}"].split()) for k in range(1, 6)
     ]
@@ -291,7 +284,7 @@ def test_audiocaps_clips_from_crlf_csvs(audiocaps):
     raw = (data_dir("audiocaps") / "test.csv").read_bytes()
     assert raw.count(b"\r\n") == 4876
     first = raw.split(b"\r\n")[1].decode().split(",", 3)
-    assert captions_by_item(audiocaps, "test")[f"{first[1]}_{first[2]}"][0] == first[3]
+    assert audiocaps.captions_by_item("test")[f"{first[1]}_{first[2]}"][0] == first[3]
 
 
 # -- feature keys -------------------------------------------------------------------------------------------

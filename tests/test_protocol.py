@@ -14,6 +14,11 @@ def _corpus(train_items, test_items, num_items=6) -> Corpus:
     rows = [(i, f"train caption {n} of item {i}", "train") for n, i in enumerate(train_items)]
     rows += [(i, f"test caption {n} of item {i}", "test") for n, i in enumerate(test_items)]
     rows += [(i, f"val caption of item {i}", "val") for i in sorted(set(test_items))]
+    return _toy_corpus(rows, num_items)
+
+
+def _toy_corpus(rows, num_items: int) -> Corpus:
+    """A corpus of ``num_items`` items with random 8-d features and ``(item, text, split)`` caption rows."""
     rng = np.random.default_rng(0)
     return Corpus(
         name="toy",
@@ -64,16 +69,8 @@ def test_transductive_holdout_moves_extra_test_captions_into_training(tmp_path):
 
 def _split_corpus(rows, num_items=6) -> Corpus:
     """A toy corpus from ``(item, split)`` rows; caption text names the row."""
-    rng = np.random.default_rng(0)
-    return Corpus(
-        name="toy",
-        modality="image",
-        item_ids=[f"item{i}" for i in range(num_items)],
-        features=rng.normal(size=(num_items, 8)).astype(np.float32),
-        caption_item=np.array([item for item, _ in rows]),
-        caption_text=[f"{split} caption {n} of item {item}" for n, (item, split) in enumerate(rows)],
-        caption_split=np.array([split for _, split in rows]),
-    )
+    return _toy_corpus([(item, f"{split} caption {n} of item {item}", split) for n, (item, split) in enumerate(rows)],
+                       num_items)
 
 
 class _Retriever:

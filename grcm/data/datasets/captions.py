@@ -128,6 +128,14 @@ class CaptionSet:
         rows = np.unique(self.caption_item[self.caption_split == split])
         return [self.item_ids[i] for i in rows.tolist()]
 
+    def captions_by_item(self, split: str) -> dict[str, list[str]]:
+        """``{item id: [caption, ...]}`` of ``split``, items and captions in annotation order."""
+        grouped: dict[str, list[str]] = {}
+        for item, text, s in zip(self.caption_item.tolist(), self.caption_text, self.caption_split):
+            if s == split:
+                grouped.setdefault(self.item_ids[item], []).append(text)
+        return grouped
+
     def counts(self) -> dict[str, dict[str, int]]:
         """``{"items": {split: n}, "captions": {split: n}}`` over captioned items."""
         return {
