@@ -11,6 +11,7 @@ import itertools
 import lightning as L
 import pytest
 import torch
+from toy_sid import TOY_SID_VOCABS, save_toy_bundle
 
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import beams_to_scored_items
@@ -18,18 +19,11 @@ from grcm.metrics import candidate_recall
 from grcm.rerank.stage1_pool import cap_pool
 from grcm.retriever.grdr import GRDRRetriever
 from grcm.retriever.module import GenerativeRetriever, RetrieverConfigError
-from grcm.tokenizers.bundle import SIDBundle
 
 NUM_ITEMS = 50
-SID_VOCABS = [4, 3, 5]
+SID_VOCABS = TOY_SID_VOCABS
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
-
-
-def _codes(num_items: int) -> torch.Tensor:
-    """(N, 3): the first two levels take 12 prefixes, the last one numbers items within a prefix."""
-    index = torch.arange(num_items)
-    return torch.stack([index % 4, (index // 4) % 3, index // 12], dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +35,7 @@ def datamodule() -> SyntheticDataModule:
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory, datamodule) -> str:
-    bundle = SIDBundle(item_ids=datamodule.corpus.item_ids, codes=_codes(NUM_ITEMS), vocab_sizes=SID_VOCABS,
-                       codebooks={"coarse": torch.randn(4, 16)}, config={}, health={})
-    return str(bundle.save(tmp_path_factory.mktemp("bundles") / "toy"))
+    return save_toy_bundle(datamodule.corpus.item_ids, tmp_path_factory.mktemp("bundles") / "toy")
 
 
 def _retriever(bundle_dir: str, datamodule, **overrides) -> GenerativeRetriever:

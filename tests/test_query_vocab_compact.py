@@ -16,6 +16,7 @@ import pytest
 import torch
 from test_cli_runs import grcm
 from test_resume import KillAt, Killed
+from toy_sid import save_toy_bundle
 
 from grcm.checkpoint import ModelCheckpoint
 from grcm.data import SyntheticDataModule
@@ -25,7 +26,6 @@ from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.query_bridge import dense_tokenizer_for
 from grcm.rerank.two_stage import TwoStageEvaluation
 from grcm.retriever.module import GenerativeRetriever
-from grcm.tokenizers.bundle import SIDBundle
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
@@ -273,12 +273,7 @@ def test_retriever_on_compact_vocabulary_resumes_exactly(tmp_path):
     num_items = 40
     data = SyntheticDataModule(num_items=num_items, feature_dim=16)
     data.setup()
-    index = torch.arange(num_items)
-    bundle_dir = str(SIDBundle(
-        item_ids=data.corpus.item_ids, codes=torch.stack([index % 4, (index // 4) % 3, index // 12], dim=1),
-        vocab_sizes=[4, 3, 4], codebooks={"coarse": torch.randn(4, 16)},
-        config={"level_names": ["a", "b", "unique"]}, health={},
-    ).save(tmp_path / "bundle"))
+    bundle_dir = save_toy_bundle(data.corpus.item_ids, tmp_path / "bundle", vocab_sizes=[4, 3, 4])
 
     def fit(root: Path, kill: int | None = None, resume: bool = False):
         L.seed_everything(0, verbose=False)

@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DistributedSampler
+from toy_sid import save_toy_bundle
 
 from grcm.checkpoint import ModelCheckpoint
 from grcm.data.datamodules import SyntheticDataModule
@@ -81,16 +82,7 @@ NUM_ITEMS = 50
 def bundle_dir(tmp_path_factory) -> str:
     data = SyntheticDataModule(num_items=NUM_ITEMS, feature_dim=16)
     data.setup()
-    index = torch.arange(NUM_ITEMS)
-    bundle = SIDBundle(
-        item_ids=data.corpus.item_ids,
-        codes=torch.stack([index % 4, (index // 4) % 3, index // 12], dim=1),
-        vocab_sizes=[4, 3, 5],
-        codebooks={"coarse": torch.randn(4, 16)},
-        config={"level_names": ["a", "b", "unique"]},
-        health={},
-    )
-    return str(bundle.save(tmp_path_factory.mktemp("bundle") / "toy"))
+    return save_toy_bundle(data.corpus.item_ids, tmp_path_factory.mktemp("bundle") / "toy")
 
 
 def _retriever_parts(bundle_dir: str):

@@ -10,6 +10,7 @@ import weakref
 import lightning as L
 import pytest
 import torch
+from toy_sid import TOY_SID_VOCABS, save_toy_bundle, toy_codes
 
 import grcm.retriever.incremental as incremental_decoding
 from grcm.data.datamodules import SyntheticDataModule
@@ -19,15 +20,10 @@ from grcm.retriever.schedule import warmup_cosine_restarts
 from grcm.tokenizers.bundle import BundleError, SIDBundle
 
 NUM_ITEMS = 50
-SID_VOCABS = [4, 3, 5]  # 50 of the 60 code combinations are valid SIDs
+SID_VOCABS = TOY_SID_VOCABS
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
-
-
-def _codes(num_items: int) -> torch.Tensor:
-    index = torch.arange(num_items)
-    return torch.stack([index % 4, (index // 4) % 3, index // 12], dim=1)
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +35,7 @@ def datamodule() -> SyntheticDataModule:
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory, datamodule) -> str:
-    bundle = SIDBundle(
-        item_ids=datamodule.corpus.item_ids,
-        codes=_codes(NUM_ITEMS),
-        vocab_sizes=SID_VOCABS,
-        codebooks={"coarse": torch.randn(4, 16)},
-        config={"level_names": ["a", "b", "unique"]},
-        health={"collisions": 0},
-    )
-    return str(bundle.save(tmp_path_factory.mktemp("bundles") / "toy"))
+    return save_toy_bundle(datamodule.corpus.item_ids, tmp_path_factory.mktemp("bundles") / "toy")
 
 
 def _retriever(bundle_dir: str, datamodule, **overrides) -> GenerativeRetriever:
@@ -181,7 +169,7 @@ def test_checkpoint_alone_restores_bundle_and_decoding(tmp_path, trained, datamo
     restored = GenerativeRetriever.load_from_checkpoint(path, weights_only=True).eval()
     assert restored.hparams.sid_vocab_sizes == SID_VOCABS
     assert restored.item_ids == datamodule.corpus.item_ids
-    torch.testing.assert_close(restored.sid_codes, _codes(NUM_ITEMS))
+    torch.testing.assert_close(restored.sid_codes, toy_codes(NUM_ITEMS))
     batch = next(iter(datamodule.val_dataloader()))
     torch.testing.assert_close(
         restored.retrieve(batch["input_ids"], batch["attention_mask"]),
@@ -194,7 +182,7 @@ def test_checkpoint_alone_restores_bundle_and_decoding(tmp_path, trained, datamo
 
 def test_bundle_of_another_corpus_is_rejected_naming_the_bundle(tmp_path, datamodule):
     other = SIDBundle(
-        item_ids=[f"other{i}" for i in range(NUM_ITEMS)], codes=_codes(NUM_ITEMS), vocab_sizes=SID_VOCABS
+        item_ids=[f"other{i}" for i in range(NUM_ITEMS)], codes=toy_codes(NUM_ITEMS), vocab_sizes=SID_VOCABS
     )
     path = str(other.save(tmp_path / "other_bundle"))
     module = _retriever(path, datamodule)
@@ -233,7 +221,7 @@ def test_incremental_decoding_equals_full_recomputation(trained, datamodule):
 
 
 def test_loading_a_state_dict_with_other_codes_rebuilds_the_trie(tmp_path, trained, datamodule):
-    shuffled = _codes(NUM_ITEMS)[torch.randperm(NUM_ITEMS, generator=torch.Generator().manual_seed(0))]
+    shuffled = toy_codes(NUM_ITEMS)[torch.randperm(NUM_ITEMS, generator=torch.Generator().manual_seed(0))]
     other_dir = str(
         SIDBundle(item_ids=datamodule.corpus.item_ids, codes=shuffled, vocab_sizes=SID_VOCABS).save(tmp_path / "b")
     )
@@ -264,7 +252,7 @@ def test_the_trie_is_rebuilt_exactly_when_the_codes_change(bundle_dir, datamodul
     with torch.no_grad():
         module.sid_codes[[0, 1]] = module.sid_codes[[1, 0]].clone()  # a swap keeps the sum of the codes
     assert (item_of(sid_of_0), item_of(sid_of_1)) == (1, 0) and len(builds) == 2
-    replacement = _codes(NUM_ITEMS)  # the original codes in a new tensor, at the old tensor's version count
+    replacement = toy_codes(NUM_ITEMS)  # the original codes in a new tensor, at the old tensor's version count
     while replacement._version < module.sid_codes._version:
         replacement.add_(0)
     module.sid_codes = replacement

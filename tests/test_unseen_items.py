@@ -6,13 +6,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from toy_sid import save_toy_bundle
 
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.data.unseen_items import hold_out_items, seen_items_of, unseen_queries
 from grcm.decoding import beams_to_scored_items
 from grcm.metrics import SeenUnseenMetrics
 from grcm.retriever.module import GenerativeRetriever
-from grcm.tokenizers.bundle import SIDBundle
 
 NUM_ITEMS = 50
 
@@ -65,11 +65,9 @@ def test_seen_unseen_metrics_equal_per_group_brute_force():
 
 
 def test_prefix_recall_reports_unseen_items_apart(datamodule, tmp_path):
-    index = torch.arange(NUM_ITEMS)
-    codes = torch.stack([index % 4, (index // 4) % 3, index // 12], dim=1)
-    bundle = SIDBundle(item_ids=datamodule.corpus.item_ids, codes=codes, vocab_sizes=[4, 3, 5])
+    bundle_dir = save_toy_bundle(datamodule.corpus.item_ids, tmp_path / "b", with_metadata=False)
     torch.manual_seed(0)
-    module = GenerativeRetriever(bundle_dir=str(bundle.save(tmp_path / "b")), vocab_size=datamodule.vocab_size,
+    module = GenerativeRetriever(bundle_dir=bundle_dir, vocab_size=datamodule.vocab_size,
                                  d_model=16, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=32,
                                  beam_size=2, recall_levels=1)
     logged = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
