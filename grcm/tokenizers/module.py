@@ -8,6 +8,13 @@ SID = (k, v_1, ..., v_M, u):
   DSI/NCI style; nothing is trained).
 - u: unique token, counts earlier items holding the same prefix (``unique_token``).
 
+Capacity cap (``sid_capacity`` = c, RQ-VAE fine tokens only; FORGE-style, an alternative or an addition to
+u): at most c items per prefix (k, v_1..v_M); the overflow moves to the nearest v_M (codebook distance of its
+last residual) whose prefix has room, or, when none under (k, v_1..v_{M-1}) has, to the nearest free fine codes
+further up; k never changes (:mod:`grcm.tokenizers.capacity_cap`). The health logged every epoch and
+saved in the bundle is that of the capped codes, with FORGE's SID-quality metrics of the final SIDs
+(:mod:`grcm.tokenizers.sid_quality`) and ``capacity_moved_fraction``.
+
 Ablations of the ACE paper are flags: ``coarse_token=False`` (RQ-VAE on the raw
 embedding, Table 2 "w/o K-Means token"), ``fine_tokens="hierarchical_kmeans"``
 ("w/o RQ-VAE tokens"), ``codebook_size`` (identifier size, Table 4) and
@@ -35,10 +42,12 @@ import torch.nn.functional as F
 
 from grcm.ddp import broadcast_from_rank_zero, is_rank_zero
 from grcm.tokenizers.bundle import SIDBundle, feature_checksum
+from grcm.tokenizers.capacity_cap import capacity_capped_codes
 from grcm.tokenizers.health import sid_health
 from grcm.tokenizers.kmeans import CoarseKMeans, HierarchicalKMeans
 from grcm.tokenizers.rqvae import RQVAE
 from grcm.tokenizers.schedule import warmup_inverse_sqrt
+from grcm.tokenizers.sid_quality import sid_quality
 from grcm.tokenizers.unique_token import append_unique_token
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,9 @@ class ACETokenizer(L.LightningModule):
         num_fine_levels: M fine tokens (paper: 2).
         codebook_size: codes per fine level (paper: 128).
         unique_token: append the counter u so every item has its own SID.
+        sid_capacity: at most this many items per prefix (k, v_1..v_M), the overflow moved to the nearest
+            last-level code with room (RQ-VAE fine tokens only); None (default): no cap. 1 without
+            ``unique_token`` gives every item its own SID without a counter token.
         latent_dim: RQ-VAE latent / code dimension (paper: 64).
         hidden_dims: RQ-VAE encoder widths (paper: 512, 256, 128); the decoder mirrors them.
         dropout: dropout between RQ-VAE hidden layers.
@@ -93,6 +105,7 @@ class ACETokenizer(L.LightningModule):
         num_fine_levels: int = 2,
         codebook_size: int = 128,
         unique_token: bool = True,
+        sid_capacity: int | None = None,
         latent_dim: int = 64,
         hidden_dims: Sequence[int] = (512, 256, 128),
         dropout: float = 0.0,
@@ -118,6 +131,11 @@ class ACETokenizer(L.LightningModule):
             raise ValueError(f"fine_tokens must be 'rqvae' or 'hierarchical_kmeans'; got {fine_tokens!r}")
         if num_fine_levels < 1:
             raise ValueError(f"num_fine_levels must be >= 1; got {num_fine_levels}")
+        if sid_capacity is not None and (fine_tokens != "rqvae" or sid_capacity < 1):
+            raise ValueError(
+                f"model.init_args.sid_capacity={sid_capacity}: the capacity cap needs fine_tokens: rqvae (it moves "
+                "items by RQ-VAE codebook distance) and a value >= 1; unset it for no cap"
+            )
         self.save_hyperparameters()
         self.coarse = CoarseKMeans(feature_dim, coarse_codebook_size) if coarse_token else None
         self.rqvae: RQVAE | None = None
@@ -206,6 +224,59 @@ class ACETokenizer(L.LightningModule):
                 count += residual.numel()
         self.train(was_training)
         return torch.cat(codes), (squared_error / count if count else None)
+
+    @torch.no_grad()
+    def corpus_prefix_codes(
+        self, features: np.ndarray | torch.Tensor
+    ) -> tuple[torch.Tensor, float | None, float | None]:
+        """Prefix codes of all items after the capacity cap (``sid_capacity``; none: the nearest codes).
+
+        features (N, D) -> (codes (N, L') long on CPU, reconstruction MSE of those codes or None, fraction of
+        items the cap moved or None without a cap).
+        """
+        codes, recon_mse = self.encode_corpus(features)
+        capacity = self.hparams.get("sid_capacity")
+        if capacity is None:
+            return codes, recon_mse, None
+        levels = self.hparams.num_fine_levels
+        capped = capacity_capped_codes(codes, self._latents(features), self.rqvae.quantizer.codebooks, int(capacity))
+        moved = float((capped != codes).any(dim=1).float().mean())
+        squared_error, count = 0.0, 0
+        was_training = self.training
+        self.eval()
+        start = 0
+        for chunk in self._chunks(features):
+            _, residual = self._split_coarse(self._prepare(chunk))
+            chunk_fine = capped[start : start + len(residual), -levels:].to(self.device)
+            squared_error += float((self.rqvae.reconstruct_from_codes(chunk_fine) - residual).pow(2).sum())
+            count += residual.numel()
+            start += len(residual)
+        self.train(was_training)
+        return capped, squared_error / max(count, 1), moved
+
+    def final_codes(self, prefix: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Full SIDs (N, L) and their vocab sizes from prefix codes (N, L'): the unique token appended if on."""
+        if self.hparams.unique_token:
+            codes, unique_vocab = append_unique_token(prefix)
+            return codes, [*self.prefix_vocab_sizes, unique_vocab]
+        return prefix.cpu(), list(self.prefix_vocab_sizes)
+
+    def _health(self, features: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Prefix codes (N, L') after the cap and their health: sid_health, FORGE's quality of the final SIDs,
+        ``capacity_moved_fraction`` with a cap."""
+        prefix, recon_mse, moved = self.corpus_prefix_codes(features)
+        health = sid_health(
+            prefix,
+            self.prefix_vocab_sizes,
+            features,
+            recon_mse=recon_mse,
+            num_pairs=self.hparams.health_pairs,
+            seed=self.hparams.seed,
+        )
+        health.update(sid_quality(*self.final_codes(prefix)))
+        if moved is not None:
+            health["capacity_moved_fraction"] = moved
+        return prefix, health
 
     @torch.no_grad()
     def _latents(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -308,15 +379,7 @@ class ACETokenizer(L.LightningModule):
         features = self._corpus().features
         health = None
         if is_rank_zero(self):
-            codes, recon_mse = self.encode_corpus(features)
-            health = sid_health(
-                codes,
-                self.prefix_vocab_sizes,
-                features,
-                recon_mse=recon_mse,
-                num_pairs=self.hparams.health_pairs,
-                seed=self.hparams.seed,
-            )
+            _, health = self._health(features)
         health = broadcast_from_rank_zero(self, health)
         for key, value in health.items():
             if np.isfinite(value):
@@ -361,21 +424,8 @@ class ACETokenizer(L.LightningModule):
 
     def build_bundle(self, item_ids: Sequence[str], features: np.ndarray | torch.Tensor) -> SIDBundle:
         """SIDs of all items (N) from their features (N, D), with codebooks, config and health."""
-        prefix, recon_mse = self.encode_corpus(features)
-        prefix_vocab = self.prefix_vocab_sizes
-        health = sid_health(
-            prefix,
-            prefix_vocab,
-            features,
-            recon_mse=recon_mse,
-            num_pairs=self.hparams.health_pairs,
-            seed=self.hparams.seed,
-        )
-        if self.hparams.unique_token:
-            codes, unique_vocab = append_unique_token(prefix)
-            vocab_sizes = [*prefix_vocab, unique_vocab]
-        else:
-            codes, vocab_sizes = prefix, prefix_vocab
+        prefix, health = self._health(features)
+        codes, vocab_sizes = self.final_codes(prefix)
         codebooks: dict[str, torch.Tensor] = {}
         if self.coarse is not None:
             codebooks["coarse"] = self.coarse.centroids.detach().cpu()
