@@ -64,10 +64,13 @@ class BeamSearchOutput:
         sequences: ``(B, K, L)`` long codes, beams ranked best first; ``-1`` rows for
             beams whose score is ``-inf`` (fewer than ``K`` valid SIDs).
         scores: ``(B, K)`` float, sum of per-level log-probabilities, descending.
+        level_scores: ``(B, K, L)`` float, each level's log-probability (summing to ``scores``), or None when
+            the producer did not record them.
     """
 
     sequences: Tensor
     scores: Tensor
+    level_scores: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def beam_search(
     is called with the kept beams' parent rows after every level but the last.
 
     Returns:
-        :class:`BeamSearchOutput` with ``sequences (B, K, L)`` and ``scores (B, K)``.
+        :class:`BeamSearchOutput` with ``sequences (B, K, L)``, ``scores (B, K)`` and ``level_scores (B, K, L)``.
     """
     if batch_size < 1 or beam_size < 1:
         raise ValueError(
@@ -152,6 +155,7 @@ def beam_search(
     scores = torch.full((num_queries, num_beams), float("-inf"), device=device)
     scores[:, 0] = 0.0
     prefix = torch.zeros(num_rows, 0, dtype=torch.long, device=device)
+    level_scores = torch.zeros(num_rows, 0, device=device)
     states = constraint.initial_state(num_rows, device) if constraint is not None else row_base.new_zeros(0)
     reorder = getattr(step_fn, "reorder", None)
     for level, size in enumerate(vocab_sizes):
@@ -170,6 +174,8 @@ def beam_search(
         codes = (flat_index % size).reshape(num_rows)
         rows = (row_base + parent).reshape(num_rows)
         prefix = torch.cat([prefix[rows], codes[:, None]], dim=1)
+        chosen = log_probs.reshape(num_queries, -1).gather(1, flat_index).reshape(num_rows, 1)
+        level_scores = torch.cat([level_scores[rows], chosen], dim=1)
         if constraint is not None:
             states = constraint.advance(states[rows], codes, level)
         if reorder is not None and level + 1 < len(vocab_sizes):
@@ -184,7 +190,8 @@ def beam_search(
         )
     live = scores > float("-inf")
     sequences = prefix.reshape(num_queries, num_beams, -1).masked_fill(~live[..., None], -1)
-    return BeamSearchOutput(sequences=sequences, scores=scores)
+    level_scores = level_scores.reshape(num_queries, num_beams, -1).masked_fill(~live[..., None], float("-inf"))
+    return BeamSearchOutput(sequences=sequences, scores=scores, level_scores=level_scores)
 
 
 def constrained_beam_search(

@@ -3,8 +3,11 @@
 :func:`stage1_pool` reads the candidates a generative retriever's ``validation_step`` / ``test_step``
 returned (``{"candidates", "candidate_scores", "beam_size", "recall_levels", "decode_seconds"}``, see
 :class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`), checks that they were decoded with the beam
-size and SID levels the caller asked for, and decodes them itself only for a module whose steps return
-none. :func:`cap_pool` keeps each query's first ``max_items`` distinct candidates.
+size and SID levels the caller asked for, and decodes them itself for a module whose steps return none, or
+when the fused score leaves out the last SID level (``exclude_last_level``: ACE's unique token, whose code
+only tells colliding items apart). A decoded pool scores each item as the retriever's ``item_score`` does
+(``max``: its best beam; ``logsumexp``: the log-sum-exp over the beams that reach it).
+:func:`cap_pool` keeps each query's first ``max_items`` distinct candidates.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from typing import Any
 from torch import Tensor
 
 from grcm.decoding import beams_to_scored_items
+from grcm.decoding.beam import BeamSearchOutput
 from grcm.errors import GrcmError
 from grcm.metrics import deduplicate_ranked
 
-__all__ = ["cap_pool", "stage1_pool"]
+__all__ = ["cap_pool", "stage1_pool", "without_last_level"]
 
 
 def _check_reported(name: str, outputs: Mapping[str, Any], beam_size: int | None,
@@ -55,6 +59,7 @@ def stage1_pool(
     generative_weight: float,
     now: Callable[[], float],
     batch_started: float,
+    exclude_last_level: bool = False,
 ) -> tuple[Tensor, Tensor | None, float, int]:
     """Stage-1 candidates (B, M) of the batch, their beam scores (B, M) when known, the stage-1 seconds they
     cost and their beam size.
@@ -67,9 +72,11 @@ def stage1_pool(
         generative_weight: > 0 needs the candidates' beam scores.
         now: the caller's clock; ``batch_started``: its time at batch start (stage-1 time when the step
             reports no ``decode_seconds``: an upper bound).
+        exclude_last_level: score each beam without its last level's log-probability (decodes here, since
+            the step's scores include it).
     """
     name = type(pl_module).__name__
-    if isinstance(outputs, Mapping) and "candidates" in outputs:
+    if isinstance(outputs, Mapping) and "candidates" in outputs and not exclude_last_level:
         beam = _check_reported(name, outputs, beam_size, recall_levels)
         seconds = outputs.get("decode_seconds")
         if seconds is None:
@@ -95,8 +102,26 @@ def stage1_pool(
                         f"recall_levels={recall_levels} ({name} decodes its own levels)")
     start = now()
     output = pl_module.decode(batch["input_ids"], batch["attention_mask"], beam_size=int(beam))
-    recalled = beams_to_scored_items(output, getattr(pl_module, "recall_trie", None) or pl_module.trie)
+    if exclude_last_level:
+        output = without_last_level(output, name)
+    hparams = getattr(pl_module, "hparams", {})
+    recalled = beams_to_scored_items(output, getattr(pl_module, "recall_trie", None) or pl_module.trie,
+                                     hparams.get("max_pool_items"), hparams.get("item_score", "max"))
     return recalled.items, recalled.scores, now() - start, int(beam)
+
+
+def without_last_level(output: BeamSearchOutput, name: str = "the retriever") -> BeamSearchOutput:
+    """The beams (B, K, L) rescored without the last level's log-probability, best first again (stable), so an
+    item's best beam is the best by the new score."""
+    if output.level_scores is None:
+        raise GrcmError(f"{name}.decode returned beams without per-level scores; the fused score cannot leave out "
+                        "the unique level (set TwoStageEvaluation.exclude_unique_level: false)")
+    live = output.scores > float("-inf")
+    scores = output.level_scores[..., :-1].sum(dim=-1).masked_fill(~live, float("-inf"))
+    scores, order = scores.sort(dim=1, descending=True, stable=True)
+    sequences = output.sequences.gather(1, order[..., None].expand_as(output.sequences))
+    levels = output.level_scores[..., :-1]
+    return BeamSearchOutput(sequences, scores, levels.gather(1, order[..., None].expand_as(levels)))
 
 
 def cap_pool(candidates: Tensor, scores: Tensor | None, max_items: int | None) -> tuple[Tensor, Tensor | None]:

@@ -152,7 +152,12 @@ class TwoStageEvaluation(L.Callback):
     (:func:`rerank_candidates`). The reranker alone can beat full dense retrieval
     only by leaving out a wrong item it would rank first; the fused score also lets
     the generative model's confidence reorder the pool. Pick w on the validation
-    split (several callbacks with different ``name`` s score one decode).
+    split (several callbacks with different ``name`` s score one decode). The log-probability is the
+    retriever's item score: with ``item_score: logsumexp`` (GRDR's views) the log-sum-exp over the beams that
+    reach the item, else its best beam's. ``exclude_unique_level`` leaves ACE's unique (counter) token out of it:
+    that code only numbers the items of one colliding prefix, so its probability says nothing about the query;
+    the callback then decodes the batch again (the step's scores include the level) and logs
+    ``exclude_unique_level`` = 1.
 
     Args:
         dense_checkpoint: path of a :class:`~grcm.rerank.dual_tower.DualTower` or
@@ -173,6 +178,8 @@ class TwoStageEvaluation(L.Callback):
             0 (default) is the pure dense rerank.
         recall_levels: SID levels stage 1 decodes (prefix recall); None follows the retriever.
         max_pool_items: rerank at most this many distinct candidates per query; None: the whole pool.
+        exclude_unique_level: fuse log p(SID prefix | query) without the unique token's level (needs
+            ``generative_weight`` > 0 and a retriever whose SID bundle ends with the ``unique`` level).
     """
 
     def __init__(
@@ -188,6 +195,7 @@ class TwoStageEvaluation(L.Callback):
         generative_weight: float = 0.0,
         recall_levels: int | None = None,
         max_pool_items: int | None = None,
+        exclude_unique_level: bool = False,
     ) -> None:
         super().__init__()
         for flag, value in (("recall_levels", recall_levels), ("max_pool_items", max_pool_items)):
@@ -212,6 +220,10 @@ class TwoStageEvaluation(L.Callback):
                 f"got {generative_weight}"
             )
         self.generative_weight = generative_weight
+        self.exclude_unique_level = bool(exclude_unique_level)
+        if self.exclude_unique_level and generative_weight == 0.0:
+            raise GrcmError("TwoStageEvaluation.exclude_unique_level changes the fused score only; set "
+                            "generative_weight > 0 (or exclude_unique_level: false)")
         self.beam_size = None if beam_size is None else int(beam_size)
         self.ks = tuple(int(k) for k in ks)
         self.mrr_k = int(mrr_k)
@@ -285,8 +297,25 @@ class TwoStageEvaluation(L.Callback):
             trainer.datamodule, self._dense_checkpoint_tokenizer, int(hparams.vocab_size)
         )
 
+    def _check_unique_level(self, pl_module: L.LightningModule) -> None:
+        """With ``exclude_unique_level``: the retriever decodes full SIDs whose last level is the unique token."""
+        name = type(pl_module).__name__
+        bundle = getattr(pl_module, "sid_bundle", None)
+        level_names = (getattr(bundle, "config", None) or {}).get("level_names") or []
+        if not level_names or level_names[-1] != "unique":
+            raise GrcmError(
+                f"TwoStageEvaluation.exclude_unique_level: {name}'s SIDs have no unique-token level (levels "
+                f"{level_names or 'unnamed'}); it applies to an ACE bundle with unique_token: true, so set "
+                "exclude_unique_level: false"
+            )
+        if getattr(pl_module, "recall_levels", None) is not None:
+            raise GrcmError(f"TwoStageEvaluation.exclude_unique_level: {name} decodes SID prefixes "
+                            "(recall_levels), which hold no unique level; set exclude_unique_level: false")
+
     @torch.no_grad()
     def _start_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.exclude_unique_level:
+            self._check_unique_level(pl_module)
         corpus = self._corpus(trainer)
         dense = self.load_dense_model().to(pl_module.device)
         self._check_compatible(trainer, corpus)
@@ -312,7 +341,7 @@ class TwoStageEvaluation(L.Callback):
         (:func:`~grcm.rerank.stage1_pool.stage1_pool`)."""
         return stage1_pool(pl_module, outputs, batch, beam_size=self.beam_size, recall_levels=self.recall_levels,
                            generative_weight=self.generative_weight, now=self.clock.now,
-                           batch_started=self._batch_started)
+                           batch_started=self._batch_started, exclude_last_level=self.exclude_unique_level)
 
     @torch.no_grad()
     def _evaluate_batch(self, pl_module: L.LightningModule, outputs: Any, batch: Mapping[str, Tensor]) -> None:
@@ -368,6 +397,8 @@ class TwoStageEvaluation(L.Callback):
         values.update(pool)
         values["beam_size"] = float(beam)
         values["generative_weight"] = self.generative_weight
+        if self.exclude_unique_level:
+            values["exclude_unique_level"] = 1.0
         values["recall_levels"] = float(self.recall_levels or getattr(pl_module, "recall_levels", None) or 0)
         grouped = self.group_metrics.compute()
         if float(grouped["unseen/queries"]) > 0:
