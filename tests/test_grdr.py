@@ -351,7 +351,7 @@ def test_eval_overrides_apply_with_ckpt_path_and_others_are_refused(tmp_path, mo
     run, ckpt = tmp_path / "runs" / "grdr", "--ckpt_path=runs/grdr/checkpoints/last.ckpt"
     assert grcm("fit", "-c", config, *GRDR_CLI) == 0
     assert GRDRRetriever.EVAL_OVERRIDABLE == ("beam_size", "eval_max_items", "ks", "mrr_k", "recall_levels",
-                                              "max_pool_items", "item_score")
+                                              "max_pool_items", "item_score", "inference_quantization")
 
     assert grcm("test", "-c", config, *GRDR_CLI, ckpt) == 0
     trained = test_metrics(run)

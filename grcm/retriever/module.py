@@ -82,6 +82,8 @@ class GenerativeRetriever(SIDRetrievalModule):
         compile_decoder: ``torch.compile`` the incremental decode step (speed only).
         decode_precision: "32", or on CUDA "16" / "bf16" autocast while decoding (speed only).
         cuda_graphs: replay the incremental decode step as CUDA graphs (CUDA only; speed only).
+        inference_quantization: "none" (float32), or on CPU "int8" (dynamic quantisation of every linear layer)
+            or "bf16" (bfloat16 weights) while decoding; see :mod:`grcm.retriever.cpu_inference`.
         recall_levels: prefix recall: decode only the first p SID levels (e.g. ACE's semantic levels without
             the unique token) and expand each decoded prefix to every item under it, items without training
             queries included (see :mod:`grcm.retriever.sid_retrieval`); None (default) decodes full SIDs.
@@ -96,7 +98,7 @@ class GenerativeRetriever(SIDRetrievalModule):
     #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (``bundle_dir`` only to a
     #: bundle holding the checkpoint's own SIDs); see :mod:`grcm.lightning_cli`.
     EVAL_OVERRIDABLE = ("beam_size", "constrained", "eval_max_items", "ks", "mrr_k", "bundle_dir", "recall_levels",
-                        "max_pool_items", "item_score")
+                        "max_pool_items", "item_score", "inference_quantization")
 
     def __init__(
         self,
@@ -136,6 +138,7 @@ class GenerativeRetriever(SIDRetrievalModule):
         recall_levels: int | None = None,
         max_pool_items: int | None = None,
         item_score: str = "max",
+        inference_quantization: str = "none",
     ) -> None:
         super().__init__()
         if rdrop_omega < 0:

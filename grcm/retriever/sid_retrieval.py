@@ -56,6 +56,7 @@ from grcm.decoding import (
 from grcm.decoding.beam import ITEM_SCORES
 from grcm.errors import GrcmError
 from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, SeenUnseenMetrics, candidate_recall, fixed_width
+from grcm.retriever.cpu_inference import PreparedNetwork, check_inference_quantization
 from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
 from grcm.retriever.trie_cache import VersionedTrie
 
@@ -114,7 +115,8 @@ class SIDRetrievalModule(L.LightningModule, ABC):
 
     Reads these hyperparameters: ``beam_size``, ``eval_max_items``, ``ks``, ``mrr_k`` and, when present,
     ``constrained`` (default True), ``incremental_decoding`` (True), ``compile_decoder`` (False),
-    ``decode_precision`` ("32"), ``cuda_graphs`` (False), ``recall_levels`` (None: full SIDs) and
+    ``decode_precision`` ("32"), ``cuda_graphs`` (False), ``inference_quantization`` ("none"; CPU int8 / bf16,
+    :mod:`grcm.retriever.cpu_inference`), ``recall_levels`` (None: full SIDs) and
     ``max_pool_items`` (None: no cap on the recalled pool). A subclass calls
     :meth:`init_retrieval` in its ``__init__`` after ``save_hyperparameters`` and implements the SID
     table's three abstract methods; the class itself is no model (``grcm fit`` cannot instantiate it).
@@ -129,6 +131,13 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.val_groups, self.test_groups = SeenUnseenMetrics(ks, mrr_k), SeenUnseenMetrics(ks, mrr_k)
         self.val_pool, self.test_pool = PerQueryMeans(["pool_items"]), PerQueryMeans(["pool_items"])
+        quantization = check_inference_quantization(self.hparams.get("inference_quantization", "none"))
+        if quantization != "none" and (self.hparams.get("compile_decoder") or self.hparams.get("cuda_graphs")):
+            raise RetrieverConfigError(
+                f"model.inference_quantization={quantization!r} runs on CPU without torch.compile; unset "
+                "model.compile_decoder and model.cuda_graphs, or set inference_quantization to 'none'."
+            )
+        self._cpu_network = PreparedNetwork()  # the int8 / bf16 network, prepared once per set of weights
         self._decode_seconds, self._decoded_queries = 0.0, 0
         self._trie_cache = VersionedTrie()
         self._prefix_tries: dict[int, VersionedTrie] = {}
@@ -239,10 +248,12 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         hparams = self.hparams
         incremental = hparams.get("incremental_decoding", True) if incremental is None else incremental
         trie = self.recall_trie  # built outside inference mode: it outlives this call
-        with self._inference(), decode_precision(hparams.get("decode_precision", "32"), input_ids.device):
-            enc = self.model.encode(input_ids, attention_mask)
+        quantization = hparams.get("inference_quantization", "none")
+        with self._inference(), decode_precision(hparams.get("decode_precision", "32"), input_ids.device), \
+                self._cpu_network.use(self.model, quantization, input_ids.device) as network:
+            enc = network.encode(input_ids, attention_mask)
             step_fn = make_step_fn(
-                self.model,
+                network,
                 enc,
                 int(beam_size),
                 incremental=incremental,

@@ -92,10 +92,12 @@ class GRDRRetriever(SIDRetrievalModule):
         ks, mrr_k: reported cut-offs.
         incremental_decoding, compile_decoder, decode_precision, cuda_graphs: decoding speed options,
             as for :class:`~grcm.retriever.module.GenerativeRetriever` (same beams).
+        inference_quantization: "none", or on CPU "int8" / "bf16" while decoding, as for the ACE retriever.
     """
 
     #: arguments that ``grcm test/validate/predict --ckpt_path=...`` may change (decoding and reporting only)
-    EVAL_OVERRIDABLE = ("beam_size", "eval_max_items", "ks", "mrr_k", "recall_levels", "max_pool_items", "item_score")
+    EVAL_OVERRIDABLE = ("beam_size", "eval_max_items", "ks", "mrr_k", "recall_levels", "max_pool_items", "item_score",
+                       "inference_quantization")
 
     def __init__(
         self,
@@ -147,6 +149,7 @@ class GRDRRetriever(SIDRetrievalModule):
         decode_precision: str = "32",
         cuda_graphs: bool = False, recall_levels: int | None = None, max_pool_items: int | None = None,
         item_score: str = "max",
+        inference_quantization: str = "none",
     ) -> None:
         super().__init__()
         for name, value, choices in (("routing", routing, ROUTINGS), ("query_encoder", query_encoder, QUERY_ENCODERS),
