@@ -52,28 +52,49 @@ from grcm.decoding.trie import sid_table_nbytes
 from grcm.io import write_json_atomic
 from grcm.retriever.incremental import IncrementalStep
 from grcm.retriever.model import EncoderOutput, GenerativeRetrieverModel
+from grcm.tokenizers.sizing import sid_vocab_sizes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "decode_throughput.json"
 
 
 # ------------------------------------------------------------------------ SIDs
-def skewed_ace_codes(num_items: int, seed: int = 0, vocab: int = 128, zipf: float = 0.5) -> np.ndarray:
-    """``(N, 4)`` int64 ACE-shaped SIDs: three skewed code levels plus a unique token."""
+def skewed_ace_codes(
+    num_items: int, seed: int = 0, vocab: int | Sequence[int] = 128, zipf: float = 0.5, chunk: int = 1 << 22
+) -> np.ndarray:
+    """``(N, 4)`` ACE-shaped SIDs: three skewed code levels plus a unique token.
+
+    ``vocab`` is one codebook size for the three code levels or one per level. Codes are drawn in row chunks
+    (the same stream as one ``rng.choice(vocab, (N, 3), p=...)`` call), and the result is int32 from 2**24
+    items on (int64 below), so 100M items need about 4 GiB at the peak, not 15.
+    """
+    vocabs = [vocab] * 3 if isinstance(vocab, int) else [int(v) for v in vocab]
     rng = np.random.default_rng(seed)
-    probs = np.arange(1, vocab + 1, dtype=np.float64) ** -zipf
-    probs /= probs.sum()
-    draws = rng.choice(vocab, size=(num_items, 3), p=probs)
-    c0 = draws[:, 0]
-    c1 = (draws[:, 1] + 37 * c0) % vocab  # popular children differ per parent
-    c2 = (draws[:, 2] + 59 * c1 + 11 * c0) % vocab
-    order = np.lexsort((c2, c1, c0))
-    key = (c0 * vocab + c1) * vocab + c2
+    cdfs = []
+    for size in vocabs:
+        probs = np.arange(1, size + 1, dtype=np.float64) ** -zipf
+        cdf = (probs / probs.sum()).cumsum()
+        cdfs.append(cdf / cdf[-1])  # as Generator.choice(p=...) normalises it
+    narrow = np.int32 if num_items >= 1 << 24 else np.int64
+    codes = np.empty((num_items, 4), dtype=narrow)
+    for start in range(0, num_items, chunk):
+        uniform = rng.random((min(chunk, num_items - start), 3))
+        draws = [cdf.searchsorted(uniform[:, level], side="right") for level, cdf in enumerate(cdfs)]
+        c0 = draws[0]
+        c1 = (draws[1] + 37 * c0) % vocabs[1]  # popular children differ per parent
+        c2 = (draws[2] + 59 * c1 + 11 * c0) % vocabs[2]
+        codes[start: start + len(uniform), 0], codes[start: start + len(uniform), 1] = c0, c1
+        codes[start: start + len(uniform), 2] = c2
+    key = (codes[:, 0].astype(np.int64) * vocabs[1] + codes[:, 1]) * vocabs[2] + codes[:, 2]
+    order = np.argsort(key, kind="stable")
     sorted_key = key[order]
-    run_start = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
-    run_of_row = np.cumsum(np.r_[True, sorted_key[1:] != sorted_key[:-1]]) - 1
-    unique = np.empty(num_items, dtype=np.int64)
-    unique[order] = np.arange(num_items) - run_start[run_of_row]
-    return np.stack([c0, c1, c2, unique], axis=1).astype(np.int64)
+    del key
+    boundary = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
+    del sorted_key
+    run_start = np.flatnonzero(boundary)
+    rank = np.arange(num_items, dtype=np.int64)
+    rank -= run_start[np.cumsum(boundary) - 1]
+    codes[order, 3] = rank
+    return codes
 
 
 # --------------------------------------------------------------------- decoder
@@ -186,7 +207,7 @@ def dict_trie(codes: np.ndarray) -> dict:
 def measure(
     model: GenerativeRetrieverModel,
     trie: SIDTrie,
-    callback_root: dict,
+    callback_root: dict | None,
     beam_size: int,
     batch_size: int,
     batches: int,
@@ -197,7 +218,8 @@ def measure(
     """Time trie / unconstrained / callback searches, interleaved batch by batch, with the model and free logits.
 
     Throughputs use wall time; shares and ratios use CPU time on a CPU device (robust to
-    other processes sharing the cores) and wall time on CUDA.
+    other processes sharing the cores) and wall time on CUDA. ``callback_root`` None skips the callback
+    search (at 10M+ items its dict trie would not fit in memory) and the keys that compare with it.
     """
     vocab_sizes = list(trie.vocab_sizes)
     rows = batch_size * beam_size
@@ -222,41 +244,49 @@ def measure(
         )  # warm-up
     for label, step_fn_for_batch in (("", model_step_fn), ("free_model_", free_step_fn)):
         trie_ops = TimedTrieConstraint(trie)
-        callback = CallbackConstraint(callback_root, beam_size, vocab_sizes, device)
-        clocks = {name: Stopwatch(device) for name in ("trie", "unconstrained", "callback")}
+        callback = None if callback_root is None else CallbackConstraint(callback_root, beam_size, vocab_sizes, device)
+        searches = [("trie", trie_ops), ("unconstrained", None)] + ([("callback", callback)] if callback else [])
+        clocks = {name: Stopwatch(device) for name, _ in searches}
         same_beams = True
         for batch in range(batches):
             new_step_fn = step_fn_for_batch(batch)
             outputs = {}
-            for name, constraint in (("trie", trie_ops), ("unconstrained", None), ("callback", callback)):
+            for name, constraint in searches:
                 with clocks[name].running(), torch.inference_mode():
                     outputs[name] = beam_search(
                         new_step_fn(), batch_size, beam_size, vocab_sizes, constraint, device
                     )
-            same_beams &= torch.equal(outputs["trie"].sequences, outputs["callback"].sequences)
-            same_beams &= torch.equal(outputs["trie"].scores, outputs["callback"].scores)
+            if callback:
+                same_beams &= torch.equal(outputs["trie"].sequences, outputs["callback"].sequences)
+                same_beams &= torch.equal(outputs["trie"].scores, outputs["callback"].scores)
 
         def basis(clock: Stopwatch) -> float:
             return clock.cpu if use_cpu_time else clock.wall
 
-        t_trie, t_none, t_callback = (basis(clocks[n]) for n in ("trie", "unconstrained", "callback"))
+        t_trie, t_none = basis(clocks["trie"]), basis(clocks["unconstrained"])
         result.update(
             {
                 f"{label}trie_queries_per_s": queries / clocks["trie"].wall,
                 f"{label}unconstrained_queries_per_s": queries / clocks["unconstrained"].wall,
-                f"{label}callback_queries_per_s": queries / clocks["callback"].wall,
                 f"{label}trie_queries_per_cpu_s": queries / clocks["trie"].cpu,
-                f"{label}callback_queries_per_cpu_s": queries / clocks["callback"].cpu,
-                f"{label}speedup_vs_callback": t_callback / t_trie,
                 f"{label}trie_ops_ms_per_query": 1e3 * basis(trie_ops.clock) / queries,
-                f"{label}callback_mask_ms_per_query": 1e3 * basis(callback.clock) / queries,
                 f"{label}mask_share_trie_ops": basis(trie_ops.clock) / t_trie,
                 f"{label}mask_share_by_difference": max(t_trie - t_none, 0.0) / t_trie,
-                f"{label}mask_share_callback": basis(callback.clock) / t_callback,
-                f"{label}mask_speedup_vs_callback": basis(callback.clock) / max(basis(trie_ops.clock), 1e-12),
-                f"{label}same_beams_as_callback": bool(same_beams),
             }
         )
+        if callback:
+            t_callback = basis(clocks["callback"])
+            result.update(
+                {
+                    f"{label}callback_queries_per_s": queries / clocks["callback"].wall,
+                    f"{label}callback_queries_per_cpu_s": queries / clocks["callback"].cpu,
+                    f"{label}speedup_vs_callback": t_callback / t_trie,
+                    f"{label}callback_mask_ms_per_query": 1e3 * basis(callback.clock) / queries,
+                    f"{label}mask_share_callback": basis(callback.clock) / t_callback,
+                    f"{label}mask_speedup_vs_callback": basis(callback.clock) / max(basis(trie_ops.clock), 1e-12),
+                    f"{label}same_beams_as_callback": bool(same_beams),
+                }
+            )
     result["timing_basis_for_shares"] = "process CPU time" if use_cpu_time else "wall time"
     return result
 
@@ -290,9 +320,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sid-shape", choices=("ace", "sized"), default="ace",
+                        help="code levels of 128 each (ace), or sized from N by grcm.tokenizers.sizing (sized)")
+    parser.add_argument("--no-callback", action="store_true",
+                        help="skip the prefix_allowed_tokens_fn comparison (its dict trie does not fit at 10M+ items)")
+    parser.add_argument("--internet-scale", action="store_true",
+                        help="sizes 1M, 10M, 100M, beams 5 and 50, no callback, and the table of bytes per item to 1B")
+    parser.add_argument("--faiss-items", type=int, default=100_000,
+                        help="random vectors the FAISS IVF-PQ / HNSW bytes per item are measured on (--internet-scale)")
+    parser.add_argument("--memory-headroom-gib", type=float, default=4.0,
+                        help="skip a size whose estimated peak would leave less than this much memory available")
     args = parser.parse_args(argv)
+    if args.internet_scale:
+        if args.sizes == [10_000, 100_000, 1_000_000]:
+            args.sizes = [1_000_000, 10_000_000, 100_000_000]
+        args.no_callback = True
     if args.quick:
         args.sizes, args.beams, args.batch_size, args.dim, args.layers = [2_000, 20_000], [5, 20], 8, 32, 1
+        args.faiss_items = 5_000  # with --internet-scale
         args.batches = [1] * len(args.beams)
         args.threads = args.threads or 1
     if args.batches is None:
@@ -328,16 +373,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
         "runs": [],
     }
+    memory = MemoryGuard(args.memory_headroom_gib)
+    report["skipped_sizes"] = []
     for num_items in args.sizes:
-        codes = skewed_ace_codes(num_items, seed=args.seed)
-        vocab_sizes = [128, 128, 128, int(codes[:, 3].max()) + 1]
+        if not memory.fits(num_items):
+            report["skipped_sizes"].append(memory.skip_record(num_items))
+            print(f"N={num_items}: skipped, {report['skipped_sizes'][-1]['reason']}", flush=True)
+            continue
+        code_vocab = sid_vocab_sizes(num_items) if args.sid_shape == "sized" else [128, 128, 128]
+        codes = skewed_ace_codes(num_items, seed=args.seed, vocab=code_vocab)
+        vocab_sizes = [*code_vocab, int(codes[:, 3].max()) + 1]
         build_start = time.perf_counter()
         trie = SIDTrie.from_codes(codes, vocab_sizes).to(device)
         build_s = time.perf_counter() - build_start
-        callback_root = dict_trie(codes)
+        callback_root = None if args.no_callback else dict_trie(codes)
         model = random_decoder(vocab_sizes, dim=args.dim, layers=args.layers, seed=args.seed).to(device)
         trie_info = {
             "num_items": num_items,
+            "sid_shape": args.sid_shape,
             "vocab_sizes": vocab_sizes,
             "level_sizes": list(trie.level_sizes),
             "dense_levels": trie.dense_levels,
@@ -361,11 +414,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             )
             report["runs"].append({**trie_info, **run})
             print(_summary(report["runs"][-1]), flush=True)
-        del callback_root
+        del callback_root, codes, trie
+        trie_info["peak_rss_gib"] = memory.observe(num_items)
+    if args.internet_scale:
+        report["projection"] = projection_table(report["runs"], args.faiss_items, args.flat_dim, args.seed)
+        print(projection_markdown(report["projection"]), flush=True)
     largest = [
         r for r in report["runs"] if r["num_items"] == max(args.sizes) and r["beam_size"] == max(args.beams)
     ]
-    if largest:
+    if largest and not args.no_callback:
         r = largest[0]
         report["targets"] = {
             "setting": f"beam {r['beam_size']}, {r['num_items']} items",
@@ -403,6 +460,127 @@ def index_bytes(trie: SIDTrie, codes: np.ndarray, flat_dim: int) -> dict:
     }
 
 
+# ------------------------------------------------------------- memory, 1B table
+def available_gib() -> float:
+    """``MemAvailable`` of ``/proc/meminfo`` in GiB (inf where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, GiB (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MemoryGuard:
+    """Skips a size whose estimated peak memory would leave less than ``headroom_gib`` available.
+
+    The estimate is bytes per item times N; bytes per item start at ``initial_bytes_per_item`` and become the
+    largest peak growth per item measured so far (sizes should ascend).
+    """
+
+    def __init__(self, headroom_gib: float, initial_bytes_per_item: float = 64.0) -> None:
+        self.headroom_gib, self.bytes_per_item = headroom_gib, initial_bytes_per_item
+        self.base_gib = peak_rss_gib()
+
+    def need_gib(self, num_items: int) -> float:
+        return self.bytes_per_item * num_items / 2**30
+
+    def fits(self, num_items: int) -> bool:
+        return self.need_gib(num_items) + self.headroom_gib <= available_gib()
+
+    def skip_record(self, num_items: int) -> dict:
+        return {"num_items": num_items, "reason": f"needs about {self.need_gib(num_items):.1f} GiB at "
+                f"{self.bytes_per_item:.0f} B/item measured, {available_gib():.1f} GiB available, "
+                f"{self.headroom_gib:.0f} GiB kept free"}
+
+    def observe(self, num_items: int) -> float:
+        peak = peak_rss_gib()
+        self.bytes_per_item = max(self.bytes_per_item, (peak - self.base_gib) * 2**30 / num_items)
+        return peak
+
+
+def faiss_bytes_per_item(num_items: int, dim: int, seed: int) -> dict:
+    """Measured bytes per item of FAISS IVF-PQ (32 and 64 B codes) and HNSW32 over ``num_items`` random vectors,
+    and each one's per-item part (without the shared centroids / codebooks), which is what grows with N."""
+    from grcm.rerank.index import DenseIndex
+    from grcm.rerank.index_config import DenseIndexConfig
+
+    vectors = np.random.default_rng(seed).standard_normal((num_items, dim), dtype=np.float32)
+    measured = {}
+    for pq_m in (32, 64):
+        start = time.perf_counter()
+        index = DenseIndex.build(vectors, DenseIndexConfig(kind="ivf_pq", pq_m=pq_m, pq_bits=8, use_gpu=False))
+        shared = 4 * dim * (index.config.nlist + 2**8)  # coarse centroids + PQ codebooks (256 x dim floats)
+        measured[f"ivf_pq{pq_m}"] = {"bytes_per_item": index.bytes_per_item, "nlist": index.config.nlist,
+                                     "per_item_part": index.bytes_per_item - shared / num_items,
+                                     "build_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    index = DenseIndex.build(vectors, DenseIndexConfig(kind="hnsw", hnsw_m=32, use_gpu=False))
+    measured["hnsw32"] = {"bytes_per_item": index.bytes_per_item, "per_item_part": index.bytes_per_item,
+                          "build_s": time.perf_counter() - start}
+    return measured
+
+
+def projection_table(runs: list[dict], faiss_items: int, dim: int, seed: int,
+                     sizes: Sequence[int] = (1_000_000, 10_000_000, 100_000_000, 1_000_000_000)) -> dict:
+    """Bytes per item to 1B items: generative (trie + SID table) and FAISS IVF-PQ / HNSW, each measured or projected.
+
+    Generative: measured at every size decoded; elsewhere the largest measured size's bytes per item (the trie's
+    per-item part is constant in N and its shared dense tables only shrink per item). FAISS: measured on
+    ``faiss_items`` random vectors; projected as the per-item part plus the shared part (``auto_nlist(N)`` coarse
+    centroids, PQ codebooks) over N.
+    """
+    from grcm.rerank.index_config import auto_nlist
+
+    generative = {r["num_items"]: r for r in runs}
+    faiss_measured = faiss_bytes_per_item(faiss_items, dim, seed)
+    largest = max(generative) if generative else None
+    rows = []
+    for n in sorted({*sizes, *generative, faiss_items}):
+        row: dict = {"num_items": n}
+        if n in generative:
+            r = generative[n]
+            row["generative"] = {"bytes_per_item": r["generative_index_bytes_per_item"], "measured": True,
+                                 "build_s": r["build_s"], "vocab_sizes": r["vocab_sizes"]}
+        elif largest is not None:
+            row["generative"] = {"bytes_per_item": generative[largest]["generative_index_bytes_per_item"],
+                                 "measured": False, "from_items": largest}
+        for name, m in faiss_measured.items():
+            if name.startswith("ivf_pq"):
+                shared = 4 * dim * (auto_nlist(n) + 2**8)
+                row[name] = {"bytes_per_item": m["per_item_part"] + shared / n, "measured": n == faiss_items}
+            else:
+                row[name] = {"bytes_per_item": m["per_item_part"], "measured": n == faiss_items}
+        row["flat"] = {"bytes_per_item": 4.0 * dim, "measured": True}  # exact: dim float32 per item
+        rows.append(row)
+    return {"faiss_measured_at": faiss_items, "faiss": faiss_measured, "rows": rows}
+
+
+def projection_markdown(projection: dict) -> str:
+    """The 1B table: bytes per item and GiB in all, a star on each projected figure."""
+    names = ("generative", "ivf_pq32", "ivf_pq64", "hnsw32", "flat")
+    lines = ["| items | " + " | ".join(f"{n} B/item (GiB)" for n in names) + " |", "|---:|" + "---:|" * len(names)]
+    for row in projection["rows"]:
+        cells = []
+        for name in names:
+            cell = row.get(name)
+            if cell is None:
+                cells.append("-")
+                continue
+            total = cell["bytes_per_item"] * row["num_items"] / 2**30
+            cells.append(f"{cell['bytes_per_item']:.1f} ({total:,.1f}){'' if cell['measured'] else '*'}")
+        lines.append(f"| {row['num_items']:,} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, "", f"* projected; FAISS measured on {projection['faiss_measured_at']:,} random vectors"])
+
+
 def _bytes_summary(info: dict) -> str:
     parts = ", ".join(
         f"{name} {size:.2f}"
@@ -418,6 +596,12 @@ def _bytes_summary(info: dict) -> str:
 
 
 def _summary(run: dict) -> str:
+    if "callback_queries_per_s" not in run:
+        return (
+            f"N={run['num_items']:>10} beam={run['beam_size']:>3}: trie {run['trie_queries_per_s']:8.1f} q/s "
+            f"(wall), {run['trie_queries_per_cpu_s']:8.1f} q/CPU-s; mask share "
+            f"{100 * run['mask_share_trie_ops']:.2f}%; free model {run['free_model_trie_queries_per_cpu_s']:.0f} q/CPU-s"
+        )
     return (
         f"N={run['num_items']:>8} beam={run['beam_size']:>3}: trie {run['trie_queries_per_s']:8.1f} q/s, "
         f"callback {run['callback_queries_per_s']:8.1f} q/s (wall); by {run['timing_basis_for_shares']}: "

@@ -46,6 +46,7 @@ class Stage:
         reranker: the fitted dense stage whose best checkpoint reranks (empty: ``DENSE``; or ``HYBRID``).
         rerank_store: the two-stage rerank store (:class:`~grcm.rerank.index.DenseIndexConfig` fields;
             empty: float32 ``flat``).
+        generative_weight: the two-stage fused score's weight of the stage-1 log-probability (0: dense only).
     """
 
     name: str
@@ -58,6 +59,7 @@ class Stage:
     two_stage: bool = False
     reranker: str = ""
     rerank_store: dict = field(default_factory=dict)
+    generative_weight: float = 0.0
 
 
 DENSE = "dual tower (FAISS Flat, exact)"
@@ -106,7 +108,10 @@ def _run_dir(out: Path, config: str) -> Path:
     return out / Path(config).stem
 
 
-def _run_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str], out: Path) -> dict[str, float]:
+def _run_stage(
+    stage: Stage, experiments: Path, checkpoints: dict[str, str], out: Path, callbacks: tuple = ()
+) -> dict[str, float]:
+    """Fit and/or test one stage; ``callbacks`` join the test run after the stage's own (e.g. a timer)."""
     from grcm.lightning_cli import GrcmCLI  # imports Lightning: not at module level (grcm --help stays fast)
 
     overrides = [f"--trainer.default_root_dir={_run_dir(out, stage.config)}"]
@@ -129,9 +134,10 @@ def _run_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str], out
         beam_size = int(getattr(model.hparams, "beam_size", 25))
         callback = TwoStageEvaluation(
             dense_checkpoint=checkpoints[stage.reranker or DENSE], beam_size=beam_size,
-            rerank_store=stage.rerank_store or None,
+            rerank_store=stage.rerank_store or None, generative_weight=stage.generative_weight,
         )
         cli.trainer.callbacks.append(callback)
+    cli.trainer.callbacks.extend(callbacks)
     # an evaluation-only stage restores the data module's state (a trained query vocabulary) from the checkpoint
     restore = checkpoints[stage.test_from] if stage.test_from is not None else None
     results = cli.trainer.test(model, datamodule=cli.datamodule, verbose=False, ckpt_path=restore)[0]

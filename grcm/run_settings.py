@@ -43,7 +43,7 @@ __all__ = [
 #: Data arguments that may differ from a checkpoint's at evaluation (a data class may list its own in
 #: ``EVAL_OVERRIDABLE``): they change how batches are served, not which queries and items the model saw.
 DATA_EVAL_OVERRIDABLE = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "max_val_queries",
-                         "uncovered_items")
+                         "max_test_queries", "uncovered_items")
 
 
 def import_class(class_path: str) -> type:

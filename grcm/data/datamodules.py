@@ -84,6 +84,7 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
             model's embedding rows); the most frequent training tokens are kept when more occur.
         max_query_length: queries are truncated to this many tokens.
         max_val_queries: validate on a fixed random subset of this many val queries (None = all).
+        max_test_queries: test on a fixed random subset of this many test queries (None = all; same seed).
         use_extra_queries: train on the corpus's extra (generated) queries too.
         split_seed: seed of the val subset.
         uncovered_items: what set-up does when val/test queries point at items without training queries
@@ -113,6 +114,7 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
         compact_vocab_size: int = 4096,
         max_query_length: int = 32,
         max_val_queries: int | None = None,
+        max_test_queries: int | None = None,
         use_extra_queries: bool = True,
         split_seed: int = 0,
         uncovered_items: Literal["warn", "error", "ignore"] = "warn",
@@ -128,6 +130,7 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.query_vocab, self.max_query_length = query_vocab, max_query_length
         self.max_val_queries, self.use_extra_queries, self.split_seed = max_val_queries, use_extra_queries, split_seed
+        self.max_test_queries = max_test_queries
         if uncovered_items not in ("warn", "error", "ignore"):
             raise ValueError(f"data.uncovered_items must be 'warn', 'error' or 'ignore', got {uncovered_items!r}")
         if transductive_holdout is not None and transductive_holdout < 1:
@@ -254,9 +257,10 @@ class RetrievalDataModule(L.LightningDataModule, ABC):
         self._splits["train"] = QueryBatches(ids, mask, torch.from_numpy(train_query), torch.from_numpy(train_item))
         for split in ("val", "test"):
             rows = corpus.captions_of_split(split)
-            if split == "val" and self.max_val_queries is not None and len(rows) > self.max_val_queries:
+            limit = self.max_val_queries if split == "val" else self.max_test_queries
+            if limit is not None and len(rows) > limit:
                 rng = np.random.default_rng(self.split_seed)
-                rows = np.sort(rng.choice(rows, size=self.max_val_queries, replace=False))
+                rows = np.sort(rng.choice(rows, size=limit, replace=False))
             ids, mask = self.query_tokenizer.encode([corpus.caption_text[i] for i in rows])
             gold = torch.from_numpy(corpus.caption_item[rows]).unsqueeze(1)
             self._splits[split] = QueryBatches(ids, mask, torch.from_numpy(rows), gold_items=gold)
