@@ -1,0 +1,73 @@
+"""benchmarks/efficiency.py --quick: the JSON holds the rows the issue asks for (generative beam 5, HNSW at the
+target recall and at its default, the CPU model), the dense settings are the sweep's cheapest reaching the target
+on the tuning queries, and the lossless CPU option returns the float32 beams."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("efficiency", ROOT / "benchmarks" / "efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("efficiency")
+    _benchmark().main(["--quick", "--sizes", "1000", "--candidates", "length_buckets", "--queries", "20",
+                       "--tuning-queries", "40", "--out", str(out / "efficiency.json"),
+                       "--plot", str(out / "efficiency.png")])
+    return json.loads((out / "efficiency.json").read_text())
+
+
+def test_quick_run_holds_the_issue_keys(report):
+    methods = report["sizes"][-1]["methods"]
+    for name in ("generative_beam5", "generative_beam50", "generative_beam5_float32", "faiss_flat",
+                 "faiss_hnsw", "faiss_hnsw_default", "faiss_ivf_pq"):
+        assert methods[name]["queries_per_cpu_s"] > 0, name
+    assert report["machine"]["cpu"] and report["machine"]["logical_cores"] >= 1
+    assert report["machine"]["faiss_compile_options"] and "threadpoolctl" in report["machine"]
+    assert methods["faiss_hnsw_default"]["search_params"] == {"ef_search": 16}
+    assert 0.0 <= methods["faiss_hnsw"]["recall@10_vs_flat"] <= 1.0
+    assert methods["generative_beam5"]["label"].endswith("int8 dynamic quantisation")
+
+
+def test_dense_settings_are_the_cheapest_reaching_the_target_on_tuning_queries(report):
+    size = report["sizes"][-1]
+    target = report["settings"]["target_recall@10_vs_flat"]
+    for row, key, knob in (("faiss_hnsw", "hnsw", "ef_search"), ("faiss_ivf_pq", "ivf_pq", "nprobe")):
+        tuning = size["dense_tuning"][key]
+        sweep, picked = tuning["sweep"], tuning["picked"]
+        assert size["methods"][row]["search_params"][knob] == picked[knob]
+        if tuning["reached_target"]:
+            assert picked["recall@10_vs_flat"] >= target
+            assert all(p["recall@10_vs_flat"] < target for p in sweep if p[knob] < picked[knob])
+        else:
+            assert picked["recall@10_vs_flat"] == max(p["recall@10_vs_flat"] for p in sweep)
+    if not size["dense_tuning"]["ivf_pq"]["reached_target"]:
+        assert "faiss_ivf_pq_refine" in size["methods"]
+
+
+def test_lossless_option_returns_the_float32_beams_and_lossy_rows_say_how_close(report):
+    methods = report["sizes"][-1]["methods"]
+    for beam in (5, 50):
+        assert methods[f"generative_beam{beam}_length_buckets"]["same_beams_as_float32"]["identical_beams_share"] == 1.0
+        assert methods[f"generative_beam{beam}_full"]["same_beams_as_float32"]["identical_beams_share"] == 1.0
+        share = methods[f"generative_beam{beam}"]["same_beams_as_float32"]["identical_top_beam_share"]
+        assert 0.0 <= share <= 1.0
+    targets = report["targets"]
+    assert any(name.startswith("generative_beam5 / faiss_hnsw ") for name in targets)
+    assert any(name.startswith("generative_beam5 / faiss_hnsw_default") for name in targets)
