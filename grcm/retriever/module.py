@@ -89,6 +89,10 @@ class GenerativeRetriever(SIDRetrievalModule):
             queries included (see :mod:`grcm.retriever.sid_retrieval`); None (default) decodes full SIDs.
         max_pool_items: cap on the recalled pool per query (best beams first); None: no cap.
         item_score: ``max`` (an item ranks by its best beam) or ``logsumexp`` over the beams reaching it.
+        prefix_scorer: with ``recall_levels``, a file of :mod:`grcm.retriever.prefix_scorer` that orders the items
+            under the decoded prefixes by their features (so items without training queries too); None (default):
+            items under a prefix in index order.
+        prefix_scorer_weight: weight of its item score against the prefix's beam log-probability.
 
     :meth:`decode` and :meth:`retrieve` (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`)
     always run in evaluation mode under ``torch.inference_mode`` (the training flags are restored
@@ -98,7 +102,8 @@ class GenerativeRetriever(SIDRetrievalModule):
     #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (``bundle_dir`` only to a
     #: bundle holding the checkpoint's own SIDs); see :mod:`grcm.lightning_cli`.
     EVAL_OVERRIDABLE = ("beam_size", "constrained", "eval_max_items", "ks", "mrr_k", "bundle_dir", "recall_levels",
-                        "max_pool_items", "item_score", "inference_quantization")
+                        "max_pool_items", "item_score", "inference_quantization", "prefix_scorer",
+                        "prefix_scorer_weight")
 
     def __init__(
         self,
@@ -139,6 +144,8 @@ class GenerativeRetriever(SIDRetrievalModule):
         max_pool_items: int | None = None,
         item_score: str = "max",
         inference_quantization: str = "none",
+        prefix_scorer: str | None = None,
+        prefix_scorer_weight: float = 0.5,
     ) -> None:
         super().__init__()
         if rdrop_omega < 0:

@@ -17,6 +17,11 @@ Query text -> constrained beam search over SIDs -> ranked items -> metrics, in o
   beam first, items ascending within a prefix, the pool capped at ``max_pool_items``
   (:meth:`~SIDRetrievalModule.recall_trie`); ``{stage}/pool_items`` and ``{stage}/pool_share`` (of the
   corpus) are logged;
+* **items ordered by their features under a prefix** (``prefix_scorer`` = a file of
+  :mod:`grcm.retriever.prefix_scorer`, with ``recall_levels``): each recalled item scores its prefix's beam
+  log-probability plus ``prefix_scorer_weight`` times ``(W h + b) . v_item`` (h: the decoder state after
+  the prefix, v: the item's feature residual), and the pool is the best ``max_pool_items`` items by that
+  score, from any prefix; an item without training queries is ordered by its features like a trained one;
 * **seen vs unseen items**: when some evaluation queries' gold items have no training query (held-out or
   newly indexed items, :mod:`grcm.data.unseen_items`), ``{stage}/seen/*`` and ``{stage}/unseen/*`` give
   ``recall@k``, ``mrr@k``, ``candidate_recall`` (gold anywhere in the pool) and ``queries`` per group;
@@ -58,6 +63,7 @@ from grcm.errors import GrcmError
 from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, SeenUnseenMetrics, candidate_recall, fixed_width
 from grcm.retriever.cpu_inference import PreparedNetwork, check_inference_quantization
 from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
+from grcm.retriever.prefix_scorer import PrefixItemScorer, prefix_states, scored_prefix_pool
 from grcm.retriever.trie_cache import VersionedTrie
 
 
@@ -116,8 +122,9 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     Reads these hyperparameters: ``beam_size``, ``eval_max_items``, ``ks``, ``mrr_k`` and, when present,
     ``constrained`` (default True), ``incremental_decoding`` (True), ``compile_decoder`` (False),
     ``decode_precision`` ("32"), ``cuda_graphs`` (False), ``inference_quantization`` ("none"; CPU int8 / bf16,
-    :mod:`grcm.retriever.cpu_inference`), ``recall_levels`` (None: full SIDs) and
-    ``max_pool_items`` (None: no cap on the recalled pool). A subclass calls
+    :mod:`grcm.retriever.cpu_inference`), ``recall_levels`` (None: full SIDs),
+    ``max_pool_items`` (None: no cap on the recalled pool), ``prefix_scorer`` (None: items under a prefix in
+    index order) and ``prefix_scorer_weight`` (0.5). A subclass calls
     :meth:`init_retrieval` in its ``__init__`` after ``save_hyperparameters`` and implements the SID
     table's three abstract methods; the class itself is no model (``grcm fit`` cannot instantiate it).
     """
@@ -142,6 +149,7 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         self._trie_cache = VersionedTrie()
         self._prefix_tries: dict[int, VersionedTrie] = {}
         self._seen_items: Tensor | None = None
+        self._prefix_scorer: tuple[str, PrefixItemScorer] | None = None
 
     # ------------------------------------------------------- the subclass's SID table
     @abstractmethod
@@ -203,6 +211,31 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         codes, row_items = self.sid_table()
         _, vocab_sizes, _ = self.index_table()
         return SIDTrie.from_codes(codes[:, :levels].cpu(), list(vocab_sizes)[:levels], row_items=row_items.cpu())
+
+    @property
+    def prefix_scorer(self) -> PrefixItemScorer | None:
+        """The item scorer of ``hparams.prefix_scorer`` (read once per path, checked against the SID table), or None."""
+        path = self.hparams.get("prefix_scorer")
+        if path is None:
+            return None
+        if self._prefix_scorer is None or self._prefix_scorer[0] != str(path):
+            scorer = PrefixItemScorer.load(path)
+            scorer.check_against(str(path), self.index_table()[2], int(self.model.d_model), self.recall_levels)
+            self._prefix_scorer = (str(path), scorer)
+        return self._prefix_scorer[1].to(self.device)
+
+    def recall_pool(self, batch: dict[str, Tensor], output: BeamSearchOutput, max_items: int | None) -> RankedItems:
+        """Recalled items (B, M) and scores of decoded beams: by beam (``beams_to_scored_items``), or with a
+        :attr:`prefix_scorer` by beam score + weight * item score
+        (:func:`~grcm.retriever.prefix_scorer.scored_prefix_pool`)."""
+        scorer = self.prefix_scorer
+        if scorer is None:
+            return beams_to_scored_items(output, self.recall_trie, max_items, self.hparams.get("item_score", "max"))
+        with self._inference():
+            enc = self.model.encode(batch["input_ids"], batch["attention_mask"])
+            states = prefix_states(self.model, enc, output.sequences)
+            return scored_prefix_pool(output, self.recall_trie, states, scorer,
+                                      float(self.hparams.get("prefix_scorer_weight", 0.5)), max_items)
 
     # --------------------------------------------------------------- inference
     @property
@@ -272,6 +305,9 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     def retrieve(self, input_ids: Tensor, attention_mask: Tensor, max_items: int | None = None) -> Tensor:
         """Ranked items (B, M) padded with -1 for queries (B, T); M = ``max_items`` or :attr:`eval_max_items`."""
         output = self.decode(input_ids, attention_mask)
+        if self.hparams.get("prefix_scorer") is not None:
+            batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+            return self.recall_pool(batch, output, max_items or self.eval_max_items).items
         with torch.inference_mode():
             return beams_to_items(output, self.recall_trie, max_items or self.eval_max_items)
 
@@ -289,8 +325,7 @@ class SIDRetrievalModule(L.LightningModule, ABC):
             return None
         start = time.perf_counter()
         output = self.decode(batch["input_ids"], batch["attention_mask"])
-        recalled = beams_to_scored_items(output, self.recall_trie, self.hparams.get("max_pool_items"),
-                                         self.hparams.get("item_score", "max"))
+        recalled = self.recall_pool(batch, output, self.hparams.get("max_pool_items"))
         ranked = fixed_width(recalled.items, self.eval_max_items)  # = beams_to_items(output, trie, eval_max_items)
         decode_seconds = time.perf_counter() - start
         self._decode_seconds += decode_seconds
@@ -369,6 +404,5 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """``{"query_index": (B,), "items": (B, M), "scores": (B, M)}`` ranked items with beam scores."""
         output = self.decode(batch["input_ids"], batch["attention_mask"])
-        ranked = beams_to_scored_items(output, self.recall_trie, self.eval_max_items,
-                                       self.hparams.get("item_score", "max"))
+        ranked = self.recall_pool(batch, output, self.eval_max_items)
         return {"query_index": batch["query_index"], "items": ranked.items, "scores": ranked.scores}

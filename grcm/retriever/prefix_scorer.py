@@ -1,0 +1,300 @@
+"""Ordering the items under a decoded SID prefix by their features: a text-aligned finer level.
+
+Prefix recall (``recall_levels`` = p) expands each decoded prefix to every item under it. The finer SID
+levels cannot order those items for an item without training queries: its fine codes were never a
+training target, so the decoder gives them no mass (docs/studies/inductive.md). A
+:class:`PrefixItemScorer` replaces them by a level whose logits are tied to the items' *features*
+instead of to per-item output rows:
+
+    score(item i | query, prefix) = beam log-probability of the prefix + weight * (W h + b) . v_i
+
+where ``h`` (d_model) is the decoder state after the prefix (the state the level-p head reads), ``W, b``
+a learned projection into the item space, and ``v_i`` (D) item i's vector: its feature minus the centroid
+of its coarse (K-Means) code when the SID bundle has one (the within-cluster residual), else its feature.
+An item gets its score from what its features say, so an unseen item is ranked as well as a seen one
+with the same features. The pool is then each query's best ``max_pool_items`` items by that score
+(:func:`scored_prefix_pool`), so the cap keeps the best items of many prefixes instead of every item
+of the few best prefixes.
+
+The projection is fitted after the retriever, with the retriever frozen (:func:`fit_prefix_scorer`, a few
+minutes on a CPU): for each training query, a softmax over the training items under its gold prefix.
+``python -m grcm.retriever.prefix_scorer --ckpt_path <retriever.ckpt> --out <scorer.pt>`` fits one on
+the checkpoint's own training queries and writes it; the retriever reads it with
+``--model.init_args.prefix_scorer=<scorer.pt>`` (plus ``recall_levels`` equal to the scorer's levels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from grcm.decoding import BeamSearchOutput, RankedItems, SIDTrie
+from grcm.errors import GrcmError
+from grcm.metrics import deduplicate_ranked
+from grcm.retriever.model import EncoderOutput, GenerativeRetrieverModel
+
+__all__ = ["PrefixItemScorer", "PrefixScorerError", "fit_prefix_scorer", "item_vectors", "prefix_states",
+           "scored_prefix_pool"]
+
+FORMAT = "grcm-prefix-scorer-1"
+
+
+class PrefixScorerError(GrcmError, ValueError):
+    """A prefix scorer that does not fit the retriever it is used with (names the file and the fix)."""
+
+
+def item_vectors(features: Tensor, coarse_codes: Tensor | None, coarse_centroids: Tensor | None) -> Tensor:
+    """(N, D) item vectors: features (N, D) minus the centroid (K, D) of each item's coarse code (N,),
+    or the features themselves without a coarse level (or with centroids of another dimension)."""
+    features = features.float()
+    if coarse_codes is None or coarse_centroids is None or coarse_centroids.shape[1] != features.shape[1]:
+        return features
+    return features - coarse_centroids.float()[coarse_codes.long()]
+
+
+class PrefixItemScorer(nn.Module):
+    """Scores of items under decoded prefixes: ``(W h + b) . v_item``.
+
+    Args:
+        state_dim: d_model of the retriever's decoder.
+        vectors: (N, D) item vectors (:func:`item_vectors`), one row per item of the retriever's table.
+        levels: the SID levels p of the prefixes it orders (the retriever's ``recall_levels``).
+    """
+
+    def __init__(self, state_dim: int, vectors: Tensor, levels: int) -> None:
+        super().__init__()
+        self.levels = int(levels)
+        self.proj = nn.Linear(int(state_dim), int(vectors.shape[1]))
+        self.register_buffer("vectors", vectors.float().clone())
+
+    @property
+    def num_items(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def forward(self, states: Tensor, items: Tensor) -> Tensor:
+        """states (R, d) and item indices (R, M), ``-1`` = none -> scores (R, M), ``-inf`` where no item."""
+        query = self.proj(states.float())  # (R, D)
+        vectors = self.vectors[items.clamp(min=0)]  # (R, M, D)
+        scores = torch.einsum("rd,rmd->rm", query, vectors)
+        return scores.masked_fill(items < 0, float("-inf"))
+
+    def state(self) -> dict[str, Any]:
+        """What :meth:`save` writes: tensors and plain values only (a ``weights_only`` load reads it)."""
+        return {"format": FORMAT, "levels": self.levels, "state_dim": int(self.proj.in_features),
+                "weight": self.proj.weight.detach().cpu(), "bias": self.proj.bias.detach().cpu(),
+                "vectors": self.vectors.detach().cpu()}
+
+    def save(self, path: str | Path) -> None:
+        """Write the scorer atomically (a temporary file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state(), tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PrefixItemScorer:
+        """Read a scorer written by :meth:`save`; one-line errors for a missing or foreign file."""
+        path = Path(path)
+        if not path.is_file():
+            raise PrefixScorerError(f"model.prefix_scorer={str(path)!r} is not a file; fit one with "
+                                    "python -m grcm.retriever.prefix_scorer --ckpt_path <retriever.ckpt> --out <file>.")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 -- any unreadable file is the same one-line error
+            raise PrefixScorerError(f"model.prefix_scorer={str(path)!r} is not a readable scorer file ({error}).") \
+                from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise PrefixScorerError(f"model.prefix_scorer={str(path)!r} was not written by "
+                                    "grcm.retriever.prefix_scorer (format key missing or different).")
+        scorer = cls(int(state["state_dim"]), state["vectors"], int(state["levels"]))
+        scorer.proj.weight.data.copy_(state["weight"])
+        scorer.proj.bias.data.copy_(state["bias"])
+        return scorer.eval()
+
+    def check_against(self, where: str, num_items: int, state_dim: int, recall_levels: int | None) -> None:
+        """Raise :class:`PrefixScorerError` unless it fits a retriever of that size, width and prefix length."""
+        if self.num_items != num_items:
+            raise PrefixScorerError(
+                f"model.prefix_scorer={where!r} holds vectors of {self.num_items} items but the retriever's SID "
+                f"table has {num_items} (items added with grcm index-items?); refit the scorer on this checkpoint.")
+        if int(self.proj.in_features) != int(state_dim):
+            raise PrefixScorerError(f"model.prefix_scorer={where!r} reads decoder states of width "
+                                    f"{self.proj.in_features}, this retriever's are {state_dim}; refit it.")
+        if recall_levels != self.levels:
+            raise PrefixScorerError(f"model.prefix_scorer={where!r} orders items under {self.levels}-level prefixes; "
+                                    f"set model.init_args.recall_levels={self.levels} (it is {recall_levels}).")
+
+
+def prefix_states(model: GenerativeRetrieverModel, enc: EncoderOutput, prefixes: Tensor) -> Tensor:
+    """Decoder states after each prefix: enc of B queries, prefixes (B, K, p) -> (B, K, d).
+
+    Rows with a ``-1`` prefix (dead beams) are computed on code 0 and are meaningless; the caller masks them.
+    """
+    batch, beams, levels = prefixes.shape
+    repeated = EncoderOutput(layer_outputs=tuple(x.repeat_interleave(beams, 0) for x in enc.layer_outputs),
+                             attention_mask=enc.attention_mask.repeat_interleave(beams, 0))
+    states = model._decode_states(repeated, prefixes.reshape(batch * beams, levels).clamp(min=0))
+    return states[:, -1].reshape(batch, beams, -1)
+
+
+def scored_prefix_pool(output: BeamSearchOutput, trie: SIDTrie, states: Tensor, scorer: PrefixItemScorer,
+                       weight: float, max_items: int | None) -> RankedItems:
+    """Every item under the decoded prefixes, ranked by beam score + ``weight`` * the scorer's item score.
+
+    Args:
+        output: beams (B, K, p) over prefixes and their scores (B, K).
+        trie: the prefix trie the beams were decoded in (its leaves hold every item under a prefix).
+        states: (B, K, d) decoder states after each beam's prefix (:func:`prefix_states`).
+        scorer: the item scorer; weight: its weight against the beam log-probability.
+        max_items: pool width M (the best M distinct items); None: every item recalled.
+
+    Returns:
+        :class:`RankedItems` (B, M), best first; an item under several beams keeps its best entry; ties in
+        beam order, then ascending item index.
+    """
+    sequences, beam_scores = output.sequences, output.scores
+    batch, beams = beam_scores.shape
+    live = beam_scores > float("-inf")
+    leaves = trie.lookup(sequences.to(trie.device)).masked_fill(~live.to(trie.device), -1)
+    per_leaf = max(trie.max_items_per_leaf, 1)
+    items = trie.items_of_leaves(leaves.reshape(-1), per_leaf).reshape(batch * beams, per_leaf).to(states.device)
+    item_scores = scorer(states.reshape(batch * beams, -1), items)  # (B*K, P)
+    total = (beam_scores.reshape(-1, 1).to(item_scores.device) + float(weight) * item_scores)
+    total = total.masked_fill(items < 0, float("-inf")).reshape(batch, beams * per_leaf)
+    items = items.reshape(batch, beams * per_leaf)
+    order = total.sort(dim=1, descending=True, stable=True).indices
+    items, total = deduplicate_ranked(items.gather(1, order), total.gather(1, order))
+    width = max(int((items >= 0).sum(1).max()), 1) if max_items is None else int(max_items)
+    if width > items.shape[1]:
+        pad = width - items.shape[1]
+        items = nn.functional.pad(items, (0, pad), value=-1)
+        total = nn.functional.pad(total, (0, pad), value=float("-inf"))
+    return RankedItems(items=items[:, :width], scores=total[:, :width])
+
+
+@torch.no_grad()
+def _training_states(model: GenerativeRetrieverModel, codes: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                     item_index: Tensor, levels: int, batch_size: int) -> Tensor:
+    """(Q, d) decoder states of the training queries after their gold item's first ``levels`` codes."""
+    states = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        rows = slice(start, start + batch_size)
+        mask = attention_mask[rows]
+        width = max(int(mask.sum(1).max()), 1)
+        enc = model.encode(input_ids[rows, :width], mask[:, :width])
+        prefix = codes[item_index[rows], :levels]
+        states.append(prefix_states(model, enc, prefix[:, None, :])[:, 0])
+    return torch.cat(states)
+
+
+def fit_prefix_scorer(model: GenerativeRetrieverModel, codes: Tensor, vectors: Tensor, input_ids: Tensor,
+                      attention_mask: Tensor, item_index: Tensor, levels: int = 1, epochs: int = 100,
+                      lr: float = 3e-3, weight_decay: float = 0.0, batch_size: int = 1000,
+                      seed: int = 0) -> tuple[PrefixItemScorer, float]:
+    """Fit a :class:`PrefixItemScorer` on training queries with the retriever frozen.
+
+    Each query's target is its item among the *training* items under its gold prefix (its first ``levels``
+    codes): items without training queries are no negatives, so the scorer is fitted without them, as it
+    would be before new items arrive.
+
+    Args:
+        model: the retriever's network (evaluation mode is set and restored).
+        codes: (N, L) SID table; vectors: (N, D) item vectors (:func:`item_vectors`).
+        input_ids, attention_mask: (Q, T) the training queries; item_index: (Q,) their items.
+        levels: prefix length p; epochs, lr, weight_decay, batch_size, seed: the Adam fit.
+
+    Returns:
+        The scorer (evaluation mode) and its last mini-batch's loss.
+    """
+    training = model.training
+    model.eval()
+    try:
+        states = _training_states(model, codes, input_ids, attention_mask, item_index, levels, 500)
+    finally:
+        model.train(training)
+    generator = torch.Generator().manual_seed(seed)
+    scorer = PrefixItemScorer(states.shape[1], vectors, levels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        scorer.proj.reset_parameters()
+    trained = torch.zeros(codes.shape[0], dtype=torch.bool)
+    trained[item_index] = True
+    prefixes = codes[:, :levels]
+    optimizer = torch.optim.Adam(scorer.parameters(), lr=lr, weight_decay=weight_decay)
+    loss = torch.tensor(float("nan"))
+    for _ in range(epochs):
+        for rows in torch.randperm(len(item_index), generator=generator).split(batch_size):
+            gold = item_index[rows]
+            allowed = (prefixes[None, :, :] == prefixes[gold][:, None, :]).all(-1) & trained[None, :]  # (b, N)
+            logits = (scorer.proj(states[rows]) @ scorer.vectors.T).masked_fill(~allowed, float("-inf"))
+            loss = nn.functional.cross_entropy(logits, gold)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return scorer.eval(), float(loss.detach())
+
+
+# ------------------------------------------------------------------ command line
+def _load_retriever_and_data(ckpt_path: str) -> tuple[Any, Any]:
+    """The ACE retriever of ``ckpt_path`` and its fit's data module, set up with the fit's query vocabulary."""
+    from grcm.checkpoint import read_checkpoint
+    from grcm.retriever.module import GenerativeRetriever
+    from grcm.run_settings import import_class
+
+    checkpoint = read_checkpoint(ckpt_path)
+    run = checkpoint.get("grcm_run") or {}
+    data = run.get("data")
+    if "sid_bundle" not in checkpoint or data is None:
+        raise PrefixScorerError(f"--ckpt_path={ckpt_path} is not a GenerativeRetriever (ACE) checkpoint written with "
+                                "its data settings ('sid_bundle' and 'grcm_run' keys); fit the retriever again.")
+    data_class = import_class(data["class_path"])
+    datamodule = data_class(**data["init_args"])
+    datamodule.setup("fit")
+    state = checkpoint.get(data_class.__name__)
+    if state:
+        datamodule.load_state_dict({key: value for key, value in state.items() if key != "rng_states"})
+    module = GenerativeRetriever.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    return module.eval(), datamodule
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m grcm.retriever.prefix_scorer",
+                                     description="Fit a prefix item scorer on an ACE retriever checkpoint's "
+                                                 "training queries (the retriever frozen) and write it.")
+    parser.add_argument("--ckpt_path", required=True, help="the retriever checkpoint (e.g. checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="the scorer file to write")
+    parser.add_argument("--levels", type=int, default=1, help="prefix length p (the retriever's recall_levels)")
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    module, datamodule = _load_retriever_and_data(args.ckpt_path)
+    queries = datamodule.query_batches("train")
+    codes = module.sid_codes.cpu()
+    centroids = module._bundle_extras.get("codebooks", {}).get("coarse")
+    features = torch.as_tensor(datamodule.corpus.features, dtype=torch.float32)
+    vectors = item_vectors(features, codes[:, 0] if centroids is not None else None, centroids)
+    scorer, loss = fit_prefix_scorer(module.model, codes, vectors, queries.input_ids, queries.attention_mask,
+                                     queries.item_index, args.levels, args.epochs, args.lr, args.weight_decay,
+                                     seed=args.seed)
+    scorer.save(args.out)
+    print(f"prefix scorer: {len(queries)} training queries, {int(queries.item_index.unique().numel())} items, "
+          f"loss {loss:.3f}, {time.perf_counter() - start:.0f} s -> {args.out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
