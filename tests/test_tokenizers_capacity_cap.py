@@ -91,6 +91,27 @@ def test_a_full_parent_backs_off_to_the_nearest_free_code_one_level_up():
     assert capped.tolist() == [[5, 0, 0], [5, 0, 1], [5, 1, 0], [6, 0, 0]]
 
 
+def test_two_quantised_levels_with_full_parents_keep_the_cap_and_every_item():
+    generator = torch.Generator().manual_seed(5)
+    codebooks = torch.randn(2, 4, 2, generator=generator)  # 4 x 4 fine SIDs under each coarse code
+    latents = 0.3 * torch.randn(50, 2, generator=generator)  # crowded near the origin: parents overflow
+    first = torch.cdist(latents, codebooks[0]).argmin(1)
+    second = torch.cdist(latents - codebooks[0][first], codebooks[1]).argmin(1)
+    coarse = torch.arange(50) % 4
+    prefix = torch.stack([coarse, first, second], dim=1)
+    capped = capacity_capped_codes(prefix, latents, codebooks, 1)
+    assert len({tuple(r) for r in capped.tolist()}) == 50  # every item kept, each on its own SID
+    assert torch.equal(capped[:, 0], coarse)
+    assert (capped[:, 1] != prefix[:, 1]).any()  # some items had to leave their full parent
+    unmoved = (capped == prefix).all(dim=1)
+    # an item keeps its SID exactly when it is its SID's best quantised item
+    error = (latents - codebooks[0][first] - codebooks[1][second]).pow(2).sum(1)
+    for i in range(50):
+        same = [j for j in range(50) if prefix[j].tolist() == prefix[i].tolist()]
+        best = min(same, key=lambda j: (float(error[j]), j))
+        assert bool(unmoved[i]) == (best == i)
+
+
 def test_more_items_than_the_quantised_sids_hold_is_an_error_naming_the_fix():
     prefix = torch.zeros(5, 2, dtype=torch.long)
     codebooks = torch.randn(1, 2, 3)
