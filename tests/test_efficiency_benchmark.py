@@ -64,8 +64,9 @@ def test_dense_settings_are_the_cheapest_reaching_the_target_on_tuning_queries(r
 def test_lossless_option_returns_the_float32_beams_and_lossy_rows_say_how_close(report):
     methods = report["sizes"][-1]["methods"]
     for beam in (5, 50):
-        assert methods[f"generative_beam{beam}_length_buckets"]["same_beams_as_float32"]["identical_beams_share"] == 1.0
-        assert methods[f"generative_beam{beam}_full"]["same_beams_as_float32"]["identical_beams_share"] == 1.0
+        for lossless in ("length_buckets", "full"):  # beams swapped only among float-rounding ties, if at all
+            same = methods[f"generative_beam{beam}_{lossless}"]["same_beams_as_float32"]
+            assert same["identical_or_tied_share"] == 1.0 and same["max_abs_score_difference"] < 1e-4
         share = methods[f"generative_beam{beam}"]["same_beams_as_float32"]["identical_top_beam_share"]
         assert 0.0 <= share <= 1.0
     targets = report["targets"]
