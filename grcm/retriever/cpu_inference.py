@@ -14,7 +14,7 @@
   because the search casts logits to float32 before ``log_softmax``). Lossy.
 
 Both lossy options are CPU only; their accuracy cost on the demo and their speed are measured by
-``benchmarks/efficiency.py`` (``--cpu-candidates``) and reported in ``docs/benchmarks.md``.
+``benchmarks/efficiency.py`` (``--candidates``) and reported in ``docs/benchmarks.md``.
 The prepared network is cached against the weights' identity and version counters
 (:class:`PreparedNetwork`), so training between two evaluations re-prepares it.
 
@@ -88,6 +88,8 @@ def _linear_weights(model: nn.Module) -> list[tuple[Tensor, Tensor | None]]:
 
 class Int8DynamicLinears(TorchFunctionMode):
     """While active, ``F.linear(x, w, b)`` with a weight of ``model`` runs as an int8 dynamic-quantised product.
+
+    ``x`` (..., in) float32 on CPU, ``w`` (out, in), ``b`` (out,) or None -> (..., out) float32, as ``F.linear``.
 
     Args:
         model: the float32 network; its linear weights are quantised once, here (float32 weights kept).
