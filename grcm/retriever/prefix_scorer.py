@@ -81,8 +81,10 @@ class PrefixItemScorer(nn.Module):
     def forward(self, states: Tensor, items: Tensor) -> Tensor:
         """states (R, d) and item indices (R, M), ``-1`` = none -> scores (R, M), ``-inf`` where no item."""
         query = self.proj(states.float())  # (R, D)
-        vectors = self.vectors[items.clamp(min=0)]  # (R, M, D)
-        scores = torch.einsum("rd,rmd->rm", query, vectors)
+        if self.num_items <= items.shape[1] * self.vectors.shape[1]:  # cheaper: every item, then pick
+            scores = (query @ self.vectors.T).gather(1, items.clamp(min=0))
+        else:
+            scores = torch.einsum("rd,rmd->rm", query, self.vectors[items.clamp(min=0)])
         return scores.masked_fill(items < 0, float("-inf"))
 
     def state(self) -> dict[str, Any]:
@@ -139,9 +141,8 @@ def prefix_states(model: GenerativeRetrieverModel, enc: EncoderOutput, prefixes:
     Rows with a ``-1`` prefix (dead beams) are computed on code 0 and are meaningless; the caller masks them.
     """
     batch, beams, levels = prefixes.shape
-    repeated = EncoderOutput(layer_outputs=tuple(x.repeat_interleave(beams, 0) for x in enc.layer_outputs),
-                             attention_mask=enc.attention_mask.repeat_interleave(beams, 0))
-    states = model._decode_states(repeated, prefixes.reshape(batch * beams, levels).clamp(min=0))
+    # batch-major rows (row b*K + k reads query b): the decoder folds a query's K rows into one cross block
+    states = model._decode_states(enc, prefixes.reshape(batch * beams, levels).clamp(min=0))
     return states[:, -1].reshape(batch, beams, -1)
 
 
