@@ -40,7 +40,7 @@ def bundle_dir(tmp_path_factory, datamodule) -> str:
 
 def _scorer(levels: int, state_dim: int = 32, num_items: int = NUM_ITEMS, seed: int = 0) -> PrefixItemScorer:
     torch.manual_seed(seed)
-    return PrefixItemScorer(state_dim, torch.randn(num_items, 8), levels)
+    return PrefixItemScorer(state_dim, torch.randn(num_items, 8), levels, trained=torch.rand(num_items) < 0.7)
 
 
 def test_item_vectors_subtract_the_coarse_centroid_only_when_dimensions_match():
@@ -65,7 +65,9 @@ def test_scored_pool_equals_a_per_query_loop():
     sequences[2, -1] = -1
     states = torch.randn(batch, beams, 32)
     scorer = _scorer(2)
-    pool = scored_prefix_pool(BeamSearchOutput(sequences, scores), trie, states, scorer, 0.7, width)
+    pool = scored_prefix_pool(BeamSearchOutput(sequences, scores), trie, states, scorer, 0.7, width,
+                              untrained_bonus=0.4)
+    trained = scorer.trained.tolist()
     weight, bias, vectors = scorer.proj.weight.tolist(), scorer.proj.bias.tolist(), scorer.vectors.tolist()
     for b in range(batch):
         entries = []
@@ -76,7 +78,7 @@ def test_scored_pool_equals_a_per_query_loop():
             for item, sid in enumerate(codes.tolist()):
                 if sid == sequences[b, k].tolist():
                     dot = sum(q * v for q, v in zip(query, vectors[item]))
-                    entries.append((float(scores[b, k]) + 0.7 * dot, item))
+                    entries.append((float(scores[b, k]) + 0.7 * dot + (0.0 if trained[item] else 0.4), item))
         entries.sort(key=lambda entry: -entry[0])
         expected = entries[:width]
         got = [(s, i) for s, i in zip(pool.scores[b].tolist(), pool.items[b].tolist()) if i >= 0]
@@ -100,7 +102,8 @@ def test_retriever_pool_equals_brute_force_over_every_prefix(tmp_path, bundle_di
     path = tmp_path / "scorer.pt"
     scorer = _scorer(2)
     scorer.save(path)
-    module = _module(bundle_dir, datamodule, prefix_scorer=str(path), prefix_scorer_weight=2.0)
+    module = _module(bundle_dir, datamodule, prefix_scorer=str(path), prefix_scorer_weight=2.0,
+                     prefix_scorer_untrained_bonus=0.5)
     batch = next(iter(datamodule.test_dataloader()))
     input_ids, mask = batch["input_ids"][:6], batch["attention_mask"][:6]
     got = module.retrieve(input_ids, mask, max_items=20)
@@ -118,7 +121,8 @@ def test_retriever_pool_equals_brute_force_over_every_prefix(tmp_path, bundle_di
                 query = scorer.proj(state)
                 for item, sid in enumerate(codes):
                     if tuple(sid) == prefix:
-                        entries.append((beam + 2.0 * float(query @ scorer.vectors[item]), item))
+                        bonus = 0.0 if scorer.trained[item] else 0.5  # the mask travels through the file
+                        entries.append((beam + 2.0 * float(query @ scorer.vectors[item]) + bonus, item))
             entries.sort(key=lambda entry: -entry[0])
             assert [i for i in got[q].tolist() if i >= 0] == [i for _, i in entries[:20]]
 
@@ -166,4 +170,5 @@ def test_fit_ranks_each_training_querys_item_first_under_its_prefix():
     scorer, loss = fit_prefix_scorer(model, codes, vectors, input_ids, mask, item_index, epochs=150, lr=1e-2,
                                      batch_size=16)
     assert gold_first_share(scorer) >= 0.9 > gold_first_share(untrained) + 0.2
+    assert scorer.trained.tolist() == [True] * 8 + [False] * 4
     assert loss < 0.5

@@ -93,6 +93,8 @@ class GenerativeRetriever(SIDRetrievalModule):
             under the decoded prefixes by their features (so items without training queries too); None (default):
             items under a prefix in index order.
         prefix_scorer_weight: weight of its item score against the prefix's beam log-probability.
+        prefix_scorer_untrained_bonus: added to the score of the items the scorer was fitted without (items
+            without training queries): a prior for new items; 0 (default): none.
 
     :meth:`decode` and :meth:`retrieve` (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`)
     always run in evaluation mode under ``torch.inference_mode`` (the training flags are restored
@@ -103,7 +105,7 @@ class GenerativeRetriever(SIDRetrievalModule):
     #: bundle holding the checkpoint's own SIDs); see :mod:`grcm.lightning_cli`.
     EVAL_OVERRIDABLE = ("beam_size", "constrained", "eval_max_items", "ks", "mrr_k", "bundle_dir", "recall_levels",
                         "max_pool_items", "item_score", "inference_quantization", "prefix_scorer",
-                        "prefix_scorer_weight")
+                        "prefix_scorer_weight", "prefix_scorer_untrained_bonus")
 
     def __init__(
         self,
@@ -146,6 +148,7 @@ class GenerativeRetriever(SIDRetrievalModule):
         inference_quantization: str = "none",
         prefix_scorer: str | None = None,
         prefix_scorer_weight: float = 0.5,
+        prefix_scorer_untrained_bonus: float = 0.0,
     ) -> None:
         super().__init__()
         if rdrop_omega < 0:

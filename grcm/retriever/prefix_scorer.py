@@ -16,6 +16,12 @@ with the same features. The pool is then each query's best ``max_pool_items`` it
 (:func:`scored_prefix_pool`), so the cap keeps the best items of many prefixes instead of every item
 of the few best prefixes.
 
+The retriever's beam scores and the fitted projection both favour the items that had training queries
+(their queries were learned, an unseen item's never were). ``untrained_bonus`` (the retriever's
+``prefix_scorer_untrained_bonus``, default 0) adds a constant to the score of every item the scorer was
+fitted without, a prior that trades recall of trained items for recall of new ones (the scorer file
+records which items had training queries).
+
 The projection is fitted after the retriever, with the retriever frozen (:func:`fit_prefix_scorer`, a few
 minutes on a CPU): for each training query, a softmax over the training items under its gold prefix.
 ``python -m grcm.retriever.prefix_scorer --ckpt_path <retriever.ckpt> --out <scorer.pt>`` fits one on
@@ -66,13 +72,16 @@ class PrefixItemScorer(nn.Module):
         state_dim: d_model of the retriever's decoder.
         vectors: (N, D) item vectors (:func:`item_vectors`), one row per item of the retriever's table.
         levels: the SID levels p of the prefixes it orders (the retriever's ``recall_levels``).
+        trained: (N,) bool, the items that had training queries when it was fitted (default: all).
     """
 
-    def __init__(self, state_dim: int, vectors: Tensor, levels: int) -> None:
+    def __init__(self, state_dim: int, vectors: Tensor, levels: int, trained: Tensor | None = None) -> None:
         super().__init__()
         self.levels = int(levels)
         self.proj = nn.Linear(int(state_dim), int(vectors.shape[1]))
         self.register_buffer("vectors", vectors.float().clone())
+        trained = torch.ones(vectors.shape[0], dtype=torch.bool) if trained is None else trained.bool().clone()
+        self.register_buffer("trained", trained)
 
     @property
     def num_items(self) -> int:
@@ -91,7 +100,7 @@ class PrefixItemScorer(nn.Module):
         """What :meth:`save` writes: tensors and plain values only (a ``weights_only`` load reads it)."""
         return {"format": FORMAT, "levels": self.levels, "state_dim": int(self.proj.in_features),
                 "weight": self.proj.weight.detach().cpu(), "bias": self.proj.bias.detach().cpu(),
-                "vectors": self.vectors.detach().cpu()}
+                "vectors": self.vectors.detach().cpu(), "trained": self.trained.cpu()}
 
     def save(self, path: str | Path) -> None:
         """Write the scorer atomically (a temporary file renamed into place)."""
@@ -116,7 +125,7 @@ class PrefixItemScorer(nn.Module):
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise PrefixScorerError(f"model.prefix_scorer={str(path)!r} was not written by "
                                     "grcm.retriever.prefix_scorer (format key missing or different).")
-        scorer = cls(int(state["state_dim"]), state["vectors"], int(state["levels"]))
+        scorer = cls(int(state["state_dim"]), state["vectors"], int(state["levels"]), state["trained"])
         scorer.proj.weight.data.copy_(state["weight"])
         scorer.proj.bias.data.copy_(state["bias"])
         return scorer.eval()
@@ -147,7 +156,7 @@ def prefix_states(model: GenerativeRetrieverModel, enc: EncoderOutput, prefixes:
 
 
 def scored_prefix_pool(output: BeamSearchOutput, trie: SIDTrie, states: Tensor, scorer: PrefixItemScorer,
-                       weight: float, max_items: int | None) -> RankedItems:
+                       weight: float, max_items: int | None, untrained_bonus: float = 0.0) -> RankedItems:
     """Every item under the decoded prefixes, ranked by beam score + ``weight`` * the scorer's item score.
 
     Args:
@@ -155,6 +164,7 @@ def scored_prefix_pool(output: BeamSearchOutput, trie: SIDTrie, states: Tensor, 
         trie: the prefix trie the beams were decoded in (its leaves hold every item under a prefix).
         states: (B, K, d) decoder states after each beam's prefix (:func:`prefix_states`).
         scorer: the item scorer; weight: its weight against the beam log-probability.
+        untrained_bonus: added to the score of every item without training queries (``~scorer.trained``).
         max_items: pool width M (the best M distinct items); None: every item recalled.
 
     Returns:
@@ -169,6 +179,8 @@ def scored_prefix_pool(output: BeamSearchOutput, trie: SIDTrie, states: Tensor, 
     items = trie.items_of_leaves(leaves.reshape(-1), per_leaf).reshape(batch * beams, per_leaf).to(states.device)
     item_scores = scorer(states.reshape(batch * beams, -1), items)  # (B*K, P)
     total = (beam_scores.reshape(-1, 1).to(item_scores.device) + float(weight) * item_scores)
+    if untrained_bonus:
+        total = total + float(untrained_bonus) * (~scorer.trained[items.clamp(min=0)]).float()
     total = total.masked_fill(items < 0, float("-inf")).reshape(batch, beams * per_leaf)
     items = items.reshape(batch, beams * per_leaf)
     order = total.sort(dim=1, descending=True, stable=True).indices
@@ -222,12 +234,12 @@ def fit_prefix_scorer(model: GenerativeRetrieverModel, codes: Tensor, vectors: T
     finally:
         model.train(training)
     generator = torch.Generator().manual_seed(seed)
-    scorer = PrefixItemScorer(states.shape[1], vectors, levels)
+    trained = torch.zeros(codes.shape[0], dtype=torch.bool)
+    trained[item_index] = True
+    scorer = PrefixItemScorer(states.shape[1], vectors, levels, trained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         scorer.proj.reset_parameters()
-    trained = torch.zeros(codes.shape[0], dtype=torch.bool)
-    trained[item_index] = True
     prefixes = codes[:, :levels]
     optimizer = torch.optim.Adam(scorer.parameters(), lr=lr, weight_decay=weight_decay)
     loss = torch.tensor(float("nan"))

@@ -124,7 +124,7 @@ class SIDRetrievalModule(L.LightningModule, ABC):
     ``decode_precision`` ("32"), ``cuda_graphs`` (False), ``inference_quantization`` ("none"; CPU int8 / bf16,
     :mod:`grcm.retriever.cpu_inference`), ``recall_levels`` (None: full SIDs),
     ``max_pool_items`` (None: no cap on the recalled pool), ``prefix_scorer`` (None: items under a prefix in
-    index order) and ``prefix_scorer_weight`` (0.5). A subclass calls
+    index order), ``prefix_scorer_weight`` (0.5) and ``prefix_scorer_untrained_bonus`` (0). A subclass calls
     :meth:`init_retrieval` in its ``__init__`` after ``save_hyperparameters`` and implements the SID
     table's three abstract methods; the class itself is no model (``grcm fit`` cannot instantiate it).
     """
@@ -235,7 +235,8 @@ class SIDRetrievalModule(L.LightningModule, ABC):
             enc = self.model.encode(batch["input_ids"], batch["attention_mask"])
             states = prefix_states(self.model, enc, output.sequences)
             return scored_prefix_pool(output, self.recall_trie, states, scorer,
-                                      float(self.hparams.get("prefix_scorer_weight", 0.5)), max_items)
+                                      float(self.hparams.get("prefix_scorer_weight", 0.5)), max_items,
+                                      float(self.hparams.get("prefix_scorer_untrained_bonus", 0.0)))
 
     # --------------------------------------------------------------- inference
     @property
