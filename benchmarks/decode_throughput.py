@@ -25,10 +25,18 @@ re-permuted per parent so every prefix has its own popular children; level 3
 is the unique token (rank of the item among those sharing the first three
 codes), so ``U`` is the largest collision count.
 
+``--internet-scale`` measures 1M, 10M and 100M items (beams 5 and 50, no callback path, whose dict trie does
+not fit there), skips a size whose estimated peak memory would not leave ``--memory-headroom-gib`` available
+(the estimate is the largest peak growth per item measured so far), and adds a table of bytes per item to 1B
+items: generative measured where decoded and projected above, FAISS IVF-PQ / HNSW measured on
+``--faiss-items`` random vectors and projected (:func:`projection_table`). ``--sid-shape sized`` sizes the fine
+codebooks from N (:mod:`grcm.tokenizers.sizing`) instead of 128 each.
+
 Usage::
 
     python benchmarks/decode_throughput.py --out benchmarks/results/decode_throughput.json
     python benchmarks/decode_throughput.py --quick   # seconds; a smoke run
+    python benchmarks/decode_throughput.py --internet-scale --threads 1 --out runs/scale/decode_internet_scale.json
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import torch
 from torch import Tensor
 
 from grcm.decoding import SIDTrie, TrieConstraint, beam_search
+from grcm.decoding.sid_table import sid_table_dtype
 from grcm.decoding.trie import sid_table_nbytes
 from grcm.io import write_json_atomic
 from grcm.retriever.incremental import IncrementalStep
@@ -327,7 +336,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--internet-scale", action="store_true",
                         help="sizes 1M, 10M, 100M, beams 5 and 50, no callback, and the table of bytes per item to 1B")
     parser.add_argument("--faiss-items", type=int, default=100_000,
-                        help="random vectors the FAISS IVF-PQ / HNSW bytes per item are measured on (--internet-scale)")
+                        help="random vectors the FAISS IVF-PQ / HNSW bytes per item are measured on (--internet-scale; 0: none)")
     parser.add_argument("--memory-headroom-gib", type=float, default=4.0,
                         help="skip a size whose estimated peak would leave less than this much memory available")
     args = parser.parse_args(argv)
@@ -415,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             report["runs"].append({**trie_info, **run})
             print(_summary(report["runs"][-1]), flush=True)
         del callback_root, codes, trie
-        trie_info["peak_rss_gib"] = memory.observe(num_items)
+        report.setdefault("peak_rss_gib_after", {})[str(num_items)] = memory.observe(num_items)
     if args.internet_scale:
         report["projection"] = projection_table(report["runs"], args.faiss_items, args.flat_dim, args.seed)
         print(projection_markdown(report["projection"]), flush=True)
@@ -533,26 +542,32 @@ def projection_table(runs: list[dict], faiss_items: int, dim: int, seed: int,
                      sizes: Sequence[int] = (1_000_000, 10_000_000, 100_000_000, 1_000_000_000)) -> dict:
     """Bytes per item to 1B items: generative (trie + SID table) and FAISS IVF-PQ / HNSW, each measured or projected.
 
-    Generative: measured at every size decoded; elsewhere the largest measured size's bytes per item (the trie's
-    per-item part is constant in N and its shared dense tables only shrink per item). FAISS: measured on
+    Generative: measured at every size decoded; above the largest, that size's trie bytes per item (its per-item
+    part is constant in N, its shared dense tables only shrink per item) plus the SID table in the dtypes of the
+    unique-token vocabulary grown in proportion to N. FAISS: measured on
     ``faiss_items`` random vectors; projected as the per-item part plus the shared part (``auto_nlist(N)`` coarse
     centroids, PQ codebooks) over N.
     """
     from grcm.rerank.index_config import auto_nlist
 
     generative = {r["num_items"]: r for r in runs}
-    faiss_measured = faiss_bytes_per_item(faiss_items, dim, seed)
+    faiss_measured = faiss_bytes_per_item(faiss_items, dim, seed) if faiss_items > 0 else {}
     largest = max(generative) if generative else None
     rows = []
-    for n in sorted({*sizes, *generative, faiss_items}):
+    for n in sorted({*sizes, *generative, *([faiss_items] if faiss_items > 0 else [])}):
         row: dict = {"num_items": n}
         if n in generative:
             r = generative[n]
             row["generative"] = {"bytes_per_item": r["generative_index_bytes_per_item"], "measured": True,
                                  "build_s": r["build_s"], "vocab_sizes": r["vocab_sizes"]}
-        elif largest is not None:
-            row["generative"] = {"bytes_per_item": generative[largest]["generative_index_bytes_per_item"],
-                                 "measured": False, "from_items": largest}
+        elif largest is not None and n > largest:
+            # the largest measured trie's bytes per item, plus the SID table with the unique-token vocabulary
+            # grown in proportion to N (the code levels keep their sizes)
+            r = generative[largest]
+            vocab = [*r["vocab_sizes"][:-1], math.ceil(r["vocab_sizes"][-1] * n / largest)]
+            sid_table = sum(torch.empty(0, dtype=sid_table_dtype(v)).element_size() for v in vocab)
+            row["generative"] = {"bytes_per_item": r.get("bytes_per_item", 0.0) + sid_table, "measured": False,
+                                 "from_items": largest, "vocab_sizes": vocab}
         for name, m in faiss_measured.items():
             if name.startswith("ivf_pq"):
                 shared = 4 * dim * (auto_nlist(n) + 2**8)

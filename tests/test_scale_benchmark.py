@@ -116,12 +116,15 @@ def test_sized_random_sids_are_unique_and_within_their_vocabularies():
 
 def test_projection_table_marks_what_was_measured():
     decode = _load("decode_throughput")
-    runs = [{"num_items": 1_000, "generative_index_bytes_per_item": 12.5, "build_s": 0.1, "vocab_sizes": [1]}]
+    runs = [{"num_items": 1_000, "generative_index_bytes_per_item": 12.5, "bytes_per_item": 8.5, "build_s": 0.1,
+             "vocab_sizes": [128, 128, 128, 200]}]
     table = decode.projection_table(runs, faiss_items=600, dim=64, seed=0, sizes=(1_000, 10**9))
     by_size = {row["num_items"]: row for row in table["rows"]}
-    assert by_size[1_000]["generative"] == {"bytes_per_item": 12.5, "measured": True, "build_s": 0.1,
-                                            "vocab_sizes": [1]}
-    assert by_size[10**9]["generative"]["measured"] is False
+    assert by_size[1_000]["generative"]["bytes_per_item"] == 12.5 and by_size[1_000]["generative"]["measured"]
+    projected = by_size[10**9]["generative"]
+    assert projected["measured"] is False and "generative" not in by_size[600]  # never projected downwards
+    assert projected["vocab_sizes"] == [128, 128, 128, 200 * 10**6]  # the unique token grows with N
+    assert projected["bytes_per_item"] == 8.5 + 1 + 1 + 1 + 4  # trie per item + int8 x 3 + int32 SID table
     assert by_size[600]["ivf_pq32"]["measured"] and not by_size[10**9]["ivf_pq32"]["measured"]
     # shared centroids and codebooks spread over more items: fewer bytes per item at 1B than measured
     assert by_size[10**9]["ivf_pq32"]["bytes_per_item"] < by_size[600]["ivf_pq32"]["bytes_per_item"]
