@@ -318,7 +318,8 @@ class SIDRetrievalModule(L.LightningModule, ABC):
 
         Returns:
             ``{"candidates": (B, M) every item the beams recall, in beam order, -1 padded;
-            "candidate_scores": (B, M) the log-probability of the beam that recalled each, -inf on padding;
+            "candidate_scores": (B, M) the log-probability of the beam that recalled each (with a
+            ``prefix_scorer``: plus its weighted item score), -inf on padding;
             "beam_size": int; "recall_levels": int | None; "decode_seconds": float}``, the stage-1 pool that
             :class:`~grcm.rerank.two_stage.TwoStageEvaluation` reranks without decoding again.
         """
