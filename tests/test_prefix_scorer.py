@@ -172,3 +172,13 @@ def test_fit_ranks_each_training_querys_item_first_under_its_prefix():
     assert gold_first_share(scorer) >= 0.9 > gold_first_share(untrained) + 0.2
     assert scorer.trained.tolist() == [True] * 8 + [False] * 4
     assert loss < 0.5
+
+
+def test_command_refuses_a_checkpoint_without_a_sid_bundle(tmp_path):
+    from grcm.retriever.prefix_scorer import main
+
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, path)
+    with pytest.raises(PrefixScorerError, match="not a GenerativeRetriever"):
+        main(["--ckpt_path", str(path), "--out", str(tmp_path / "s.pt")])
+    assert not (tmp_path / "s.pt").exists()
