@@ -70,10 +70,11 @@ def markdown_pages() -> list[Path]:
 
 
 def readme_commands(text: str) -> list[str]:
-    """The command lines of a page's ```bash blocks, trailing ``# comments`` removed, in order."""
+    """The command lines of a page's ```bash blocks, trailing ``# comments`` removed, lines continued with a
+    backslash joined, in order."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             line = line.split(" #", 1)[0].strip()
             if line and not line.startswith("#"):
                 commands.append(line)
