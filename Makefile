@@ -38,6 +38,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/decode_throughput.py --threads 1 --out benchmarks/results/decode_throughput.json
 	$(BIN)/python benchmarks/sid_tokenizer.py --threads 1 --out benchmarks/results/sid_tokenizer.json
+	test -f runs/demo/dual_tower/checkpoints/best.ckpt || $(BIN)/grcm demo  # efficiency.py reads the demo's towers
 	$(BIN)/python benchmarks/efficiency.py --out benchmarks/results/efficiency.json --plot benchmarks/results/efficiency.png
 
 # Real-language benchmark: the annotation files of MSVD and MSR-VTT under ANNOTATIONS/<dataset>/
