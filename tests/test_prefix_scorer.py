@@ -17,10 +17,10 @@ from grcm.retriever.module import GenerativeRetriever
 from grcm.retriever.prefix_scorer import (
     PrefixItemScorer,
     PrefixScorerError,
-    fit_prefix_scorer,
     item_vectors,
     scored_prefix_pool,
 )
+from grcm.retriever.prefix_scorer_fit import fit_prefix_scorer
 
 NUM_ITEMS = 50
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
@@ -175,7 +175,7 @@ def test_fit_ranks_each_training_querys_item_first_under_its_prefix():
 
 
 def test_command_refuses_a_checkpoint_without_a_sid_bundle(tmp_path):
-    from grcm.retriever.prefix_scorer import main
+    from grcm.retriever.prefix_scorer_fit import main
 
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {}}, path)
