@@ -22,7 +22,7 @@ from grcm.decoding.beam import BeamSearchOutput
 from grcm.errors import GrcmError
 from grcm.metrics import deduplicate_ranked
 
-__all__ = ["cap_pool", "stage1_pool", "without_last_level"]
+__all__ = ["cap_pool", "require_unique_last_level", "stage1_pool", "without_last_level"]
 
 
 def _check_reported(name: str, outputs: Mapping[str, Any], beam_size: int | None,
@@ -122,6 +122,23 @@ def without_last_level(output: BeamSearchOutput, name: str = "the retriever") ->
     sequences = output.sequences.gather(1, order[..., None].expand_as(output.sequences))
     levels = output.level_scores[..., :-1]
     return BeamSearchOutput(sequences, scores, levels.gather(1, order[..., None].expand_as(levels)))
+
+
+def require_unique_last_level(pl_module: Any) -> None:
+    """For ``TwoStageEvaluation.exclude_unique_level``: ``pl_module`` decodes full SIDs whose last level is ACE's
+    unique token; anything else is a one-line :class:`GrcmError` naming the fix."""
+    name = type(pl_module).__name__
+    bundle = getattr(pl_module, "sid_bundle", None)
+    level_names = (getattr(bundle, "config", None) or {}).get("level_names") or []
+    if not level_names or level_names[-1] != "unique":
+        raise GrcmError(
+            f"TwoStageEvaluation.exclude_unique_level: {name}'s SIDs have no unique-token level (levels "
+            f"{level_names or 'unnamed'}); it applies to an ACE bundle with unique_token: true, so set "
+            "exclude_unique_level: false"
+        )
+    if getattr(pl_module, "recall_levels", None) is not None:
+        raise GrcmError(f"TwoStageEvaluation.exclude_unique_level: {name} decodes SID prefixes "
+                        "(recall_levels), which hold no unique level; set exclude_unique_level: false")
 
 
 def cap_pool(candidates: Tensor, scores: Tensor | None, max_items: int | None) -> tuple[Tensor, Tensor | None]:

@@ -70,7 +70,7 @@ from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
 from grcm.rerank.query_bridge import dense_query_inputs, dense_tokenizer_for
 from grcm.rerank.rerank_store import build_rerank_store, check_rerank_store_kind, rerank_from_store
-from grcm.rerank.stage1_pool import cap_pool, stage1_pool
+from grcm.rerank.stage1_pool import cap_pool, require_unique_last_level, stage1_pool
 
 __all__ = [
     "PerQueryMeans",
@@ -297,25 +297,10 @@ class TwoStageEvaluation(L.Callback):
             trainer.datamodule, self._dense_checkpoint_tokenizer, int(hparams.vocab_size)
         )
 
-    def _check_unique_level(self, pl_module: L.LightningModule) -> None:
-        """With ``exclude_unique_level``: the retriever decodes full SIDs whose last level is the unique token."""
-        name = type(pl_module).__name__
-        bundle = getattr(pl_module, "sid_bundle", None)
-        level_names = (getattr(bundle, "config", None) or {}).get("level_names") or []
-        if not level_names or level_names[-1] != "unique":
-            raise GrcmError(
-                f"TwoStageEvaluation.exclude_unique_level: {name}'s SIDs have no unique-token level (levels "
-                f"{level_names or 'unnamed'}); it applies to an ACE bundle with unique_token: true, so set "
-                "exclude_unique_level: false"
-            )
-        if getattr(pl_module, "recall_levels", None) is not None:
-            raise GrcmError(f"TwoStageEvaluation.exclude_unique_level: {name} decodes SID prefixes "
-                            "(recall_levels), which hold no unique level; set exclude_unique_level: false")
-
     @torch.no_grad()
     def _start_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.exclude_unique_level:
-            self._check_unique_level(pl_module)
+            require_unique_last_level(pl_module)
         corpus = self._corpus(trainer)
         dense = self.load_dense_model().to(pl_module.device)
         self._check_compatible(trainer, corpus)

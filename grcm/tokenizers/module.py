@@ -8,12 +8,9 @@ SID = (k, v_1, ..., v_M, u):
   DSI/NCI style; nothing is trained).
 - u: unique token, counts earlier items holding the same prefix (``unique_token``).
 
-Capacity cap (``sid_capacity`` = c, RQ-VAE fine tokens only; FORGE-style, an alternative or an addition to
-u): at most c items per prefix (k, v_1..v_M); the overflow moves to the nearest v_M (codebook distance of its
-last residual) whose prefix has room, or, when none under (k, v_1..v_{M-1}) has, to the nearest free fine codes
-further up; k never changes (:mod:`grcm.tokenizers.capacity_cap`). The health logged every epoch and
-saved in the bundle is that of the capped codes, with FORGE's SID-quality metrics of the final SIDs
-(:mod:`grcm.tokenizers.sid_quality`) and ``capacity_moved_fraction``.
+Capacity cap (``sid_capacity`` = c, RQ-VAE fine tokens only; FORGE-style, instead of or besides u): at most
+c items per prefix, the overflow moved to the nearest free codes, k never (:mod:`grcm.tokenizers.capacity_cap`).
+Health is that of the capped codes, with FORGE's SID quality (:mod:`grcm.tokenizers.sid_quality`).
 
 Ablations of the ACE paper are flags: ``coarse_token=False`` (RQ-VAE on the raw
 embedding, Table 2 "w/o K-Means token"), ``fine_tokens="hierarchical_kmeans"``
@@ -210,20 +207,29 @@ class ACETokenizer(L.LightningModule):
 
         features (N, D), numpy (possibly a memmap) or torch -> (codes (N, L') long on CPU, mse or None).
         """
-        codes, squared_error, count = [], 0.0, 0
+        was_training = self.training
+        self.eval()
+        codes = torch.cat([self.encode(chunk).cpu() for chunk in self._chunks(features)])
+        self.train(was_training)
+        return codes, self._reconstruction_mse(features, codes)
+
+    @torch.no_grad()
+    def _reconstruction_mse(self, features: np.ndarray | torch.Tensor, codes: torch.Tensor) -> float | None:
+        """MSE of the residuals (N, D) rebuilt from the fine levels of ``codes`` (N, L'); None without an RQ-VAE."""
+        if self.rqvae is None:
+            return None
+        levels = self.hparams.num_fine_levels
+        squared_error, count, start = 0.0, 0, 0
         was_training = self.training
         self.eval()
         for chunk in self._chunks(features):
-            chunk_codes = self.encode(chunk)
-            codes.append(chunk_codes.cpu())
-            if self.rqvae is not None:
-                _, residual = self._split_coarse(self._prepare(chunk))
-                fine = chunk_codes[:, -self.hparams.num_fine_levels :]
-                reconstruction = self.rqvae.reconstruct_from_codes(fine)
-                squared_error += float((reconstruction - residual).pow(2).sum())
-                count += residual.numel()
+            _, residual = self._split_coarse(self._prepare(chunk))
+            fine = codes[start : start + len(residual), -levels:].to(self.device)
+            squared_error += float((self.rqvae.reconstruct_from_codes(fine) - residual).pow(2).sum())
+            count += residual.numel()
+            start += len(residual)
         self.train(was_training)
-        return torch.cat(codes), (squared_error / count if count else None)
+        return squared_error / count if count else None
 
     @torch.no_grad()
     def corpus_prefix_codes(
@@ -238,21 +244,9 @@ class ACETokenizer(L.LightningModule):
         capacity = self.hparams.get("sid_capacity")
         if capacity is None:
             return codes, recon_mse, None
-        levels = self.hparams.num_fine_levels
         capped = capacity_capped_codes(codes, self._latents(features), self.rqvae.quantizer.codebooks, int(capacity))
         moved = float((capped != codes).any(dim=1).float().mean())
-        squared_error, count = 0.0, 0
-        was_training = self.training
-        self.eval()
-        start = 0
-        for chunk in self._chunks(features):
-            _, residual = self._split_coarse(self._prepare(chunk))
-            chunk_fine = capped[start : start + len(residual), -levels:].to(self.device)
-            squared_error += float((self.rqvae.reconstruct_from_codes(chunk_fine) - residual).pow(2).sum())
-            count += residual.numel()
-            start += len(residual)
-        self.train(was_training)
-        return capped, squared_error / max(count, 1), moved
+        return capped, self._reconstruction_mse(features, capped), moved
 
     def final_codes(self, prefix: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """Full SIDs (N, L) and their vocab sizes from prefix codes (N, L'): the unique token appended if on."""
