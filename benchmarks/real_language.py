@@ -50,6 +50,7 @@ from grcm.data.caption_features import CaptionSplitPlan, caption_feature_corpus 
 from grcm.data.corpus import save_corpus  # noqa: E402
 from grcm.data.datasets import read_captions  # noqa: E402
 from grcm.io import write_json_atomic  # noqa: E402
+from grcm.rerank.fusion_weight import FUSION_WEIGHTS, fusion_weight_callbacks, pick_fusion_weight  # noqa: E402,F401
 
 EXPERIMENTS = REPO / "experiments" / "real_language"
 READER_OPTIONS = {
@@ -66,9 +67,6 @@ DATASET_OVERRIDES = {
     "msrvtt": {"ace_retriever": ["--trainer.max_epochs=8", "--trainer.check_val_every_n_epoch=8",
                                  "--model.init_args.restart_period=8", "--model.init_args.beam_size=20"]},
 }
-#: Candidate weights of the stage-1 log-probability in the fused rerank score; the one with the best validation
-#: R@1 (ties: MRR@10, then the smaller weight) is tested. 0 is the pure dense rerank. Dense scores are cosines.
-FUSION_WEIGHTS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 METRICS = ("recall@1", "recall@5", "recall@10", "mrr@10")
 QUICK = {
     "dual_tower_scratch": ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1"],
@@ -222,19 +220,14 @@ def run_dataset(name: str, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         # every validation query (the config validates on a 300-query subset during training)
         cli = _cli("ace_retriever.yaml", [*retriever_overrides, "--data.init_args.max_val_queries=null"])
-        callbacks = [TwoStageEvaluation(dense_checkpoint=checkpoints[dense_name], beam_size=beam, name=f"w{index}",
-                                        generative_weight=weight, full_dense_reference=False)
-                     for index, weight in enumerate(FUSION_WEIGHTS)]
-        cli.trainer.callbacks.extend(callbacks)
+        cli.trainer.callbacks.extend(fusion_weight_callbacks(checkpoints[dense_name], beam_size=beam))
         validation = cli.trainer.validate(ace_model, datamodule=cli.datamodule, verbose=False)[0]
-        scores = {weight: (validation[f"val/w{index}/recall@1"], validation[f"val/w{index}/mrr@10"], -weight)
-                  for index, weight in enumerate(FUSION_WEIGHTS)}
-        weight = max(scores, key=scores.get)
+        weight, scores = pick_fusion_weight(validation)
         print(f"[{name}] fusion weight {weight} picked on val: "
-              + ", ".join(f"w={w}: R@1 {r1:.4f}" for w, (r1, _, _) in scores.items()), flush=True)
+              + ", ".join(f"w={w}: R@1 {r1:.4f}" for w, (r1, _) in scores.items()), flush=True)
         extra = {"fusion_weight": weight,
-                 "val_recall@1_by_weight": {str(w): r1 for w, (r1, _, _) in scores.items()},
-                 "val_mrr@10_by_weight": {str(w): mrr for w, (_, mrr, _) in scores.items()}}
+                 "val_recall@1_by_weight": {str(w): r1 for w, (r1, _) in scores.items()},
+                 "val_mrr@10_by_weight": {str(w): mrr for w, (_, mrr) in scores.items()}}
         two_stage_row(dense_name, weight, f"ACE recall + fused rerank by {dense_name} (w = {weight}, picked on val)",
                       extra, started=t0)
 
@@ -476,14 +469,10 @@ def run_inductive(name: str, args: argparse.Namespace) -> dict:
 
             t1 = time.perf_counter()  # the fusion weight, on every validation query of the setting's val pool
             cli = _cli(config, overrides(stage, val_key, [*extra, "--data.init_args.max_val_queries=null"]))
-            weights = [TwoStageEvaluation(dense_checkpoint=checkpoints[dense], name=f"w{i}", generative_weight=w,
-                                          full_dense_reference=False) for i, w in enumerate(FUSION_WEIGHTS)]
-            cli.trainer.callbacks.extend(weights)
+            cli.trainer.callbacks.extend(fusion_weight_callbacks(checkpoints[dense]))
             validation = {k: float(v) for k, v in
                           cli.trainer.validate(_pool_model(model_class, trained, corpora[val_key], work / stage / f"pool_{val_key}.ckpt", args), datamodule=cli.datamodule, verbose=False)[0].items()}
-            scores = {w: (validation[f"val/w{i}/recall@1"], validation[f"val/w{i}/mrr@10"], -w)
-                      for i, w in enumerate(FUSION_WEIGHTS)}
-            weight = max(scores, key=scores.get)
+            weight, scores = pick_fusion_weight(validation)
             pick_seconds = time.perf_counter() - t1
             t1 = time.perf_counter()
             cli = _cli(config, overrides(stage, test_key, [*extra, *test_only]))
@@ -499,7 +488,7 @@ def run_inductive(name: str, args: argparse.Namespace) -> dict:
                     ("two_stage", f"{label} recall + rerank by {dense}", 0.0, {}),
                     ("fused", f"{label} recall + fused rerank by {dense} (w = {weight}, picked on val)", pick_seconds,
                      {"fusion_weight": weight,
-                      "val_recall@1_by_weight": {str(w): r1 for w, (r1, _, _) in scores.items()}})):
+                      "val_recall@1_by_weight": {str(w): r1 for w, (r1, _) in scores.items()}})):
                 stage_metrics = {k.replace(f"test/{prefix}/", "test/"): v for k, v in metrics.items()
                                  if k.startswith(f"test/{prefix}/")}
                 rows[setting].append(Row(row_name, {**stage_metrics, **fused}, seconds + extra_seconds))
@@ -666,16 +655,13 @@ def run_tokens(name: str, args: argparse.Namespace) -> dict:
     # the fusion weight of each reranker on every validation query: one decode, a callback per (reranker, weight)
     t1 = time.perf_counter()
     cli = _cli("ace_retriever.yaml", [*retriever_overrides, "--data.init_args.max_val_queries=null"])
-    cli.trainer.callbacks.extend(
-        TwoStageEvaluation(dense_checkpoint=checkpoints[dense], beam_size=beam, name=f"r{r}w{i}", generative_weight=w,
-                           full_dense_reference=False)
-        for r, dense in enumerate(rerankers) for i, w in enumerate(FUSION_WEIGHTS))
+    for r, dense in enumerate(rerankers):
+        cli.trainer.callbacks.extend(fusion_weight_callbacks(checkpoints[dense], prefix=f"r{r}w", beam_size=beam))
     validation = cli.trainer.validate(ace_model, datamodule=cli.datamodule, verbose=False)[0]
     weights = {}
     for r, dense in enumerate(rerankers):
-        scores = {w: (validation[f"val/r{r}w{i}/recall@1"], validation[f"val/r{r}w{i}/mrr@10"], -w)
-                  for i, w in enumerate(FUSION_WEIGHTS)}
-        weights[dense] = (max(scores, key=scores.get), {str(w): s[0] for w, s in scores.items()})
+        weight, scores = pick_fusion_weight(validation, prefix=f"r{r}w")
+        weights[dense] = (weight, {str(w): r1 for w, (r1, _) in scores.items()})
     pick_seconds = time.perf_counter() - t1
     t1 = time.perf_counter()
     cli = _cli("ace_retriever.yaml", retriever_overrides)

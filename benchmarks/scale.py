@@ -57,7 +57,6 @@ TEST_QUERIES = 2_000
 VAL_QUERIES = 2_000  # validation queries that pick the fusion weight and the approximate indexes' settings
 GRDR_MAX_N = 10_000
 PQ_STORE = {"kind": "pq", "pq_m": 128, "pq_bits": 4}  # experiments/synthetic/two_stage_pq.yaml
-FUSION_WEIGHTS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)  # benchmarks/real_language.py's grid
 
 FIT_DENSE, FIT_TOKENIZER, FIT_ACE, FIT_GRDR = "fit: dual tower", "fit: ACE tokenizer", "fit: ACE retriever", "fit: GRDR"
 HNSW, IVFPQ = "dual tower (FAISS HNSW)", "dual tower (FAISS IVF-PQ)"
@@ -238,10 +237,11 @@ def pick_fusion_weight(size: SizeRun, stage: Stage) -> tuple[float, dict[str, fl
     """The fused rerank's weight with the best R@1 (ties: MRR@10, then the smaller weight) on validation queries.
 
     One decode of ``VAL_QUERIES`` validation queries, one :class:`TwoStageEvaluation` per weight of
-    ``FUSION_WEIGHTS`` (as benchmarks/real_language.py picks it); no test query is read.
+    :data:`~grcm.rerank.fusion_weight.FUSION_WEIGHTS`; no test query is read.
     """
     from grcm.lightning_cli import GrcmCLI
-    from grcm.rerank.two_stage import TwoStageEvaluation
+    from grcm.rerank.fusion_weight import fusion_weight_callbacks
+    from grcm.rerank.fusion_weight import pick_fusion_weight as best_weight
 
     checkpoints = size.checkpoints()
     staged = size.with_size(stage)
@@ -253,15 +253,10 @@ def pick_fusion_weight(size: SizeRun, stage: Stage) -> tuple[float, dict[str, fl
     ], run=False)
     model = type(cli.model).load_from_checkpoint(checkpoints[FIT_ACE], weights_only=True)
     beam = int(model.hparams.beam_size)
-    cli.trainer.callbacks.extend(
-        TwoStageEvaluation(dense_checkpoint=checkpoints[FIT_DENSE], beam_size=beam, name=f"w{index}",
-                           generative_weight=weight, full_dense_reference=False, rerank_store=PQ_STORE)
-        for index, weight in enumerate(FUSION_WEIGHTS)
-    )
+    cli.trainer.callbacks.extend(fusion_weight_callbacks(checkpoints[FIT_DENSE], beam_size=beam, rerank_store=PQ_STORE))
     val = cli.trainer.validate(model, datamodule=cli.datamodule, verbose=False, ckpt_path=checkpoints[FIT_ACE])[0]
-    scores = {w: (float(val[f"val/w{i}/recall@1"]), float(val[f"val/w{i}/mrr@10"]), -w)
-              for i, w in enumerate(FUSION_WEIGHTS)}
-    return max(scores, key=scores.get), {str(w): s[0] for w, s in scores.items()}
+    weight, scores = best_weight(val)
+    return weight, {str(w): r1 for w, (r1, _) in scores.items()}
 
 
 def dense_stage(size: SizeRun) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from grcm.rerank.fusion_weight import FUSION_WEIGHTS
 from grcm.tokenizers.sizing import fine_codebook_size, sid_vocab_sizes
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -42,7 +43,7 @@ def test_quick_run_writes_every_row_and_resumes_at_the_first_missing_one(tmp_pat
     assert rerank["corpus_fraction_scored"] == pytest.approx(25 / 300)
     assert rerank["index_bytes_per_item"] < rows[scale.RERANK_FLAT]["index_bytes_per_item"] / 4
     assert rows[scale.ACE]["candidate_recall"] == rows[scale.RERANK_FLAT]["candidate_recall"]  # one decode
-    assert rows[scale.FUSED]["fusion_weight"] in scale.FUSION_WEIGHTS
+    assert rows[scale.FUSED]["fusion_weight"] in FUSION_WEIGHTS
     assert rows[scale.DENSE]["corpus_fraction_scored"] == 1.0
     assert rows[scale.HNSW]["corpus_fraction_scored"] < 1.0  # FAISS' own count of distances
     assert set(rows[scale.ACE]["train_epochs"]) == {scale.FIT_TOKENIZER, scale.FIT_ACE}
