@@ -8,7 +8,10 @@ from the trained tokenizer, next to trained items with similar content, without 
   weights) gives the K-Means and RQ-VAE codes; the unique token of a new item counts the items already
   holding its prefix (existing ones first, then new ones in order), as the bundle's ID table does. When
   that count reaches the unique token's vocabulary the item shares the last SID of its prefix (its leaf
-  then holds several items; reported as ``shared_sids``).
+  then holds several items; reported as ``shared_sids``). Without a unique token (e.g. a capacity-capped
+  tokenizer, ``sid_capacity``) a new item takes its nearest codes and shares the leaf of any item already
+  holding them (also counted in ``shared_sids``): the cap is not applied to new items, since applying it
+  would move existing items.
 * **GRDR** (:class:`~grcm.retriever.grdr.GRDRRetriever` checkpoint): its own multi-view tokenizer gives
   every view's codes over the levels built.
 
@@ -103,9 +106,9 @@ def _ace_new_codes(checkpoint: dict[str, Any], tokenizer_path: str | None, featu
                               f"{prefix_vocab}, unique token {unique} vs {vocab_sizes}, or other K-Means "
                               "centroids); pass the tokenizer run whose bundle the retriever was trained on.")
     prefix, _ = tokenizer.encode_corpus(features)
-    if not unique:
-        return prefix, {"shared_sids": 0}
     existing = checkpoint["state_dict"]["sid_codes"][:, : len(prefix_vocab)]
+    if not unique:  # no counter level: a new item whose SID is already held shares that leaf
+        return prefix, {"shared_sids": unique_tokens(existing, prefix, 1)[1]}
     tokens, capped = unique_tokens(existing, prefix, vocab_sizes[-1])
     return torch.cat([prefix, tokens[:, None]], dim=1), {"shared_sids": capped}
 

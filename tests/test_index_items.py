@@ -19,7 +19,7 @@ import torch
 from grcm.data.corpus import save_corpus
 from grcm.data.datamodules import CorpusDataModule
 from grcm.data.synthetic import generate_synthetic_corpus
-from grcm.index_items import IndexItemsError, main
+from grcm.index_items import IndexItemsError, main, unique_tokens
 from grcm.retriever.module import GenerativeRetriever
 from grcm.tokenizers.module import ACETokenizer
 from grcm.tokenizers.unique_token import append_unique_token
@@ -153,3 +153,15 @@ def test_grdr_checkpoint_gets_every_view_of_the_new_items_from_its_own_tokenizer
         expected = module.eval().tokenizer.encode(features, 2)  # all 30 items through the same tokenizer
     assert torch.equal(indexed.sid_codes, expected)
     assert torch.equal(indexed.sid_codes[:25], module.sid_codes)
+
+
+def test_new_items_count_the_items_already_holding_their_prefix():
+    """The counter of a new item is the number of items (existing first, then earlier new ones) holding its
+    prefix; with a one-code vocabulary (no counter level) that count is the number of new items sharing a leaf."""
+    existing = torch.tensor([[0, 1], [2, 3], [0, 1]])
+    new = torch.tensor([[0, 1], [4, 5], [4, 5], [2, 3], [6, 7]])
+    tokens, over = unique_tokens(existing, new, vocab=3)
+    assert tokens.tolist() == [2, 0, 1, 1, 0] and over == 0
+    tokens, over = unique_tokens(existing, new, vocab=2)
+    assert tokens.tolist() == [1, 0, 1, 1, 0] and over == 1  # the third item of (0, 1) shares the last leaf
+    assert unique_tokens(existing, new, vocab=1)[1] == 3  # (0, 1), the second (4, 5) and (2, 3) share a leaf
