@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from grcm.decoding import (
     BeamSearchOutput,
@@ -376,10 +375,7 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_benchmark_quick_run_writes_json(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_throughput.py"
-    spec = importlib.util.spec_from_file_location("decode_throughput", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("decode_throughput")
     out = tmp_path / "decode.json"
     benchmark.main(["--quick", "--out", str(out)])
     report = json.loads(out.read_text())

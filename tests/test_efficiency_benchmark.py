@@ -4,24 +4,16 @@ on the tuning queries, and the lossless CPU option returns the float32 beams."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load_benchmark
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("efficiency", ROOT / "benchmarks" / "efficiency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("efficiency")
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@ ratios are against the picked row; the zero-shot row's numbers match a recomputa
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -23,11 +22,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("real_language", ROOT / "benchmarks" / "real_language.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_language")
 
 
 def _validation_argmax(validation: dict[str, dict[str, float]]) -> str:

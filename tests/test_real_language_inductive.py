@@ -7,14 +7,11 @@ random vector per caption stands in for MiniLM, so no model is downloaded and th
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 from grcm.data.caption_features import CaptionSplitPlan, caption_feature_corpus
 from grcm.data.corpus import save_corpus
@@ -23,7 +20,6 @@ from grcm.data.datasets.captions import CaptionSet
 from grcm.retriever.module import GenerativeRetriever
 from grcm.tokenizers.module import ACETokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 SPLIT_OF = ["train", "test", "train", "val", "test"] * 6  # 12 train, 6 val, 12 test items, interleaved
 CAPTIONS, HELD_OUT, TEST, VAL = 8, 3, 2, 1
 DIM = 16
@@ -32,11 +28,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("real_language", ROOT / "benchmarks" / "real_language.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_language")
 
 
 def _captions(split_of=SPLIT_OF) -> CaptionSet:

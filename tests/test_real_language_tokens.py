@@ -4,25 +4,17 @@ of its held-out captions, never of its queries, and their normalised mean is the
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
+from benchmark_scripts import load_benchmark
 
 from grcm.data.caption_features import CaptionSplitPlan, caption_feature_corpus
 from grcm.data.datasets.captions import CaptionSet
 
-ROOT = Path(__file__).resolve().parents[1]
 ITEMS, CAPTIONS, HELD_OUT, DIM = 6, 7, 3, 8
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("real_language", ROOT / "benchmarks" / "real_language.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_language")
 
 
 def _embed(texts):

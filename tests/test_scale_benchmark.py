@@ -1,32 +1,19 @@
 """benchmarks/scale.py's quick mode (rows, resume), the codebook sizing rule and the 1B bytes table."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from benchmark_scripts import load_benchmark
 
 from grcm.rerank.fusion_weight import FUSION_WEIGHTS
 from grcm.tokenizers.sizing import fine_codebook_size, sid_vocab_sizes
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_writes_every_row_and_resumes_at_the_first_missing_one(tmp_path, monkeypatch):
     import grcm.demo
 
-    scale = _load("scale")
+    scale = load_benchmark("scale")
     argv = ["--quick", "--sizes", "300", "--test-queries", "40", "--val-queries", "40", "--grdr-max-n", "0", "--threads", "2",
             "--root", str(tmp_path)]
     summary = scale.main(argv)
@@ -102,7 +89,7 @@ def test_fine_codebook_size_rejects_bad_input():
 
 
 def test_sized_random_sids_are_unique_and_within_their_vocabularies():
-    decode = _load("decode_throughput")
+    decode = load_benchmark("decode_throughput")
     vocab = [4, 8, 16]
     codes = decode.skewed_ace_codes(5_000, seed=1, vocab=vocab, chunk=777)
     assert codes.shape == (5_000, 4)
@@ -116,7 +103,7 @@ def test_sized_random_sids_are_unique_and_within_their_vocabularies():
 
 
 def test_projection_table_marks_what_was_measured():
-    decode = _load("decode_throughput")
+    decode = load_benchmark("decode_throughput")
     runs = [{"num_items": 1_000, "generative_index_bytes_per_item": 12.5, "bytes_per_item": 8.5, "build_s": 0.1,
              "vocab_sizes": [128, 128, 128, 200]}]
     table = decode.projection_table(runs, faiss_items=600, dim=64, seed=0, sizes=(1_000, 10**9))
