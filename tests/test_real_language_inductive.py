@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _benchmark():
-    return load_benchmark("real_language")
+    return load_benchmark("real_language_inductive")
 
 
 def _captions(split_of=SPLIT_OF) -> CaptionSet:

@@ -14,7 +14,7 @@ ITEMS, CAPTIONS, HELD_OUT, DIM = 6, 7, 3, 8
 
 
 def _benchmark():
-    return load_benchmark("real_language")
+    return load_benchmark("real_language_tokens")
 
 
 def _embed(texts):
