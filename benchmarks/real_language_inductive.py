@@ -31,6 +31,7 @@ from real_language import (
 from grcm.data.caption_features import CaptionSplitPlan, caption_feature_corpus
 from grcm.data.corpus import save_corpus
 from grcm.data.datasets import read_captions
+from grcm.index_items import restrict_sid_table
 from grcm.io import write_json_atomic
 from grcm.rerank.fusion_weight import fusion_weight_callbacks, pick_fusion_weight
 
@@ -118,43 +119,6 @@ def inductive_corpora(corpus, item_split: dict[str, str], test: int | None, val:
         "pool_test": build(items_of["test"], ("test",), "test-pool"),
         "pool_val": build(items_of["val"], ("val",), "val-pool"),
     }
-
-
-def restrict_sid_table(checkpoint_path: str | Path, item_ids: list[str], out: str | Path) -> Path:
-    """Write a copy of a generative retriever checkpoint whose SID table holds only ``item_ids``, in that order.
-
-    The pool of an evaluation corpus that holds a subset of the trained items (e.g. only the test videos): the rows
-    of the ACE table ``sid_codes`` (N, L) or of GRDR's ``sids.sid_codes`` / ``sids.anchor_codes`` (N, V, L) are
-    kept for those items, unchanged; the trie is rebuilt from the table when the checkpoint is loaded.
-    """
-    import torch
-
-    from grcm.checkpoint import read_checkpoint
-    from grcm.index_items import ACE_KEY, GRDR_KEY
-
-    checkpoint = read_checkpoint(checkpoint_path)
-    state = checkpoint["state_dict"]
-    if ACE_KEY in checkpoint and "sid_codes" in state:
-        key, names = ACE_KEY, ["sid_codes"]
-    elif GRDR_KEY in checkpoint and "sids.sid_codes" in state:
-        key, names = GRDR_KEY, ["sids.sid_codes", "sids.anchor_codes"]
-    else:
-        raise ValueError(f"{checkpoint_path}: not a GenerativeRetriever or GRDRRetriever checkpoint (no SID table)")
-    row_of = {item: row for row, item in enumerate(checkpoint[key]["item_ids"])}
-    missing = [item for item in item_ids if item not in row_of]
-    if missing:
-        raise ValueError(f"{checkpoint_path}: {len(missing)} pool items (e.g. {missing[0]!r}) have no SID in the "
-                         "checkpoint; the pool must be a subset of the indexed items")
-    rows = torch.tensor([row_of[item] for item in item_ids], dtype=torch.long)
-    for name in names:
-        state[name] = state[name][rows].clone()
-    checkpoint[key]["item_ids"] = list(item_ids)
-    if key == ACE_KEY:
-        checkpoint[key]["feature_checksum"] = ""  # the table is a subset of the tokenizer run's corpus
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out
 
 
 def pool_cap(share: float, pool_items: int, smallest: int = 10) -> int:

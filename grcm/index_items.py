@@ -22,6 +22,9 @@ Existing items keep their SIDs (verified before writing). The new checkpoint is 
 New items come either as ``--features new.npy --item_ids ids.txt`` (appended after the checkpoint's
 items) or as ``--corpus_dir`` (every corpus item the checkpoint lacks is added and the table follows the
 corpus's item order, so ``grcm test/predict`` on that corpus accepts the checkpoint).
+
+The reverse, :func:`restrict_sid_table`, cuts a checkpoint's table down to a subset of its items (an
+evaluation pool of only some of them, e.g. a benchmark's test items), each keeping its SID.
 """
 
 from __future__ import annotations
@@ -164,6 +167,52 @@ def _reorder(old: torch.Tensor, new: torch.Tensor, known: list[str], new_ids: li
     return torch.cat([old, new.to(old.dtype)])[torch.tensor([position[i] for i in order], dtype=torch.long)]
 
 
+def _sid_table(checkpoint: dict[str, Any], where: str) -> tuple[str, list[str]]:
+    """("ace" or "grdr", the state-dict names of its SID table: ACE ``sid_codes`` (N, L), GRDR
+    ``sids.sid_codes`` and ``sids.anchor_codes`` (N, V, L)) of a retriever checkpoint."""
+    state = checkpoint.get("state_dict", {})
+    if ACE_KEY in checkpoint and "sid_codes" in state:
+        return "ace", ["sid_codes"]
+    if GRDR_KEY in checkpoint and "sids.sid_codes" in state:
+        return "grdr", ["sids.sid_codes", "sids.anchor_codes"]
+    raise IndexItemsError(f"{where}: not a GenerativeRetriever or GRDRRetriever checkpoint (no SID table); pass a "
+                          "trained retriever's checkpoint.")
+
+
+def restrict_sid_table(checkpoint_path: str | Path, item_ids: list[str], out: str | Path) -> Path:
+    """Write a copy of a retriever checkpoint whose SID table holds only ``item_ids``, in that order.
+
+    For evaluating on a corpus that holds a subset of the indexed items (e.g. only a benchmark's test items):
+    the rows of the ACE table ``sid_codes`` (N, L) or of GRDR's ``sids.sid_codes`` / ``sids.anchor_codes``
+    (N, V, L) are kept for those items, unchanged (each keeps its SID); the trie is rebuilt from the table when
+    the checkpoint is loaded. Written atomically; ``out`` may equal ``checkpoint_path``.
+
+    Raises:
+        IndexItemsError: not a retriever checkpoint, or an item of ``item_ids`` has no SID in it.
+    """
+    from grcm.checkpoint import read_checkpoint
+    from grcm.io import atomic_path
+
+    checkpoint = read_checkpoint(checkpoint_path)
+    state = checkpoint["state_dict"]
+    kind, names = _sid_table(checkpoint, str(checkpoint_path))
+    extras = checkpoint[ACE_KEY if kind == "ace" else GRDR_KEY]
+    row_of = {item: row for row, item in enumerate(extras["item_ids"])}
+    missing = [item for item in item_ids if item not in row_of]
+    if missing:
+        raise IndexItemsError(f"{checkpoint_path}: {len(missing)} pool items (e.g. {missing[0]!r}) have no SID in "
+                              "the checkpoint; the pool must be a subset of the indexed items.")
+    rows = torch.tensor([row_of[item] for item in item_ids], dtype=torch.long)
+    for name in names:
+        state[name] = state[name][rows].clone()
+    extras["item_ids"] = list(item_ids)
+    if kind == "ace":
+        extras["feature_checksum"] = ""  # the table is a subset of the tokenizer run's corpus
+    with atomic_path(out) as tmp:
+        torch.save(checkpoint, tmp)
+    return Path(out)
+
+
 def index_items(args: argparse.Namespace) -> dict[str, Any]:
     """Index the new items of ``args`` into ``args.ckpt_path``'s SID table and write ``args.out``; a summary."""
     from grcm.checkpoint import read_checkpoint
@@ -172,13 +221,8 @@ def index_items(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     checkpoint = read_checkpoint(args.ckpt_path)
     state = checkpoint["state_dict"]
-    if ACE_KEY in checkpoint and "sid_codes" in state:
-        kind, extras, names = "ace", checkpoint[ACE_KEY], ["sid_codes"]
-    elif GRDR_KEY in checkpoint and "sids.sid_codes" in state:
-        kind, extras, names = "grdr", checkpoint[GRDR_KEY], ["sids.sid_codes", "sids.anchor_codes"]
-    else:
-        raise IndexItemsError(f"--ckpt_path={args.ckpt_path}: not a GenerativeRetriever or GRDRRetriever checkpoint "
-                              "(no SID table); pass a trained retriever's checkpoint.")
+    kind, names = _sid_table(checkpoint, f"--ckpt_path={args.ckpt_path}")
+    extras = checkpoint[ACE_KEY if kind == "ace" else GRDR_KEY]
     known = list(extras["item_ids"])
     new_ids, features, order, where = _new_items(args, known)
     if not new_ids:

@@ -17,6 +17,7 @@ from grcm.data.caption_features import CaptionSplitPlan, caption_feature_corpus
 from grcm.data.corpus import save_corpus
 from grcm.data.datamodules import CorpusDataModule
 from grcm.data.datasets.captions import CaptionSet
+from grcm.index_items import restrict_sid_table
 from grcm.retriever.module import GenerativeRetriever
 from grcm.tokenizers.module import ACETokenizer
 
@@ -115,7 +116,7 @@ def test_restricted_checkpoint_decodes_only_into_the_pool_with_the_trained_sids(
     trainer.save_checkpoint(tmp_path / "trained.ckpt")
 
     pool = corpora["pool_test"]
-    path = benchmark.restrict_sid_table(tmp_path / "trained.ckpt", list(pool.item_ids), tmp_path / "pool.ckpt")
+    path = restrict_sid_table(tmp_path / "trained.ckpt", list(pool.item_ids), tmp_path / "pool.ckpt")
     cap = benchmark.pool_cap(0.5, pool.num_items)
     module = GenerativeRetriever.load_from_checkpoint(path, weights_only=True, recall_levels=1, beam_size=3,
                                                       max_pool_items=cap)
@@ -133,7 +134,7 @@ def test_restricted_checkpoint_decodes_only_into_the_pool_with_the_trained_sids(
     assert int(recalled.max()) < pool.num_items and bool((recalled >= 0).any())  # pool indices only
 
     with pytest.raises(ValueError, match="vid0"):  # a train video is not in the test pool's checkpoint
-        benchmark.restrict_sid_table(path, ["vid0"], tmp_path / "bad.ckpt")
+        restrict_sid_table(path, ["vid0"], tmp_path / "bad.ckpt")
 
 
 def test_restricted_grdr_table_keeps_both_tables_rows_of_the_pool(built, tmp_path):
@@ -141,7 +142,7 @@ def test_restricted_grdr_table_keeps_both_tables_rows_of_the_pool(built, tmp_pat
     codes = torch.arange(5 * 2 * 3).reshape(5, 2, 3)
     torch.save({"state_dict": {"sids.sid_codes": codes, "sids.anchor_codes": codes + 100},
                 "grdr_sid_table": {"item_ids": [f"v{i}" for i in range(5)]}}, tmp_path / "grdr.ckpt")
-    benchmark.restrict_sid_table(tmp_path / "grdr.ckpt", ["v3", "v1"], tmp_path / "pool.ckpt")
+    restrict_sid_table(tmp_path / "grdr.ckpt", ["v3", "v1"], tmp_path / "pool.ckpt")
     out = torch.load(tmp_path / "pool.ckpt", weights_only=True)
     assert out["grdr_sid_table"]["item_ids"] == ["v3", "v1"]
     assert torch.equal(out["state_dict"]["sids.sid_codes"], codes[[3, 1]])
