@@ -37,11 +37,19 @@ from grcm.rerank.fusion_weight import fusion_weight_callbacks, pick_fusion_weigh
 # ------------------------------------------------------------------------------------------------ token features
 ATTENTION = "dual tower, attention pooling over caption tokens (scratch text tower)"
 HYBRID = "hybrid tower (PIG) over caption tokens (scratch text tower)"
-#: The token-feature rows of ``--protocol tokens``: label -> (config, run directory).
+ATTENTION_MINILM = "dual tower, attention pooling over caption tokens (MiniLM text tower fine-tuned)"
+HYBRID_MINILM = "hybrid tower (PIG) over caption tokens (MiniLM text tower fine-tuned)"
+#: The token-feature rows of ``--protocol tokens``: label -> (config, run directory). The MiniLM rows share
+#: dual_tower_minilm.yaml's text tower, projections (identity start), optimiser and steps.
 TOKEN_ROWS = {ATTENTION: ("dual_tower_attention.yaml", "dual_tower_attention"),
-              HYBRID: ("hybrid_tower_pig.yaml", "hybrid_tower_pig")}
-QUICK_TOKENS = {stage: ["--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1"]
-                for stage in ("dual_tower_attention", "hybrid_tower_pig")}
+              HYBRID: ("hybrid_tower_pig.yaml", "hybrid_tower_pig"),
+              ATTENTION_MINILM: ("dual_tower_attention_minilm.yaml", "dual_tower_attention_minilm"),
+              HYBRID_MINILM: ("hybrid_tower_pig_minilm.yaml", "hybrid_tower_pig_minilm")}
+#: ACE's pool is reranked by the dense row picked on validation and by each of these token rows.
+TOKEN_RERANKERS = (HYBRID, ATTENTION_MINILM, HYBRID_MINILM)
+QUICK_TOKENS = {"dual_tower_attention": QUICK["dual_tower_scratch"], "hybrid_tower_pig": QUICK["dual_tower_scratch"],
+                "dual_tower_attention_minilm": QUICK["dual_tower_minilm"],
+                "hybrid_tower_pig_minilm": QUICK["dual_tower_minilm"]}
 
 
 def token_feature_corpus(captions, embed, plan: CaptionSplitPlan, seed: int = 0, max_items: int | None = None):
@@ -65,8 +73,9 @@ def token_feature_corpus(captions, embed, plan: CaptionSplitPlan, seed: int = 0,
 
 def run_tokens(name: str, args: argparse.Namespace) -> dict:
     """Issue 24's real-language tokens: the transductive corpus with each item's held-out caption embeddings as
-    its token features; the dense rows, the attention-pooling dual tower and the hybrid tower, then ACE recall
-    reranked by the dense row picked on validation and by the hybrid tower (pure and fused)."""
+    its token features; the dense rows, the attention-pooling dual tower and the hybrid tower (scratch and MiniLM
+    text towers), then ACE recall reranked by the dense row picked on validation and by each of
+    ``TOKEN_RERANKERS`` (pure and fused)."""
     from grcm.rerank.two_stage import TwoStageEvaluation
 
     work = Path(args.work) / name
@@ -79,7 +88,7 @@ def run_tokens(name: str, args: argparse.Namespace) -> dict:
           f"queries {counts}", flush=True)
 
     def overrides(stage: str, extra: tuple | list = ()) -> list[str]:
-        quick = [*QUICK.get(stage, []), *QUICK_TOKENS.get(stage, [])] if args.quick else []
+        quick = QUICK_TOKENS.get(stage, QUICK.get(stage, [])) if args.quick else []
         return [f"--data.init_args.corpus_dir={corpus_dir}", f"--trainer.default_root_dir={work / stage}",
                 *DATASET_OVERRIDES.get(name, {}).get(stage, []), *quick, *extra]
 
@@ -133,7 +142,7 @@ def run_tokens(name: str, args: argparse.Namespace) -> dict:
         ace_model = type(cli.model).load_from_checkpoint(_fit(cli), weights_only=True)
     beam = ace_model.hparams.beam_size
     picked = pick_dense_row(rows).name
-    rerankers = [picked, HYBRID]
+    rerankers = [picked, *TOKEN_RERANKERS]
     # the fusion weight of each reranker on every validation query: one decode, a callback per (reranker, weight)
     t1 = time.perf_counter()
     cli = _cli("ace_retriever.yaml", [*retriever_overrides, "--data.init_args.max_val_queries=null"])

@@ -5,7 +5,8 @@ of its held-out captions, never of its queries, and their normalised mean is the
 from __future__ import annotations
 
 import numpy as np
-from benchmark_scripts import load_benchmark
+import yaml
+from benchmark_scripts import BENCHMARKS, load_benchmark
 
 from grcm.data.caption_features import CaptionSplitPlan, caption_feature_corpus
 from grcm.data.datasets.captions import CaptionSet
@@ -48,3 +49,36 @@ def test_item_tokens_are_its_held_out_captions_and_average_to_its_feature():
         expected = np.stack([vocabulary[t] for t in held_out])
         got = corpus.token_features[item]
         assert sorted(map(tuple, np.round(got, 5))) == sorted(map(tuple, np.round(expected, 5))), item
+
+
+TEXT_BLOCK = ("embed_dim", "text_backbone", "projection_init", "lr", "weight_decay", "warmup_steps", "temperature")
+
+
+def _config(name: str) -> dict:
+    return yaml.safe_load((BENCHMARKS.parent / "experiments" / "real_language" / name).read_text())
+
+
+def test_minilm_token_rows_fine_tune_the_text_tower_as_the_minilm_dual_tower_does():
+    """The MiniLM token rows are rows of --protocol tokens (and rerank ACE's pool); they share the fine-tuned MiniLM
+    dual tower's text-encoder block, batch and steps; the hybrid differs from the attention-pooling row only in its
+    pseudo-query flags; both start at the zero-shot similarity (identity start with the mean skip)."""
+    benchmark = _benchmark()
+    configs = {label: config for label, (config, _) in benchmark.TOKEN_ROWS.items()}
+    attention, hybrid = configs[benchmark.ATTENTION_MINILM], configs[benchmark.HYBRID_MINILM]
+    assert {benchmark.ATTENTION_MINILM, benchmark.HYBRID_MINILM} <= set(benchmark.TOKEN_RERANKERS)
+    reference = _config("dual_tower_minilm.yaml")
+    rows = {name: _config(name) for name in (attention, hybrid)}
+    for name, config in rows.items():
+        args = config["model"]["init_args"]
+        assert {key: args[key] for key in TEXT_BLOCK} == {key: reference["model"]["init_args"][key]
+                                                         for key in TEXT_BLOCK}, name
+        assert args["mean_skip"] is True and args["projection_init"] == "identity", name
+        for key in ("max_steps", "max_epochs", "val_check_interval"):
+            assert config["trainer"][key] == reference["trainer"][key], (name, key)
+        for key in ("batch_size", "query_vocab", "max_val_queries"):
+            assert config["data"]["init_args"][key] == reference["data"]["init_args"][key], (name, key)
+    differing = {key for key in {**rows[attention]["model"]["init_args"], **rows[hybrid]["model"]["init_args"]}
+                 if rows[attention]["model"]["init_args"].get(key) != rows[hybrid]["model"]["init_args"].get(key)}
+    assert differing <= {"use_generator", "use_selector", "top_k", "interaction", "pseudo_tokens", "generator_layers",
+                         "interaction_layers", "generation_target", "generation_weight", "generation_contrastive"}
+    assert rows[hybrid]["model"]["init_args"]["use_generator"] and not rows[attention]["model"]["init_args"]["use_generator"]

@@ -25,6 +25,11 @@ pseudo-queries and the (detached) query embeddings of the batch, at the model's
 (detached) temperature: a pseudo-query should be closer to its own item's captions than
 to the other items'.
 
+With a pretrained text tower (``text_backbone="minilm"``, ``projection_init="identity"``, ``mean_skip=True``:
+the text-encoder block of the fine-tuned MiniLM dual tower) the model starts as the zero-shot similarity
+between a query and the mean of the item's tokens, and ``item_lr`` lets the freshly initialised item tower
+learn at its own rate while the text tower is fine-tuned at ``lr``.
+
 A checkpoint records its class (``checkpoint["dense_model_class"]``) so that
 :func:`grcm.rerank.dense_models.load_dense_model` (used by two-stage retrieval) loads the
 right model.
@@ -74,6 +79,13 @@ class HybridTower(DualTower):
         generation_target: ``"tokens"`` (token-level, the caption's token embeddings) or ``"sentence"``
             (the caption embedding); ``"pig"`` only (``"pooling"`` is sentence-level).
         generation_contrastive: weight of the pseudo-query vs caption InfoNCE (0 = off).
+        mean_skip: the item vector is ``normalize(W mean(tokens) + pooled)``
+            (:class:`~grcm.rerank.pseudo_query.HybridItemEncoder`).
+        projection_init: ``"random"``, or ``"identity"``: the text projection starts as the identity (as in
+            :class:`DualTower`) and the item tower as the normalised mean of its tokens (needs ``mean_skip``,
+            text hidden size == ``feature_dim`` == ``embed_dim``), so step 0 is the zero-shot similarity of a
+            pretrained text tower against the mean of its own embeddings of the item's captions.
+        item_lr: learning rate of the item tower (None: ``lr``); the warm-up and cosine schedule is shared.
         lr, weight_decay, warmup_steps, temperature, index, ks, mrr_k, eval_item_batch_size,
             gather_negatives, index_path: as in :class:`DualTower`.
     """
@@ -101,6 +113,9 @@ class HybridTower(DualTower):
         interaction_layers: int = 2,
         generation_target: Literal["tokens", "sentence"] = "tokens",
         generation_contrastive: float = 0.0,
+        mean_skip: bool = False,
+        projection_init: Literal["random", "identity"] = "random",
+        item_lr: float | None = None,
         pad_token_id: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -124,6 +139,7 @@ class HybridTower(DualTower):
             text_ffn=text_ffn,
             dropout=dropout,
             item_projection="linear",
+            projection_init=projection_init,
             pad_token_id=pad_token_id,
             lr=lr,
             weight_decay=weight_decay,
@@ -141,6 +157,8 @@ class HybridTower(DualTower):
                 f"generation_weight and generation_contrastive must be >= 0, got {generation_weight} and "
                 f"{generation_contrastive}"
             )
+        if item_lr is not None and item_lr <= 0:
+            raise ValueError(f"item_lr must be > 0 (or null: lr), got {item_lr}")
         if generation_target not in ("tokens", "sentence"):
             raise ValueError(f"generation_target must be 'tokens' or 'sentence', got {generation_target!r}")
         # this class's own arguments replace the parent's (plain types only: weights_only loading)
@@ -158,7 +176,10 @@ class HybridTower(DualTower):
             pseudo_tokens=pseudo_tokens,
             generator_layers=generator_layers,
             interaction_layers=interaction_layers,
+            mean_skip=mean_skip,
         )
+        if projection_init == "identity":  # the text projection is already the identity (DualTower)
+            self.item_tower.identity_init()
 
     # -- towers ---------------------------------------------------------------------------------
     def encode_items(self, token_features: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -264,6 +285,22 @@ class HybridTower(DualTower):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(items))
         self.log("train/logit_scale", scale, batch_size=len(items))
         return loss
+
+    def configure_optimizers(self):
+        """:class:`DualTower`'s AdamW and warm-up + cosine schedule; with ``item_lr`` the item tower is its own
+        parameter group at that rate (the schedule scales both groups alike)."""
+        config = super().configure_optimizers()
+        hp = self.hparams
+        if hp.item_lr is None:
+            return config
+        schedule = config["lr_scheduler"]["scheduler"].lr_lambdas[0]  # the parent's warm-up + cosine factor
+        item = list(self.item_tower.parameters())
+        ids = {id(p) for p in item}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in ids]}, {"params": item, "lr": hp.item_lr}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        config["optimizer"] = optimizer
+        config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return config
 
     # -- checkpoints ----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -29,6 +29,10 @@ indexed like the dual tower's.
 
 Without the generator the ``L`` slots are learned vectors shared by all items (the same
 interaction stack, nothing item-specific generated): the capacity control of the ablation.
+
+``mean_skip`` adds a linear map of the tokens' mean to the pooled output (before normalising); started
+as the identity with the pooled branch at zero (:meth:`HybridItemEncoder.identity_init`), a tower over
+pretrained token embeddings (e.g. MiniLM caption embeddings) begins at their zero-shot item vector.
 """
 
 from __future__ import annotations
@@ -175,14 +179,15 @@ class CrossAttentionPooling(nn.Module):
         self.projection = nn.Linear(width, embed_dim)
 
     def forward(
-        self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+        self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, normalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Q)`` query (``Q = query_dim``, default ``E``), ``(B, T, d)`` tokens, ``(B, T)`` mask ->
-        ``(B, E)`` unit embeddings and ``(B, T)`` attention weights."""
+        ``(B, E)`` embeddings (unit unless ``normalize=False``) and ``(B, T)`` attention weights."""
         q = self.query_projection(query)[:, None, :]
         pooled, weights = self.attention(q, tokens, mask)
         hidden = pooled + self.ffn(self.norm(pooled))
-        return F.normalize(self.projection(self.final_norm(hidden[:, 0])), dim=-1), weights[:, 0]
+        out = self.projection(self.final_norm(hidden[:, 0]))
+        return (F.normalize(out, dim=-1) if normalize else out), weights[:, 0]
 
 
 class AttentionBlock(nn.Module):
@@ -266,6 +271,9 @@ class HybridItemEncoder(nn.Module):
         pseudo_tokens: ``L``, pseudo-query tokens (``"pig"`` only).
         generator_layers: cross-attention blocks of the pseudo-token generator (``"pig"`` only).
         interaction_layers: depth of the interaction stack (``"pig"`` only; 0 = pooling only).
+        mean_skip: add a linear map of the tokens' masked mean to the pooled output before normalising
+            (``E = normalize(W mean(tokens) + pooled)``); with :meth:`identity_init` the tower starts as the
+            normalised mean of its tokens, i.e. a pretrained feature space's zero-shot item vector.
     """
 
     def __init__(
@@ -281,8 +289,10 @@ class HybridItemEncoder(nn.Module):
         pseudo_tokens: int = 8,
         generator_layers: int = 1,
         interaction_layers: int = 2,
+        mean_skip: bool = False,
     ):
         super().__init__()
+        self.skip = nn.Linear(feature_dim, embed_dim) if mean_skip else None
         if interaction not in ("pooling", "pig"):
             raise ValueError(f"interaction must be 'pooling' or 'pig', got {interaction!r}")
         if interaction_layers < 0:
@@ -304,6 +314,23 @@ class HybridItemEncoder(nn.Module):
         self.interactions = nn.ModuleList(InteractionLayer(width, num_heads) for _ in range(interaction_layers))
         self.pooling = CrossAttentionPooling(width, embed_dim, num_heads, query_dim=width)
 
+    @torch.no_grad()
+    def identity_init(self) -> None:
+        """Start as the identity on the tokens' mean: the skip is the identity and the pooled branch's output
+        projection is zero, so every item's vector is its normalised mean token until training moves it (the
+        attention branch then grows from zero, like a zero-initialised residual)."""
+        if self.skip is None or self.skip.weight.shape[0] != self.skip.weight.shape[1]:
+            shape = None if self.skip is None else tuple(self.skip.weight.shape)
+            raise ValueError(
+                f"identity initialisation of the hybrid item tower needs mean_skip=true and embed_dim == the token "
+                f"feature size, got skip {shape} (out, in); set model.mean_skip=true and model.embed_dim to the "
+                "feature dimension"
+            )
+        nn.init.eye_(self.skip.weight)
+        nn.init.zeros_(self.skip.bias)
+        nn.init.zeros_(self.pooling.projection.weight)
+        nn.init.zeros_(self.pooling.projection.bias)
+
     def _generate(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.selector is None:
             return self.generator(hidden, mask)
@@ -320,15 +347,19 @@ class HybridItemEncoder(nn.Module):
         if self.interaction == "pooling":
             pseudo = None if self.generator is None else self._generate(hidden, mask)
             query = self.learned_query.expand(tokens.shape[0], -1) if pseudo is None else pseudo
-            return self.pooling(query, hidden, mask)[0], pseudo
-        if self.generator is None:
-            slots, pseudo = self.learned_query.expand(tokens.shape[0], -1, -1), None
         else:
-            slots = self._generate(hidden, mask)
-            pseudo = self.generator.embed(slots)
-        for layer in self.interactions:
-            hidden, slots = layer(hidden, mask, slots)
-        return self.pooling(slots.mean(dim=1), hidden, mask)[0], pseudo
+            if self.generator is None:
+                slots, pseudo = self.learned_query.expand(tokens.shape[0], -1, -1), None
+            else:
+                slots = self._generate(hidden, mask)
+                pseudo = self.generator.embed(slots)
+            for layer in self.interactions:
+                hidden, slots = layer(hidden, mask, slots)
+            query = slots.mean(dim=1)
+        if self.skip is None:
+            return self.pooling(query, hidden, mask)[0], pseudo
+        pooled = self.pooling(query, hidden, mask, normalize=False)[0]
+        return F.normalize(self.skip(masked_mean(tokens, mask)) + pooled, dim=-1), pseudo
 
 
 def pseudo_query_loss(pseudo_queries: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
