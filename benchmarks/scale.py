@@ -23,8 +23,10 @@ takes at 2,000 items (steps grow linearly with N; nothing is tuned on test).
 
 Runs write under ``<root>/<N>/`` (one run directory per config) and record every finished fit and row in
 ``<root>/<N>/results.json`` as soon as it finishes; running the command again skips what is recorded and
-resumes at the first missing row (a fit killed half-way is redone from scratch in its own directory). The
-summary goes to ``<root>/scale.json``, ``scale.png`` and ``scale.md``.
+resumes at the first missing row; a fit killed half-way continues from its run directory's ``last.ckpt``
+(written at least every epoch; :mod:`benchmarks.scale_fit`), so a size too long for one sitting can be spread
+over several runs of the same command. The summary goes to ``<root>/scale.json``, ``scale.png`` and
+``scale.md``.
 
     nice -n 5 python benchmarks/scale.py                  # 2k, 10k, 50k in turn, resumable
     python benchmarks/scale.py --sizes 2000 10000          # a subset of the sizes
@@ -37,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 for entry in (REPO, REPO / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
+
+from scale_fit import fit_stage  # noqa: E402
 
 from grcm.demo import ACE, DENSE, GRDR, GRDR_DEMO, Stage, _run_dir  # noqa: E402
 from grcm.io import write_json_atomic  # noqa: E402
@@ -173,30 +176,21 @@ class SizeRun:
         return Stage(**{**stage.__dict__, "overrides": [*stage.overrides, *extra]})
 
 
-def fit_record(run_dir: Path, best: str, seconds: float, num_items: int) -> dict:
-    """Wall time, epochs and optimizer steps of a finished fit (read from its ``last.ckpt``)."""
-    from grcm.checkpoint import read_checkpoint
+def run_stage(size: SizeRun, stage: Stage, callbacks: tuple = ()) -> None:
+    """Fit (recording the checkpoint) or test (recording the row) one stage, unless recorded already.
 
-    last = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    epochs, steps = int(last.get("epoch", -1)) + 1, int(last.get("global_step", 0))
-    return {"checkpoint": best, "seconds": seconds, "epochs": epochs, "steps": steps,
-            "steps_per_item": steps / num_items}
-
-
-def run_stage(size: SizeRun, stage: Stage) -> None:
-    """Fit (recording the checkpoint) or test (recording the row) one stage, unless recorded already."""
+    A fit continues from its run directory's ``last.ckpt`` when an earlier run was killed during it
+    (:func:`scale_fit.fit_stage`); ``callbacks`` join the fit (tests stop a fit with one).
+    """
     from grcm import demo
 
     experiments = REPO / "experiments" / "synthetic"
     checkpoints = size.checkpoints()
     staged = size.with_size(stage)
     if not stage.test:
-        run_dir = _run_dir(size.dir, stage.config)
-        shutil.rmtree(run_dir, ignore_errors=True)  # a fit killed half-way in this size's own folder
-        started = time.perf_counter()
-        demo._run_stage(staged, experiments, checkpoints, size.dir)
-        record = fit_record(run_dir, checkpoints[stage.name], time.perf_counter() - started, size.num_items)
-        size.state["fits"][stage.name] = {**record, "loadavg_after": os.getloadavg()}
+        record = fit_stage(staged, experiments, checkpoints, size.dir, callbacks=callbacks)
+        record["steps_per_item"] = record["steps"] / size.num_items
+        size.state["fits"][stage.name] = record
         return
     if stage.name == FUSED:
         weight, by_weight = pick_fusion_weight(size, stage)

@@ -52,7 +52,14 @@ def test_quick_run_writes_every_row_and_resumes_at_the_first_missing_one(tmp_pat
         ran.append(stage.name)
         return real_run_stage(stage, *args, **kwargs)
 
+    real_fit_stage = scale.fit_stage
+
+    def fit_spy(stage, *args, **kwargs):
+        ran.append(stage.name)
+        return real_fit_stage(stage, *args, **kwargs)
+
     monkeypatch.setattr(grcm.demo, "_run_stage", spy)
+    monkeypatch.setattr(scale, "fit_stage", fit_spy)  # fits run through benchmarks/scale_fit.py
     scale.main(argv)
     after = json.loads(path.read_text())
     assert ran == [scale.FUSED]  # no fit and no finished row again

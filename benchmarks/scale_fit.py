@@ -1,0 +1,128 @@
+"""Resumable fits of benchmarks/scale.py: a killed fit continues from its run directory's ``last.ckpt``.
+
+A fit stage runs in its own run directory (``<root>/<N>/<config stem>``, :func:`grcm.demo._run_dir`). Its
+config's :class:`grcm.checkpoint.ModelCheckpoint` writes ``checkpoints/last.ckpt`` when it validates, which
+for the configs that validate only at the end (``check_val_every_n_epoch`` > 1: the ACE and GRDR retrievers)
+is once per fit; :class:`EpochEndCheckpoint` adds a ``last.ckpt`` at every epoch end. When the stage runs
+again and finds that file, the fit resumes
+from it with Lightning's ``ckpt_path``: weights, optimizer, scheduler, loop counters, data order and random
+state come back (:mod:`grcm.resume`), so the resumed fit ends where an uninterrupted one would. A fit whose
+``last.ckpt`` is already at its final epoch trains nothing (Lightning's loop is done) and only reruns the
+end-of-fit hooks (the tokenizer's bundle, the dual tower's index). A run directory without ``last.ckpt``
+(killed before its first epoch ended) is cleared and the fit starts from scratch.
+
+Training time survives the restarts: :class:`FitClock` stores the wall seconds spent so far in every
+checkpoint, so a fit's recorded time is the sum over its sessions (minus what a kill threw away after the
+last checkpoint), and ``sessions`` counts the processes that trained it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+
+from grcm.demo import BUNDLE_OF, Stage, _run_dir
+
+
+class FitClock(L.Callback):
+    """Wall seconds of one fit across restarts (kept in each checkpoint's callback state), and its sessions.
+
+    ``seconds()`` is the time of earlier sessions (up to their last checkpoint) plus this session's time
+    since ``setup``.
+    """
+
+    def __init__(self) -> None:
+        self.earlier_seconds, self.earlier_sessions = 0.0, 0
+        self._started = time.perf_counter()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.perf_counter() - self._started
+
+    def sessions(self) -> int:
+        return self.earlier_sessions + 1
+
+    def state_dict(self) -> dict[str, float]:
+        return {"seconds": self.seconds(), "sessions": self.sessions()}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.earlier_seconds = float(state_dict["seconds"])
+        self.earlier_sessions = int(state_dict["sessions"])
+
+
+class EpochEndCheckpoint(Checkpoint):
+    """Write the latest training state to ``path`` at the end of every training epoch (atomically).
+
+    A :class:`~lightning.pytorch.callbacks.Checkpoint` subclass, so Lightning calls its ``on_train_epoch_end``
+    after the LightningModule's (GRDR's end-of-epoch code snapshot is in the file) and with the config's
+    ``ModelCheckpoint``. The file is written beside ``path`` and renamed over it: a kill while writing leaves
+    the previous epoch's ``last.ckpt`` intact.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    """Where the configs' ``ModelCheckpoint`` (``dirpath: ${trainer.default_root_dir}/checkpoints``) keeps
+    the latest state."""
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def fit_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str], out: Path, callbacks: tuple = ()) -> dict:
+    """Fit one stage in ``<out>/<config stem>``, resuming from its ``last.ckpt`` when one is there.
+
+    Args:
+        stage: a fit-only stage (``fit=True, test=False``) with the size's overrides.
+        experiments: folder of the stage configs.
+        checkpoints: fitted stage name -> best checkpoint; this stage's is added.
+        out: the size's folder.
+        callbacks: extra Lightning callbacks for the fit (tests use them to stop a fit).
+
+    Returns:
+        the fit's record: best ``checkpoint``, wall ``seconds`` over all sessions, ``sessions``,
+        ``resumed_from_epoch`` (epochs finished before this session; 0 for a fresh fit), ``epochs`` and
+        ``steps`` (from ``last.ckpt``).
+    """
+    from grcm.checkpoint import read_checkpoint
+    from grcm.lightning_cli import GrcmCLI  # imports Lightning's CLI: not at module import
+
+    if stage.test or not stage.fit:
+        raise ValueError(f"fit_stage runs fit-only stages; {stage.name!r} has fit={stage.fit}, test={stage.test}")
+    run_dir = _run_dir(out, stage.config)
+    last = last_checkpoint(run_dir)
+    resume = last.is_file()
+    resumed_from = int(read_checkpoint(last).get("epoch", -1)) + 1 if resume else 0
+    if not resume:  # nothing to continue: a fit killed before its first checkpoint leaves only logs
+        shutil.rmtree(run_dir, ignore_errors=True)
+    overrides = [f"--trainer.default_root_dir={run_dir}"]
+    if stage.config in BUNDLE_OF:
+        overrides.append(f"--model.init_args.bundle_dir={_run_dir(out, BUNDLE_OF[stage.config]) / 'bundle'}")
+    cli = GrcmCLI(args=["-c", str(experiments / stage.config), *overrides, *stage.overrides], run=False)
+    clock = FitClock()
+    cli.trainer.callbacks.extend([clock, EpochEndCheckpoint(last), *callbacks])
+    if resume:
+        print(f"resuming {run_dir} from {last} ({resumed_from} epochs done)", flush=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if resume else None)
+    callback = cli.trainer.checkpoint_callback
+    best = callback.best_model_path or callback.last_model_path or str(last)
+    checkpoints[stage.name] = best
+    state = read_checkpoint(last)
+    return {"checkpoint": best, "seconds": clock.seconds(), "sessions": clock.sessions(),
+            "resumed_from_epoch": resumed_from, "epochs": int(state.get("epoch", -1)) + 1,
+            "steps": int(state.get("global_step", 0)), "loadavg_after": os.getloadavg()}
