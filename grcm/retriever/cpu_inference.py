@@ -11,9 +11,15 @@
   as ``F.linear`` on slices of an attention's packed ``in_proj_weight`` are quantised too: the mode
   intercepts ``F.linear`` and looks the weight up by storage, shape and bias. Lossy;
 * ``"bf16"``: a bfloat16 copy of the network (weights and activations; beam scores stay float32
-  because the search casts logits to float32 before ``log_softmax``). Lossy.
+  because the search casts logits to float32 before ``log_softmax``). Lossy;
+* ``"onnx"``: the float32 network exported to ONNX and run by ONNX Runtime
+  (:class:`~grcm.retriever.onnx_inference.OnnxNetwork`): the same beams as float32 up to rounding,
+  faster on CPU. Needs the optional ``onnxruntime`` package (``pip install -e .[onnx]``);
+* ``"onnx_int8"``: the same graphs with ONNX Runtime's dynamic int8 quantisation of every weight
+  product. Lossy; needs ``onnxruntime`` and ``onnx``.
 
-Both lossy options are CPU only; their accuracy cost on the demo and their speed are measured by
+Every option but "none" is CPU only; the lossy options' accuracy cost on the demo and every option's speed
+are measured by
 ``benchmarks/efficiency.py`` (``--candidates``) and reported in ``docs/benchmarks.md``.
 The prepared network is cached against the weights' identity and version counters
 (:class:`PreparedNetwork`), so training between two evaluations re-prepares it.
@@ -34,8 +40,9 @@ from torch.overrides import TorchFunctionMode
 
 from grcm.errors import GrcmError
 
-INFERENCE_QUANTIZATIONS = ("none", "int8", "bf16")
-"""Values of ``inference_quantization``: float32, int8 dynamic quantisation, bfloat16 weights."""
+INFERENCE_QUANTIZATIONS = ("none", "int8", "bf16", "onnx", "onnx_int8")
+"""Values of ``inference_quantization``: float32, int8 dynamic quantisation, bfloat16 weights, float32 and int8
+under ONNX Runtime."""
 
 _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
 
@@ -49,7 +56,8 @@ def check_inference_quantization(value: str, field: str = "model.inference_quant
     if value not in INFERENCE_QUANTIZATIONS:
         raise InferenceQuantizationError(
             f"{field} must be one of {list(INFERENCE_QUANTIZATIONS)}, got {value!r}; "
-            "'none' decodes in float32, 'int8' and 'bf16' are the CPU speed options."
+            "'none' decodes in float32, the others are CPU speed options ('onnx' and 'onnx_int8' need "
+            "`pip install -e .[onnx]`)."
         )
     return value
 
@@ -187,8 +195,13 @@ class Int8Network:
 
 
 def prepare(model: nn.Module, quantization: str) -> nn.Module | Int8Network:
-    """The network to decode with: ``model`` ("none"), a bfloat16 copy ("bf16") or :class:`Int8Network`."""
+    """The network to decode with: ``model`` ("none"), a bfloat16 copy ("bf16"), :class:`Int8Network` or,
+    for "onnx" / "onnx_int8", :class:`~grcm.retriever.onnx_inference.OnnxNetwork`."""
     check_inference_quantization(quantization)
+    if quantization in ("onnx", "onnx_int8"):
+        from grcm.retriever.onnx_inference import OnnxNetwork  # optional dependency, imported on use
+
+        return OnnxNetwork(model, int8=quantization == "onnx_int8")
     if quantization == "bf16":
         with torch.inference_mode(False):
             return copy.deepcopy(model).to(torch.bfloat16).eval()
