@@ -80,22 +80,25 @@ def test_identity_start_needs_the_mean_skip_and_a_square_map(data):
         _tower(data, item_lr=0.0)
 
 
-def test_mean_skip_adds_a_linear_map_of_the_mean_token_to_the_pooled_branch(data):
-    """With random weights the skip adds ``W mean(real tokens) + b`` to the pooled branch before normalising:
-    zeroing the pooled branch leaves exactly the normalised skip, and the skip changes the vector."""
+def test_mean_skip_adds_a_linear_map_of_the_mean_token_to_the_gated_pooled_branch(data):
+    """``normalize(W mean(real tokens) + b + g * unit pooled vector)``: against the tower without the skip (its unit
+    pooled vector, same weights) and an independent mean, for a gate of 0, 1 and 2.5."""
     torch.manual_seed(0)
     encoder = HybridItemEncoder(DIM, embed_dim=12, width=DIM, num_heads=2, top_k=3, mean_skip=True).eval()
+    plain = HybridItemEncoder(DIM, embed_dim=12, width=DIM, num_heads=2, top_k=3).eval()
+    plain.load_state_dict({k: v for k, v in encoder.state_dict().items() if k not in ("skip.weight", "skip.bias",
+                                                                                      "branch_gate")})
     tokens = torch.randn(3, 5, DIM)
     mask = torch.arange(5)[None, :] < torch.tensor([5, 2, 4])[:, None]
-    with torch.no_grad():
-        with_branch = encoder(tokens, mask)[0]
-        encoder.pooling.projection.weight.zero_()
-        encoder.pooling.projection.bias.zero_()
-        skip_only = encoder(tokens, mask)[0]
     means = torch.stack([tokens[b, : int(mask[b].sum())].mean(0) for b in range(3)])
-    expected = means @ encoder.skip.weight.detach().T + encoder.skip.bias.detach()
-    torch.testing.assert_close(skip_only, expected / expected.norm(dim=-1, keepdim=True), atol=1e-6, rtol=0)
-    assert (with_branch - skip_only).abs().max() > 1e-3
+    skip = means @ encoder.skip.weight.detach().T + encoder.skip.bias.detach()
+    with torch.no_grad():
+        pooled = plain(tokens, mask)[0]
+        for gate in (0.0, 1.0, 2.5):
+            encoder.branch_gate.fill_(gate)
+            expected = skip + gate * pooled
+            torch.testing.assert_close(encoder(tokens, mask)[0], expected / expected.norm(dim=-1, keepdim=True),
+                                       atol=1e-6, rtol=0)
 
 
 def _fit(model, dm, steps: int) -> L.Trainer:
@@ -115,15 +118,15 @@ def _moved(before: dict[str, torch.Tensor], module: torch.nn.Module) -> float:
 
 
 def test_item_lr_trains_the_item_tower_at_its_own_rate_from_the_identity_start(data):
-    """``lr`` ~ 0 with ``item_lr`` 1e-2: the text tower stays put while the zero-initialised pooled branch (and the
-    attention behind it) learns, so the item vectors leave the mean token; without ``item_lr`` the item tower
+    """``lr`` ~ 0 with ``item_lr`` 1e-2: the text tower stays put while the zero-gated pooled branch (its gate and
+    the attention behind it) learns, so the item vectors leave the mean token; without ``item_lr`` the item tower
     is as frozen as the text tower. Both groups follow the same warm-up + cosine schedule."""
     model = _tower(data, projection_init="identity", mean_skip=True, lr=1e-9, item_lr=1e-2, warmup_steps=2,
                    **PIG_DEPTH0)
     text, items = _parameters(model.text_tower), _parameters(model.item_tower)
     trainer = _fit(model, data, steps=4)
     assert _moved(text, model.text_tower) < 1e-6
-    assert _moved(items, model.item_tower) > 1e-3
+    assert _moved(items, model.item_tower) > 1e-3 and abs(float(model.item_tower.branch_gate)) > 1e-3
     assert float(model.item_tower.pooling.attention.query.weight.grad.abs().max()) > 0  # the branch behind it learns
     model.eval()
     corpus = data.corpus

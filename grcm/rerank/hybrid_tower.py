@@ -79,7 +79,7 @@ class HybridTower(DualTower):
         generation_target: ``"tokens"`` (token-level, the caption's token embeddings) or ``"sentence"``
             (the caption embedding); ``"pig"`` only (``"pooling"`` is sentence-level).
         generation_contrastive: weight of the pseudo-query vs caption InfoNCE (0 = off).
-        mean_skip: the item vector is ``normalize(W mean(tokens) + pooled)``
+        mean_skip: the item vector is ``normalize(W mean(tokens) + g * pooled)`` with a learned gate ``g``
             (:class:`~grcm.rerank.pseudo_query.HybridItemEncoder`).
         projection_init: ``"random"``, or ``"identity"``: the text projection starts as the identity (as in
             :class:`DualTower`) and the item tower as the normalised mean of its tokens (needs ``mean_skip``,

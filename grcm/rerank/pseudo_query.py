@@ -30,8 +30,8 @@ indexed like the dual tower's.
 Without the generator the ``L`` slots are learned vectors shared by all items (the same
 interaction stack, nothing item-specific generated): the capacity control of the ablation.
 
-``mean_skip`` adds a linear map of the tokens' mean to the pooled output (before normalising); started
-as the identity with the pooled branch at zero (:meth:`HybridItemEncoder.identity_init`), a tower over
+``mean_skip`` adds a linear map of the tokens' mean to the gated pooled output (before normalising);
+started as the identity with the gate at zero (:meth:`HybridItemEncoder.identity_init`), a tower over
 pretrained token embeddings (e.g. MiniLM caption embeddings) begins at their zero-shot item vector.
 """
 
@@ -179,15 +179,14 @@ class CrossAttentionPooling(nn.Module):
         self.projection = nn.Linear(width, embed_dim)
 
     def forward(
-        self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, normalize: bool = True
+        self, query: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, Q)`` query (``Q = query_dim``, default ``E``), ``(B, T, d)`` tokens, ``(B, T)`` mask ->
-        ``(B, E)`` embeddings (unit unless ``normalize=False``) and ``(B, T)`` attention weights."""
+        ``(B, E)`` unit embeddings and ``(B, T)`` attention weights."""
         q = self.query_projection(query)[:, None, :]
         pooled, weights = self.attention(q, tokens, mask)
         hidden = pooled + self.ffn(self.norm(pooled))
-        out = self.projection(self.final_norm(hidden[:, 0]))
-        return (F.normalize(out, dim=-1) if normalize else out), weights[:, 0]
+        return F.normalize(self.projection(self.final_norm(hidden[:, 0])), dim=-1), weights[:, 0]
 
 
 class AttentionBlock(nn.Module):
@@ -271,9 +270,10 @@ class HybridItemEncoder(nn.Module):
         pseudo_tokens: ``L``, pseudo-query tokens (``"pig"`` only).
         generator_layers: cross-attention blocks of the pseudo-token generator (``"pig"`` only).
         interaction_layers: depth of the interaction stack (``"pig"`` only; 0 = pooling only).
-        mean_skip: add a linear map of the tokens' masked mean to the pooled output before normalising
-            (``E = normalize(W mean(tokens) + pooled)``); with :meth:`identity_init` the tower starts as the
-            normalised mean of its tokens, i.e. a pretrained feature space's zero-shot item vector.
+        mean_skip: add the pooled branch, as a unit vector scaled by a learned gate ``g``, to a linear map of the
+            tokens' masked mean before normalising (``normalize(W mean(tokens) + g * normalize(pooled))``, ``g``
+            starts at 1); with :meth:`identity_init` the tower starts as the normalised mean of its tokens, i.e.
+            a pretrained feature space's zero-shot item vector.
     """
 
     def __init__(
@@ -293,6 +293,7 @@ class HybridItemEncoder(nn.Module):
     ):
         super().__init__()
         self.skip = nn.Linear(feature_dim, embed_dim) if mean_skip else None
+        self.branch_gate = nn.Parameter(torch.ones(())) if mean_skip else None
         if interaction not in ("pooling", "pig"):
             raise ValueError(f"interaction must be 'pooling' or 'pig', got {interaction!r}")
         if interaction_layers < 0:
@@ -316,9 +317,9 @@ class HybridItemEncoder(nn.Module):
 
     @torch.no_grad()
     def identity_init(self) -> None:
-        """Start as the identity on the tokens' mean: the skip is the identity and the pooled branch's output
-        projection is zero, so every item's vector is its normalised mean token until training moves it (the
-        attention branch then grows from zero, like a zero-initialised residual)."""
+        """Start as the identity on the tokens' mean: the skip is the identity and the pooled branch's gate is
+        zero, so every item's vector is its normalised mean token until training opens the gate (a ReZero-style
+        residual: the gate's size, not the branch's weights, sets how far the tower leaves the mean)."""
         if self.skip is None or self.skip.weight.shape[0] != self.skip.weight.shape[1]:
             shape = None if self.skip is None else tuple(self.skip.weight.shape)
             raise ValueError(
@@ -328,8 +329,7 @@ class HybridItemEncoder(nn.Module):
             )
         nn.init.eye_(self.skip.weight)
         nn.init.zeros_(self.skip.bias)
-        nn.init.zeros_(self.pooling.projection.weight)
-        nn.init.zeros_(self.pooling.projection.bias)
+        nn.init.zeros_(self.branch_gate)
 
     def _generate(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.selector is None:
@@ -358,8 +358,8 @@ class HybridItemEncoder(nn.Module):
             query = slots.mean(dim=1)
         if self.skip is None:
             return self.pooling(query, hidden, mask)[0], pseudo
-        pooled = self.pooling(query, hidden, mask, normalize=False)[0]
-        return F.normalize(self.skip(masked_mean(tokens, mask)) + pooled, dim=-1), pseudo
+        pooled = self.pooling(query, hidden, mask)[0]
+        return F.normalize(self.skip(masked_mean(tokens, mask)) + self.branch_gate * pooled, dim=-1), pseudo
 
 
 def pseudo_query_loss(pseudo_queries: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
