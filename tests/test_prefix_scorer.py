@@ -18,6 +18,7 @@ from grcm.retriever.prefix_scorer import (
     PrefixItemScorer,
     PrefixScorerError,
     item_vectors,
+    prefix_item_counts,
     scored_prefix_pool,
 )
 from grcm.retriever.prefix_scorer_fit import fit_prefix_scorer
@@ -87,6 +88,29 @@ def test_scored_pool_equals_a_per_query_loop():
         assert len(got) == min(width, len(entries))
     # the item order is not the index order the plain expansion gives (the scorer reorders within a prefix)
     assert any(row != sorted(row) for row in pool.items[:, :4].tolist())
+
+
+def test_prefix_item_counts_sum_the_items_under_each_live_beam():
+    codes = toy_codes(NUM_ITEMS)[:, :2]
+    trie = SIDTrie.from_codes(codes, TOY_SID_VOCABS[:2], row_items=torch.arange(NUM_ITEMS))
+    sequences = torch.tensor([[[0, 0], [1, 2], [3, 1]], [[2, 2], [0, 1], [0, 0]]])
+    scores = torch.tensor([[-0.1, -0.5, -1.0], [-0.2, -0.3, float("-inf")]])  # query 1's last beam is dead
+    expected = [sum(sum(1 for sid in codes.tolist() if sid == sequences[b, k].tolist())
+                    for k in range(3) if scores[b, k] > float("-inf")) for b in range(2)]
+    assert expected[0] > 0 and expected[1] > 0
+    assert prefix_item_counts(BeamSearchOutput(sequences, scores), trie).tolist() == expected
+
+
+def test_subset_scores_the_kept_items_as_the_full_scorer_does():
+    scorer = _scorer(1)
+    rows = torch.tensor([7, 2, 30])
+    part = scorer.subset(rows)
+    states = torch.randn(4, 32)
+    full = scorer(states, torch.arange(NUM_ITEMS).expand(4, NUM_ITEMS))
+    assert torch.allclose(part(states, torch.arange(3).expand(4, 3)), full[:, rows])
+    assert part.trained.tolist() == scorer.trained[rows].tolist() and part.levels == 1
+    with pytest.raises(PrefixScorerError, match="rows"):
+        scorer.subset(torch.tensor([NUM_ITEMS]))
 
 
 def _module(bundle_dir: str, datamodule, **overrides) -> GenerativeRetriever:

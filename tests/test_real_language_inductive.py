@@ -128,6 +128,9 @@ def test_restricted_checkpoint_decodes_only_into_the_pool_with_the_trained_sids(
     assert 0 < logged["test/pool_items"] <= cap
     # the share is of the pool (the test videos), not of every trained item
     assert logged["test/pool_share"] == pytest.approx(logged["test/pool_items"] / pool.num_items)
+    # the cap cuts the items under the decoded prefixes, which are pool items too
+    assert logged["test/pool_items"] <= logged["test/prefix_items"] <= pool.num_items
+    assert logged["test/prefix_share"] == pytest.approx(logged["test/prefix_items"] / pool.num_items)
     assert logged["test/unseen/queries"] == TEST * pool.num_items  # no test video has a training caption
     batch = next(iter(pool_data.test_dataloader()))
     recalled = module.retrieve(batch["input_ids"], batch["attention_mask"], max_items=pool.num_items)

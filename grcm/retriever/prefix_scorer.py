@@ -42,7 +42,7 @@ from grcm.errors import GrcmError
 from grcm.metrics import deduplicate_ranked
 from grcm.retriever.model import EncoderOutput, GenerativeRetrieverModel
 
-__all__ = ["PrefixItemScorer", "PrefixScorerError", "item_vectors", "prefix_states",
+__all__ = ["PrefixItemScorer", "PrefixScorerError", "item_vectors", "prefix_item_counts", "prefix_states",
            "scored_prefix_pool"]
 
 FORMAT = "grcm-prefix-scorer-1"
@@ -91,6 +91,18 @@ class PrefixItemScorer(nn.Module):
         else:
             scores = torch.einsum("rd,rmd->rm", query, self.vectors[items.clamp(min=0)])
         return scores.masked_fill(items < 0, float("-inf"))
+
+    def subset(self, rows: Tensor) -> PrefixItemScorer:
+        """The same scorer over the items ``rows`` (k,) of its table, in that order (e.g. a retriever checkpoint
+        whose SID table was cut to an evaluation pool with :func:`grcm.index_items.restrict_sid_table`): the
+        projection is shared, each kept item keeps its vector and its trained flag."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.num_items):
+            raise PrefixScorerError(f"PrefixItemScorer.subset: rows must lie in [0, {self.num_items}), got "
+                                    f"[{int(rows.min())}, {int(rows.max())}]")
+        out = PrefixItemScorer(int(self.proj.in_features), self.vectors[rows], self.levels, self.trained[rows])
+        out.proj.load_state_dict(self.proj.state_dict())
+        return out.eval()
 
     def state(self) -> dict[str, Any]:
         """What :meth:`save` writes: tensors and plain values only (a ``weights_only`` load reads it)."""
@@ -149,6 +161,20 @@ def prefix_states(model: GenerativeRetrieverModel, enc: EncoderOutput, prefixes:
     # batch-major rows (row b*K + k reads query b): the decoder folds a query's K rows into one cross block
     states = model._decode_states(enc, prefixes.reshape(batch * beams, levels).clamp(min=0))
     return states[:, -1].reshape(batch, beams, -1)
+
+
+def prefix_item_counts(output: BeamSearchOutput, trie: SIDTrie) -> Tensor:
+    """(B,) items under each query's decoded prefixes (live beams (B, K, p) of ``trie``): what prefix recall
+    expands before ``max_pool_items`` cuts it, and what a prefix scorer reads."""
+    live = output.scores > float("-inf")
+    leaves = trie.lookup(output.sequences.to(trie.device)).masked_fill(~live.to(trie.device), -1)
+    if trie.leaf_item_ptr is None:
+        counts = (leaves >= 0).long()
+    else:
+        ptr = trie.leaf_item_ptr.long()
+        safe = leaves.clamp(min=0)
+        counts = torch.where(leaves >= 0, ptr[safe + 1] - ptr[safe], 0)
+    return counts.sum(1)
 
 
 def scored_prefix_pool(output: BeamSearchOutput, trie: SIDTrie, states: Tensor, scorer: PrefixItemScorer,

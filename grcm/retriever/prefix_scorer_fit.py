@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -85,8 +86,9 @@ def fit_prefix_scorer(model: GenerativeRetrieverModel, codes: Tensor, vectors: T
 
 
 # ------------------------------------------------------------------ command line
-def _load_retriever_and_data(ckpt_path: str) -> tuple[Any, Any]:
-    """The ACE retriever of ``ckpt_path`` and its fit's data module, set up with the fit's query vocabulary."""
+def _load_retriever_and_data(ckpt_path: str, corpus_dir: str | None = None) -> tuple[Any, Any]:
+    """The ACE retriever of ``ckpt_path`` and its fit's data module, set up with the fit's query vocabulary
+    (``corpus_dir``: the fit's corpus read from another directory, e.g. a copy of the run)."""
     from grcm.checkpoint import read_checkpoint
     from grcm.retriever.module import GenerativeRetriever
     from grcm.run_settings import import_class
@@ -98,7 +100,10 @@ def _load_retriever_and_data(ckpt_path: str) -> tuple[Any, Any]:
         raise PrefixScorerError(f"--ckpt_path={ckpt_path} is not a GenerativeRetriever (ACE) checkpoint written with "
                                 "its data settings ('sid_bundle' and 'grcm_run' keys); fit the retriever again.")
     data_class = import_class(data["class_path"])
-    datamodule = data_class(**data["init_args"])
+    init_args = dict(data["init_args"])
+    if corpus_dir is not None:
+        init_args["corpus_dir"] = str(corpus_dir)
+    datamodule = data_class(**init_args)
     datamodule.setup("fit")
     state = checkpoint.get(data_class.__name__)
     if state:
@@ -121,21 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def fit_from_checkpoint(ckpt_path: str, out: str, levels: int = 1, epochs: int = 100, lr: float = 3e-3,
+                        weight_decay: float = 0.0, seed: int = 0, corpus_dir: str | None = None) -> dict[str, Any]:
+    """Fit a scorer on the training queries of the corpus ``ckpt_path`` was fitted on (or ``corpus_dir``), write
+    it to ``out``; a summary (queries, items, last loss, seconds)."""
     start = time.perf_counter()
-    module, datamodule = _load_retriever_and_data(args.ckpt_path)
+    module, datamodule = _load_retriever_and_data(ckpt_path, corpus_dir)
     queries = datamodule.query_batches("train")
     codes = module.sid_codes.cpu()
     centroids = module._bundle_extras.get("codebooks", {}).get("coarse")
-    features = torch.as_tensor(datamodule.corpus.features, dtype=torch.float32)
+    features = torch.as_tensor(np.array(datamodule.corpus.features), dtype=torch.float32)
     vectors = item_vectors(features, codes[:, 0] if centroids is not None else None, centroids)
     scorer, loss = fit_prefix_scorer(module.model, codes, vectors, queries.input_ids, queries.attention_mask,
-                                     queries.item_index, args.levels, args.epochs, args.lr, args.weight_decay,
-                                     seed=args.seed)
-    scorer.save(args.out)
-    print(f"prefix scorer: {len(queries)} training queries, {int(queries.item_index.unique().numel())} items, "
-          f"loss {loss:.3f}, {time.perf_counter() - start:.0f} s -> {args.out}")
+                                     queries.item_index, levels, epochs, lr, weight_decay, seed=seed)
+    scorer.save(out)
+    return {"queries": len(queries), "items": int(queries.item_index.unique().numel()), "loss": loss,
+            "seconds": time.perf_counter() - start, "out": str(out)}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    summary = fit_from_checkpoint(args.ckpt_path, args.out, args.levels, args.epochs, args.lr, args.weight_decay,
+                                  args.seed)
+    print(f"prefix scorer: {summary['queries']} training queries, {summary['items']} items, "
+          f"loss {summary['loss']:.3f}, {summary['seconds']:.0f} s -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ Query text -> constrained beam search over SIDs -> ranked items -> metrics, in o
   and expand each decoded prefix to *every* item under it (items without training queries too), best
   beam first, items ascending within a prefix, the pool capped at ``max_pool_items``
   (:meth:`~SIDRetrievalModule.recall_trie`); ``{stage}/pool_items`` and ``{stage}/pool_share`` (of the
-  corpus) are logged;
+  corpus) are logged, and ``{stage}/prefix_items`` / ``{stage}/prefix_share``: the items under the decoded
+  prefixes before the cap (what a ``prefix_scorer`` reads);
 * **items ordered by their features under a prefix** (``prefix_scorer`` = a file of
   :mod:`grcm.retriever.prefix_scorer`, with ``recall_levels``): each recalled item scores its prefix's beam
   log-probability plus ``prefix_scorer_weight`` times ``(W h + b) . v_item`` (h: the decoder state after
@@ -63,7 +64,12 @@ from grcm.errors import GrcmError
 from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, SeenUnseenMetrics, candidate_recall, fixed_width
 from grcm.retriever.cpu_inference import PreparedNetwork, check_inference_quantization
 from grcm.retriever.incremental import PRECISIONS, decode_precision, make_step_fn
-from grcm.retriever.prefix_scorer import PrefixItemScorer, prefix_states, scored_prefix_pool
+from grcm.retriever.prefix_scorer import (
+    PrefixItemScorer,
+    prefix_item_counts,
+    prefix_states,
+    scored_prefix_pool,
+)
 from grcm.retriever.trie_cache import VersionedTrie
 
 
@@ -137,7 +143,8 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         self.val_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.test_metrics = ItemRetrievalMetrics(ks=ks, mrr_k=mrr_k)
         self.val_groups, self.test_groups = SeenUnseenMetrics(ks, mrr_k), SeenUnseenMetrics(ks, mrr_k)
-        self.val_pool, self.test_pool = PerQueryMeans(["pool_items"]), PerQueryMeans(["pool_items"])
+        self.val_pool, self.test_pool = (PerQueryMeans(["pool_items", "prefix_items"]),
+                                        PerQueryMeans(["pool_items", "prefix_items"]))
         quantization = check_inference_quantization(self.hparams.get("inference_quantization", "none"))
         if quantization != "none" and (self.hparams.get("compile_decoder") or self.hparams.get("cuda_graphs")):
             raise RetrieverConfigError(
@@ -337,7 +344,9 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         metrics.update(ranked, gold, query_ids)
         if self.recall_levels is not None:
             pool = self.val_pool if stage == "val" else self.test_pool
-            pool.update({"pool_items": (recalled.items >= 0).sum(1)}, query_ids)
+            pool.update({"pool_items": (recalled.items >= 0).sum(1),
+                         "prefix_items": prefix_item_counts(output, self.recall_trie).to(recalled.items.device)},
+                        query_ids)
         if self._seen_items is not None:
             groups = self.val_groups if stage == "val" else self.test_groups
             groups.update(ranked, candidate_recall(recalled.items, gold), gold, query_ids,
@@ -378,9 +387,10 @@ class SIDRetrievalModule(L.LightningModule, ABC):
         metrics.reset()
         if self.recall_levels is not None:
             pool = self.val_pool if stage == "val" else self.test_pool
-            items = pool.compute()["pool_items"]
-            self.log_dict({f"{stage}/pool_items": items, f"{stage}/pool_share": items / self.index_table()[2]},
-                          sync_dist=True)
+            means, num_items = pool.compute(), self.index_table()[2]
+            self.log_dict({f"{stage}/pool_items": means["pool_items"], f"{stage}/pool_share": means["pool_items"] / num_items,
+                           f"{stage}/prefix_items": means["prefix_items"],
+                           f"{stage}/prefix_share": means["prefix_items"] / num_items}, sync_dist=True)
             pool.reset()
         groups = self.val_groups if stage == "val" else self.test_groups
         grouped = groups.compute()  # every rank's queries: all ranks agree on whether there are unseen ones
