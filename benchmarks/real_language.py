@@ -320,7 +320,7 @@ def _protocol_runner(protocol: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from real_language_inductive import GENERATIVE
+    from real_language_inductive import add_arguments as add_inductive_arguments
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--annotation-dir", required=True,
@@ -344,13 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "transductive corpus with held-out caption embeddings as item tokens (hybrid tower rows)")
     parser.add_argument("--ace-checkpoint", help="--protocol tokens: an ACE retriever checkpoint trained on the same "
                         "corpus items (e.g. a transductive run's) instead of training one")
-    inductive.add_argument("--val-per-item", type=int, default=5, help="validation queries per val video")
-    inductive.add_argument("--pool-share", type=float, default=0.10,
-                           help="prefix recall keeps at most this share of the pool (model.max_pool_items)")
-    inductive.add_argument("--recall-levels", type=int, default=1, help="SID levels decoded (model.recall_levels)")
-    inductive.add_argument("--recall-beam", type=int, default=25, help="beam over SID prefixes")
-    inductive.add_argument("--generative", nargs="*", default=list(GENERATIVE), choices=list(GENERATIVE),
-                           help="generative retrievers to run")
+    add_inductive_arguments(inductive)
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch

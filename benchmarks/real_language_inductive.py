@@ -127,12 +127,47 @@ def pool_cap(share: float, pool_items: int, smallest: int = 10) -> int:
     return max(smallest, int(share * pool_items))
 
 
-def _pool_model(model_class, checkpoint: str, pool, out: Path, args: argparse.Namespace):
-    """The trained retriever restricted to ``pool``'s items (:func:`restrict_sid_table`), decoding by prefix."""
-    path = restrict_sid_table(checkpoint, list(pool.item_ids), out)
-    return model_class.load_from_checkpoint(path, weights_only=True, recall_levels=args.recall_levels,
-                                            beam_size=args.recall_beam,
-                                            max_pool_items=pool_cap(args.pool_share, pool.num_items))
+#: Pool checkpoints written by :func:`_pool_model` in this process: path -> the checkpoint it was cut from.
+_RESTRICTED: dict[Path, str] = {}
+
+
+def _pool_model(model_class, checkpoint: str, pool, out: Path, args: argparse.Namespace, beam: int | None = None,
+                **hparams):
+    """The trained retriever restricted to ``pool``'s items (:func:`restrict_sid_table`), decoding by prefix
+    (beam ``beam``, default ``--recall-beam``; ``hparams``: more of the retriever's, e.g. its prefix scorer)."""
+    if _RESTRICTED.get(out) != checkpoint:  # the same pool of the same checkpoint: written once per process
+        restrict_sid_table(checkpoint, list(pool.item_ids), out)
+        _RESTRICTED[out] = checkpoint
+    return model_class.load_from_checkpoint(out, weights_only=True, recall_levels=args.recall_levels,
+                                            beam_size=args.recall_beam if beam is None else beam,
+                                            max_pool_items=pool_cap(args.pool_share, pool.num_items), **hparams)
+
+
+def add_arguments(group) -> None:
+    """The inductive protocol's options, added to ``group`` of benchmarks/real_language.py's parser."""
+    group.add_argument("--val-per-item", type=int, default=5, help="validation queries per val video")
+    group.add_argument("--pool-share", type=float, default=0.10,
+                       help="prefix recall keeps at most this share of the pool (model.max_pool_items)")
+    group.add_argument("--recall-levels", type=int, default=1, help="SID levels decoded (model.recall_levels)")
+    group.add_argument("--recall-beam", type=int, default=25, help="beam over SID prefixes")
+    group.add_argument("--generative", nargs="*", default=list(GENERATIVE), choices=list(GENERATIVE),
+                       help="generative retrievers to run")
+    group.add_argument("--reuse", action="store_true",
+                       help="skip a fit whose checkpoint is already under --work (same recipe, e.g. a rerun that "
+                       "adds rows): the dual tower, the ACE tokenizer and retriever, GRDR, the prefix scorer")
+    group.add_argument("--prefix-scorer", action="store_true",
+                       help="ACE: also the rows of a prefix scorer (grcm.retriever.prefix_scorer) fitted on the train "
+                       "videos' captions, its beam, weight and untrained bonus picked on the val videos")
+    group.add_argument("--scorer-rows-only", action="store_true",
+                       help="with --prefix-scorer: skip ACE's rows without the scorer (e.g. measured by a former run)")
+    group.add_argument("--scorer-epochs", type=int, default=30, help="epochs of the prefix scorer's fit")
+    group.add_argument("--scorer-beams", type=int, nargs="+", default=[25, 40],
+                       help="beams over SID prefixes tried on validation for the prefix scorer")
+    group.add_argument("--scorer-weights", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
+                       help="prefix_scorer_weight values tried on validation")
+    group.add_argument("--scorer-bonuses", type=float, nargs="+", default=[0.0, 1.0, 2.0],
+                       help="prefix_scorer_untrained_bonus values tried on validation (pool = all videos only: in "
+                       "the test-videos pool no item has training captions, so a bonus changes nothing)")
 
 
 def run_inductive(name: str, args: argparse.Namespace) -> dict:
@@ -181,6 +216,15 @@ def run_inductive(name: str, args: argparse.Namespace) -> dict:
             rows[setting].append(Row(label, metrics, seconds + time.perf_counter() - t0, validation))
         save_partial()
 
+    def fit(cli, stage: str) -> str:
+        """_fit, or with ``--reuse`` the checkpoint a former fit of ``stage`` left under ``--work``."""
+        found = [work / stage / "checkpoints" / f for f in ("best.ckpt", "last.ckpt")]
+        found = [path for path in found if path.is_file()]
+        if args.reuse and found:
+            print(f"[{name}] {stage}: reusing {found[0]}", flush=True)
+            return str(found[0])
+        return _fit(cli)
+
     checkpoints: dict[str, str] = {}
     t0 = time.perf_counter()
     cli = _cli("zero_shot_minilm.yaml", overrides("zero_shot_minilm", "all", test_only))
@@ -191,36 +235,126 @@ def run_inductive(name: str, args: argparse.Namespace) -> dict:
 
     t0 = time.perf_counter()
     cli = _cli("dual_tower_minilm.yaml", overrides("dual_tower_minilm"))
-    checkpoints[MINILM_TUNED] = _fit(cli)
+    checkpoints[MINILM_TUNED] = fit(cli, "dual_tower_minilm")
     model = type(cli.model).load_from_checkpoint(checkpoints[MINILM_TUNED], weights_only=True)
     result["train_seconds"][MINILM_TUNED] = time.perf_counter() - t0
     dense_rows(MINILM_TUNED, "dual_tower_minilm.yaml", "dual_tower_minilm", model, time.perf_counter() - t0)
+
+    def scorer_rows(label: str, config: str, stage: str, extra: list[str], trained: str, model_class) -> None:
+        """ACE prefix recall with a prefix scorer: fitted on the train videos' captions (the retriever frozen),
+        its beam / weight / untrained bonus and the fused rerank's weight picked on the setting's val queries."""
+        import torch
+
+        from grcm.retriever.prefix_scorer import PrefixItemScorer
+        from grcm.retriever.prefix_scorer_fit import fit_from_checkpoint
+
+        scorer_file = work / stage / "prefix_scorer.pt"
+        t0 = time.perf_counter()
+        if not (args.reuse and scorer_file.is_file()):
+            summary = fit_from_checkpoint(trained, str(scorer_file), levels=args.recall_levels,
+                                          epochs=args.scorer_epochs, corpus_dir=str(dirs["all"]))
+            print(f"[{name}] prefix scorer fitted: {summary}", flush=True)
+        result["train_seconds"][f"{label} prefix scorer"] = time.perf_counter() - t0
+        scorer = PrefixItemScorer.load(scorer_file)
+        row_of = {item: row for row, item in enumerate(corpora["all"].item_ids)}  # = the checkpoint's table
+        picks = result.setdefault("prefix_scorer", {"epochs": args.scorer_epochs})
+        for setting, (val_key, test_key) in SETTINGS.items():
+            dense = pick_dense_row(rows[setting]).name
+            files = {}
+            for key in {val_key, test_key}:
+                files[key] = work / stage / f"prefix_scorer_{key}.pt"
+                scorer.subset(torch.tensor([row_of[i] for i in corpora[key].item_ids])).save(files[key])
+            bonuses = args.scorer_bonuses if setting == "all videos" else [0.0]
+            grid, t1 = {}, time.perf_counter()
+            for beam in args.scorer_beams:
+                for weight in args.scorer_weights:
+                    for bonus in bonuses:
+                        model = _pool_model(model_class, trained, corpora[val_key], work / stage / f"pool_{val_key}.ckpt",
+                                            args, beam, prefix_scorer=str(files[val_key]), prefix_scorer_weight=weight,
+                                            prefix_scorer_untrained_bonus=bonus)
+                        cli = _cli(config, overrides(stage, val_key, [*extra, "--data.init_args.max_val_queries=null"]))
+                        cli.trainer.callbacks.append(TwoStageEvaluation(
+                            dense_checkpoint=checkpoints[dense], name="two_stage", full_dense_reference=False))
+                        v = cli.trainer.validate(model, datamodule=cli.datamodule, verbose=False)[0]
+                        grid[(beam, weight, bonus)] = {
+                            "val/two_stage/recall@1": float(v["val/two_stage/recall@1"]),
+                            "val/unseen/candidate_recall": float(v["val/unseen/candidate_recall"]),
+                            "val/recall@1": float(v["val/recall@1"]), "val/prefix_share": float(v["val/prefix_share"])}
+                        print(f"[{name}] {setting} val: scorer beam {beam}, w {weight}, bonus {bonus}: "
+                              f"{grid[(beam, weight, bonus)]}", flush=True)
+            # the best rerank R@1 on validation, then gold in pool, then the narrower beam and smaller weight/bonus
+            beam, weight, bonus = max(grid, key=lambda c: (grid[c]["val/two_stage/recall@1"],
+                                                           grid[c]["val/unseen/candidate_recall"], -c[0], -c[1], -c[2]))
+            hparams = dict(prefix_scorer_weight=weight, prefix_scorer_untrained_bonus=bonus)
+            model = _pool_model(model_class, trained, corpora[val_key], work / stage / f"pool_{val_key}.ckpt", args,
+                                beam, prefix_scorer=str(files[val_key]), **hparams)
+            cli = _cli(config, overrides(stage, val_key, [*extra, "--data.init_args.max_val_queries=null"]))
+            cli.trainer.callbacks.extend(fusion_weight_callbacks(checkpoints[dense]))
+            fused_weight, scores = pick_fusion_weight(cli.trainer.validate(model, datamodule=cli.datamodule,
+                                                                           verbose=False)[0])
+            pick_seconds = time.perf_counter() - t1
+            picks[setting] = {"beam": beam, "weight": weight, "untrained_bonus": bonus, "fusion_weight": fused_weight,
+                              "pick_seconds": pick_seconds,
+                              "grid": [{"beam": c[0], "weight": c[1], "untrained_bonus": c[2], **m}
+                                       for c, m in grid.items()],
+                              "val_recall@1_by_fusion_weight": {str(w): r1 for w, (r1, _) in scores.items()}}
+            t1 = time.perf_counter()
+            model = _pool_model(model_class, trained, corpora[test_key], work / stage / f"pool_{test_key}.ckpt", args,
+                                beam, prefix_scorer=str(files[test_key]), **hparams)
+            cli = _cli(config, overrides(stage, test_key, [*extra, *test_only]))
+            metrics = _test(cli, model, [
+                TwoStageEvaluation(dense_checkpoint=checkpoints[dense], name="two_stage", full_dense_reference=False),
+                TwoStageEvaluation(dense_checkpoint=checkpoints[dense], name="fused", generative_weight=fused_weight,
+                                   full_dense_reference=False)])
+            seconds = time.perf_counter() - t1
+            what = f"p = {args.recall_levels}, beam {beam}, scorer w = {weight}" + (f", bonus {bonus}" if bonus else "")
+            rows[setting].append(Row(f"{label} prefix recall + prefix scorer ({what}, picked on val)", metrics, seconds))
+            for prefix, row_name, extra_seconds in (
+                    ("two_stage", f"{label} recall + prefix scorer + rerank by {dense}", 0.0),
+                    ("fused", f"{label} recall + prefix scorer + fused rerank by {dense} (w = {fused_weight}, "
+                              "picked on val)", pick_seconds)):
+                stage_metrics = {k.replace(f"test/{prefix}/", "test/"): v for k, v in metrics.items()
+                                 if k.startswith(f"test/{prefix}/")}
+                stage_metrics["stage1/test/prefix_share"] = metrics["test/prefix_share"]
+                rows[setting].append(Row(row_name, stage_metrics, seconds + extra_seconds))
+            print(f"[{name}] {setting}: {label} + prefix scorer (beam {beam}, w {weight}, bonus {bonus}) R@1 "
+                  f"{metrics['test/recall@1']:.4f}, gold in pool {metrics['test/unseen/candidate_recall']:.4f}, + rerank "
+                  f"{metrics['test/two_stage/recall@1']:.4f}, + fused (w = {fused_weight}) "
+                  f"{metrics['test/fused/recall@1']:.4f}, items under the prefixes {metrics['test/prefix_share']:.2%}",
+                  flush=True)
+            save_partial()
 
     for kind in args.generative:
         label, config, stage = GENERATIVE[kind]
         t0 = time.perf_counter()
         extra: list[str] = []
         if kind == "ace":
-            _fit(_cli("ace_tokenizer.yaml", overrides("ace_tokenizer")))
+            if not (args.reuse and (work / "ace_tokenizer" / "bundle" / "meta.json").is_file()):
+                _fit(_cli("ace_tokenizer.yaml", overrides("ace_tokenizer")))
             extra = [f"--model.init_args.bundle_dir={work / 'ace_tokenizer' / 'bundle'}"]
         cli = _cli(config, overrides(stage, "all", [*extra, *NO_VALIDATION]))
-        trained = _fit(cli)
+        trained = fit(cli, stage)
         model_class = type(cli.model)
         result["train_seconds"][label] = time.perf_counter() - t0
         print(f"[{name}] {label} trained in {result['train_seconds'][label]:.0f} s: {trained}", flush=True)
         for setting, (val_key, test_key) in SETTINGS.items():
+            if kind == "ace" and args.prefix_scorer and args.scorer_rows_only:
+                break
             dense = pick_dense_row(rows[setting]).name
 
             t1 = time.perf_counter()  # the fusion weight, on every validation query of the setting's val pool
             cli = _cli(config, overrides(stage, val_key, [*extra, "--data.init_args.max_val_queries=null"]))
             cli.trainer.callbacks.extend(fusion_weight_callbacks(checkpoints[dense]))
             validation = {k: float(v) for k, v in
-                          cli.trainer.validate(_pool_model(model_class, trained, corpora[val_key], work / stage / f"pool_{val_key}.ckpt", args), datamodule=cli.datamodule, verbose=False)[0].items()}
+                          cli.trainer.validate(_pool_model(model_class, trained, corpora[val_key],
+                                                           work / stage / f"pool_{val_key}.ckpt", args),
+                                               datamodule=cli.datamodule, verbose=False)[0].items()}
             weight, scores = pick_fusion_weight(validation)
             pick_seconds = time.perf_counter() - t1
             t1 = time.perf_counter()
             cli = _cli(config, overrides(stage, test_key, [*extra, *test_only]))
-            pool_model = _pool_model(model_class, trained, corpora[test_key], work / stage / f"pool_{test_key}.ckpt", args)
+            pool_model = _pool_model(model_class, trained, corpora[test_key], work / stage / f"pool_{test_key}.ckpt",
+                                     args)
             metrics = _test(cli, pool_model, [
                 TwoStageEvaluation(dense_checkpoint=checkpoints[dense], name="two_stage", full_dense_reference=False),
                 TwoStageEvaluation(dense_checkpoint=checkpoints[dense], name="fused", generative_weight=weight,
@@ -235,12 +369,21 @@ def run_inductive(name: str, args: argparse.Namespace) -> dict:
                       "val_recall@1_by_weight": {str(w): r1 for w, (r1, _) in scores.items()}})):
                 stage_metrics = {k.replace(f"test/{prefix}/", "test/"): v for k, v in metrics.items()
                                  if k.startswith(f"test/{prefix}/")}
+                stage_metrics["stage1/test/prefix_share"] = metrics["test/prefix_share"]
                 rows[setting].append(Row(row_name, {**stage_metrics, **fused}, seconds + extra_seconds))
             print(f"[{name}] {setting}: {label} R@1 {metrics['test/recall@1']:.4f}, + rerank "
                   f"{metrics['test/two_stage/recall@1']:.4f}, + fused (w = {weight}) {metrics['test/fused/recall@1']:.4f}"
                   f", pool {metrics['test/pool_share']:.2%}", flush=True)
             save_partial()
+        if kind == "ace" and args.prefix_scorer:
+            scorer_rows(label, config, stage, extra, trained, model_class)
     return result
+
+
+def _prefix_share(metrics: dict[str, float]) -> float | None:
+    """Share of the pool under a row's decoded prefixes (what stage 1 expands, and a prefix scorer reads); None
+    for a dense row or a result without it."""
+    return metrics.get("test/prefix_share", metrics.get("stage1/test/prefix_share"))
 
 
 def _pool_columns(metrics: dict[str, float]) -> tuple[float | None, float | None]:
@@ -264,6 +407,7 @@ def _setting_summary(rows: list[Row]) -> dict:
     for r in rows:
         gold, scored = _pool_columns(r.metrics)
         out["rows"][r.name] = {"metrics": r.metrics, "seconds": r.seconds, "gold_in_pool": gold, "pool_scored": scored,
+                               "under_decoded_prefixes": _prefix_share(r.metrics),
                                "r1_vs_picked_dense": r.metrics["test/recall@1"] / max(picked.metrics["test/recall@1"],
                                                                                      1e-12),
                                "r1_vs_best_dense": r.metrics["test/recall@1"] / max(best_dense, 1e-12)}
@@ -284,13 +428,15 @@ def inductive_markdown(name: str, result: dict) -> str:
         lines.append(f"*Pool = {setting}* (dense row picked on validation: {summary['picked_dense']}; "
                      + "; ".join(f"{row} val R@1 {m['val/recall@1']:.2%}" for row, m in summary["dense_pick"].items())
                      + ")\n")
-        lines.append("| method | R@1 | R@5 | R@10 | MRR@10 | gold in pool | pool scored | R@1 / picked dense | s |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("| method | R@1 | R@5 | R@10 | MRR@10 | gold in pool | pool scored | under decoded prefixes | "
+                     "R@1 / picked dense | s |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row_name, row in summary["rows"].items():
-            m, gold = row["metrics"], row["gold_in_pool"]
+            m, gold, read = row["metrics"], row["gold_in_pool"], row.get("under_decoded_prefixes")
             lines.append(f"| {row_name} | {m['test/recall@1']:.2%} | {m['test/recall@5']:.2%} | "
                          f"{m['test/recall@10']:.2%} | {m['test/mrr@10']:.4f} | "
                          f"{'-' if gold is None else f'{gold:.1%}'} | {row['pool_scored']:.1%} | "
+                         f"{'-' if read is None else f'{read:.1%}'} | "
                          f"{row['r1_vs_picked_dense']:.2f}x | {row['seconds']:.0f} |")
         lines.append("")
     return "\n".join(lines)
