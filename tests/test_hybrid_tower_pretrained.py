@@ -118,14 +118,15 @@ def _moved(before: dict[str, torch.Tensor], module: torch.nn.Module) -> float:
 
 
 def test_item_lr_trains_the_item_tower_at_its_own_rate_from_the_identity_start(data):
-    """``lr`` ~ 0 with ``item_lr`` 1e-2: the text tower stays put while the zero-gated pooled branch (its gate and
-    the attention behind it) learns, so the item vectors leave the mean token; without ``item_lr`` the item tower
+    """``lr`` ~ 0 with ``item_lr`` 1e-2: the text tower and the mean skip stay put while the zero-gated pooled branch
+    (its gate and the attention behind it) learns, so the item vectors leave the mean token; without ``item_lr`` the item tower
     is as frozen as the text tower. Both groups follow the same warm-up + cosine schedule."""
     model = _tower(data, projection_init="identity", mean_skip=True, lr=1e-9, item_lr=1e-2, warmup_steps=2,
                    **PIG_DEPTH0)
-    text, items = _parameters(model.text_tower), _parameters(model.item_tower)
+    text, items, skip = _parameters(model.text_tower), _parameters(model.item_tower), _parameters(model.item_tower.skip)
     trainer = _fit(model, data, steps=4)
     assert _moved(text, model.text_tower) < 1e-6
+    assert _moved(skip, model.item_tower.skip) < 1e-6  # the mean skip is the dual tower's projection: at lr
     assert _moved(items, model.item_tower) > 1e-3 and abs(float(model.item_tower.branch_gate)) > 1e-3
     assert float(model.item_tower.pooling.attention.query.weight.grad.abs().max()) > 0  # the branch behind it learns
     model.eval()

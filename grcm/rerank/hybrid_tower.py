@@ -85,7 +85,9 @@ class HybridTower(DualTower):
             :class:`DualTower`) and the item tower as the normalised mean of its tokens (needs ``mean_skip``,
             text hidden size == ``feature_dim`` == ``embed_dim``), so step 0 is the zero-shot similarity of a
             pretrained text tower against the mean of its own embeddings of the item's captions.
-        item_lr: learning rate of the item tower (None: ``lr``); the warm-up and cosine schedule is shared.
+        item_lr: learning rate of the item tower's token branch (None: ``lr``): every item-tower parameter except
+            the mean skip, which plays the dual tower's item projection and trains at ``lr`` like it; the
+            warm-up and cosine schedule is shared.
         lr, weight_decay, warmup_steps, temperature, index, ks, mrr_k, eval_item_batch_size,
             gather_negatives, index_path: as in :class:`DualTower`.
     """
@@ -287,16 +289,16 @@ class HybridTower(DualTower):
         return loss
 
     def configure_optimizers(self):
-        """:class:`DualTower`'s AdamW and warm-up + cosine schedule; with ``item_lr`` the item tower is its own
-        parameter group at that rate (the schedule scales both groups alike)."""
+        """:class:`DualTower`'s AdamW and warm-up + cosine schedule; with ``item_lr`` the item tower's token branch
+        (all but the mean skip) is its own parameter group at that rate (the schedule scales both groups alike)."""
         config = super().configure_optimizers()
         hp = self.hparams
         if hp.item_lr is None:
             return config
         schedule = config["lr_scheduler"]["scheduler"].lr_lambdas[0]  # the parent's warm-up + cosine factor
-        item = list(self.item_tower.parameters())
-        ids = {id(p) for p in item}
-        groups = [{"params": [p for p in self.parameters() if id(p) not in ids]}, {"params": item, "lr": hp.item_lr}]
+        branch = [p for name, p in self.item_tower.named_parameters() if not name.startswith("skip.")]
+        ids = {id(p) for p in branch}
+        groups = [{"params": [p for p in self.parameters() if id(p) not in ids]}, {"params": branch, "lr": hp.item_lr}]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         config["optimizer"] = optimizer
         config["lr_scheduler"]["scheduler"] = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
