@@ -44,9 +44,11 @@ to the top 10 items:
   when the headline rows are quantised);
 * ``generative_beam5_<candidate>`` / ``generative_beam50_<candidate>``: each CPU speed candidate of
   ``--candidates`` alone on the float32 network: ``int8``, ``bf16`` (lossy, see the demo accuracy
-  below), ``length_buckets`` (the batch split into ``--length-buckets`` groups of similar query
-  length, each padded only to its own longest query; lossless), ``compile`` (``torch.compile`` of the
-  decode step, compile time reported apart; lossless);
+  below), ``onnx`` (the network exported to ONNX and run by ONNX Runtime, :mod:`grcm.retriever.onnx_inference`;
+  lossless), ``onnx_int8`` (the same with ONNX Runtime's dynamic int8 quantisation; lossy), ``length_buckets``
+  (the batch split into ``--length-buckets`` groups of similar query length, each padded only to its own
+  longest query; lossless), ``compile`` (``torch.compile`` of the decode step, compile time reported apart;
+  lossless). ``onnx`` / ``onnx_int8`` need ``pip install -e .[onnx]``;
 * ``generative_beam5_full`` / ``generative_beam50_full``: the float32 decoder recomputed over the whole
   prefix at every level (the reference path of incremental decoding);
 * ``generative_beam50_rerank``: the beam-50 pool re-ranked by the dual tower
@@ -71,7 +73,8 @@ in ACE, trained on a sample), then the unique token. Generative index bytes = SI
 
 Usage::
 
-    python benchmarks/efficiency.py --sizes 1000000 --threads 1 --build-threads 2   # the 1M comparison
+    python benchmarks/efficiency.py --sizes 1000000 --threads 1 --build-threads 2 \
+        --inference-quantization onnx_int8 --candidates int8 onnx bf16 length_buckets   # the 1M comparison
     python benchmarks/efficiency.py --quick   # tiny sizes and models: a smoke run in seconds
 """
 
@@ -104,7 +107,11 @@ from grcm.rerank.dual_tower import DualTower
 from grcm.rerank.faiss_runtime import faiss_threads
 from grcm.rerank.index import DenseIndex, DenseIndexConfig
 from grcm.rerank.two_stage import rerank_candidates
-from grcm.retriever.cpu_inference import INFERENCE_QUANTIZATIONS, PreparedNetwork
+from grcm.retriever.cpu_inference import (
+    INFERENCE_QUANTIZATIONS,
+    PreparedNetwork,
+    available_inference_quantizations,
+)
 from grcm.retriever.incremental import make_step_fn
 from grcm.retriever.model import GenerativeRetrieverModel
 from grcm.tokenizers.kmeans import assign_to_centroids, fit_kmeans
@@ -114,8 +121,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEMO = Path("runs/demo")
 TOP_K = 10
 BEAMS = (5, 50)
-CANDIDATES = ("int8", "bf16", "length_buckets", "compile")
-LOSSLESS = ("length_buckets", "compile", "full")
+CANDIDATES = ("int8", "bf16", "onnx", "onnx_int8", "length_buckets", "compile")
+LOSSLESS = ("length_buckets", "compile", "full", "onnx")
 DENSE_LABELS = {
     "faiss_flat": "FAISS Flat (exact)",
     "faiss_hnsw_default": "FAISS HNSW16, efSearch 16 (default)",
@@ -155,7 +162,8 @@ def method_labels(args: argparse.Namespace) -> dict[str, str]:
 
 
 def quantization_label(quantization: str) -> str:
-    return {"none": "float32", "int8": "int8 dynamic quantisation", "bf16": "bfloat16"}[quantization]
+    return {"none": "float32", "int8": "int8 dynamic quantisation", "bf16": "bfloat16",
+            "onnx": "float32 under ONNX Runtime", "onnx_int8": "int8 dynamic quantisation under ONNX Runtime"}[quantization]
 
 
 def candidate_label(candidate: str, args: argparse.Namespace) -> str:
@@ -942,7 +950,8 @@ def demo_accuracy(path: Path, beams: Sequence[int], length_buckets: int, threads
     The checkpoint's own data settings rebuild the demo corpus and its query vocabulary; the flag is set on
     the loaded :class:`~grcm.retriever.module.GenerativeRetriever` (its ``retrieve`` path, as ``grcm test``
     decodes). Also the float32 search in ``length_buckets`` groups (lossless: same beams expected).
-    Each setting is timed on the whole test set (queries per CPU-second, batches of 250).
+    Each setting is timed on the whole test set (queries per CPU-second, batches of 250), after an untimed
+    call that prepares its network (int8 packing, ONNX export).
     """
     from grcm.data.datamodules import SyntheticDataModule
     from grcm.retriever.module import GenerativeRetriever
@@ -959,8 +968,9 @@ def demo_accuracy(path: Path, beams: Sequence[int], length_buckets: int, threads
     for beam in beams:
         module.hparams.beam_size = beam
         rows, reference = {}, None
-        for setting in (*INFERENCE_QUANTIZATIONS, "length_buckets"):
+        for setting in (*available_inference_quantizations(), "length_buckets"):
             module.hparams.inference_quantization = "none" if setting == "length_buckets" else setting
+            module.decode(batches[0]["input_ids"][:2], batches[0]["attention_mask"][:2])  # prepare, untimed
             outputs, ranked, cpu = [], [], 0.0
             for batch in batches:
                 ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -1019,7 +1029,7 @@ def evaluate_targets(sizes: list[dict], accuracy: dict | None, quantization: str
     ratio("generative_beam5", "faiss_flat", 10.0)
     for name, method in methods.items():
         same = method.get("same_beams_as_float32")
-        if same is not None and any(option in name for option in LOSSLESS):
+        if same is not None and name.split("_", 2)[-1] in LOSSLESS:
             targets[f"{name} returns the float32 beams (up to rounding ties)"] = {
                 "num_items": num_items, "value": same["identical_or_tied_share"],
                 "identical_beams_share": same["identical_beams_share"],
@@ -1127,7 +1137,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the headline generative rows' network (grcm.retriever.cpu_inference)")
     parser.add_argument("--candidates", nargs="*", choices=CANDIDATES, default=["int8", "bf16", "length_buckets"],
                         help="CPU speed options timed alone on the float32 network, one row pair each "
-                        "('compile' compiles for minutes on 2 cores: opt in)")
+                        "('compile' compiles for minutes on 2 cores: opt in; 'onnx' and 'onnx_int8' need "
+                        "`pip install -e .[onnx]`)")
     parser.add_argument("--length-buckets", type=int, default=2, help="groups of the length_buckets candidate")
     parser.add_argument("--feature-dim", type=int, default=256, help="with --dual-tower random")
     parser.add_argument("--embed-dim", type=int, default=256, help="with --dual-tower random")

@@ -9,6 +9,11 @@ import json
 import pytest
 from benchmark_scripts import load_benchmark
 
+from grcm.retriever.cpu_inference import available_inference_quantizations
+
+# the ONNX Runtime candidate where its optional packages are installed (pip install -e .[onnx])
+ONNX = ["onnx"] if "onnx" in available_inference_quantizations() else []
+
 pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
@@ -19,7 +24,7 @@ def _benchmark():
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("efficiency")
-    _benchmark().main(["--quick", "--sizes", "1000", "--candidates", "length_buckets", "--queries", "20",
+    _benchmark().main(["--quick", "--sizes", "1000", "--candidates", "length_buckets", *ONNX, "--queries", "20",
                        "--tuning-queries", "40", "--out", str(out / "efficiency.json"),
                        "--plot", str(out / "efficiency.png")])
     return json.loads((out / "efficiency.json").read_text())
@@ -56,7 +61,7 @@ def test_dense_settings_are_the_cheapest_reaching_the_target_on_tuning_queries(r
 def test_lossless_option_returns_the_float32_beams_and_lossy_rows_say_how_close(report):
     methods = report["sizes"][-1]["methods"]
     for beam in (5, 50):
-        for lossless in ("length_buckets", "full"):  # beams swapped only among float-rounding ties, if at all
+        for lossless in ("length_buckets", "full", *ONNX):  # beams swapped only among float-rounding ties, if at all
             same = methods[f"generative_beam{beam}_{lossless}"]["same_beams_as_float32"]
             assert same["identical_or_tied_share"] == 1.0 and same["max_abs_score_difference"] < 1e-4
         share = methods[f"generative_beam{beam}"]["same_beams_as_float32"]["identical_top_beam_share"]
@@ -64,3 +69,5 @@ def test_lossless_option_returns_the_float32_beams_and_lossy_rows_say_how_close(
     targets = report["targets"]
     assert any(name.startswith("generative_beam5 / faiss_hnsw ") for name in targets)
     assert any(name.startswith("generative_beam5 / faiss_hnsw_default") for name in targets)
+    for lossless in ONNX:  # the lossless rows are checked in the targets too
+        assert targets[f"generative_beam5_{lossless} returns the float32 beams (up to rounding ties)"]["met"]

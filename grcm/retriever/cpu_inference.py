@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -60,6 +61,12 @@ def check_inference_quantization(value: str, field: str = "model.inference_quant
             "`pip install -e .[onnx]`)."
         )
     return value
+
+
+def available_inference_quantizations() -> tuple[str, ...]:
+    """The values of :data:`INFERENCE_QUANTIZATIONS` whose optional packages are installed here."""
+    onnx_ready = all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+    return tuple(value for value in INFERENCE_QUANTIZATIONS if onnx_ready or not value.startswith("onnx"))
 
 
 def _key(weight: Tensor, bias: Tensor | None) -> tuple:

@@ -26,6 +26,7 @@ scratch``); a pretrained encoder raises the same error.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import logging
@@ -42,6 +43,35 @@ from grcm.retriever.fusion import merge_heads, split_heads
 from grcm.retriever.model import GenerativeRetrieverModel
 
 ONNX_OPSET = 17
+
+
+@contextlib.contextmanager
+def _explicit_attention():
+    """While tracing, ``F.scaled_dot_product_attention`` as plain operations.
+
+    ``softmax(q k^T / sqrt(d_h) + mask) v``: the exporter's own translation recomputes the scale from the
+    shapes at run time, guards fully masked rows (never present here: every query has a real token and a
+    decoder position attends to itself) and transposes the keys itself; these plain operations let ONNX
+    Runtime cancel that transpose against the pre-transposed memory keys (:class:`OnnxNetwork`).
+    """
+    original = F.scaled_dot_product_attention
+
+    def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                  dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> Tensor:
+        if dropout_p or is_causal:
+            raise ValueError("the exported attention has no dropout and no causal mask (evaluation decoding).")
+        scale = float(query.shape[-1]) ** -0.5 if scale is None else scale
+        scores = torch.matmul(query * scale, key.transpose(-2, -1))
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
+                else scores + attn_mask
+        return torch.matmul(torch.softmax(scores, dim=-1), value)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def _require_onnxruntime(quantization: str) -> None:
@@ -91,8 +121,15 @@ def encode_for_export(model: GenerativeRetrieverModel, input_ids: Tensor, mask: 
     return EncoderOutput(layer_outputs=tuple(outputs), attention_mask=mask)
 
 
+def _key_slots(per_layer: int) -> range:
+    """Positions of the attention keys in a decoder layer's memory tuple: every cross block's
+    ``project_memory`` returns (keys, values) pairs (:func:`~grcm.retriever.fusion.project_keys_values`)."""
+    return range(0, per_layer, 2)
+
+
 class _FrontGraph(nn.Module):
-    """(B, T) tokens and mask -> S encoder layer outputs (B, T, d), then every decoder layer's memory tensors."""
+    """(B, T) tokens and mask -> S encoder layer outputs (B, T, d), then every decoder layer's memory tensors,
+    keys transposed to (B, h, d/h, T) (the layout the attention multiplies with), values (B, h, T, d/h)."""
 
     def __init__(self, model: GenerativeRetrieverModel) -> None:
         super().__init__()
@@ -101,7 +138,9 @@ class _FrontGraph(nn.Module):
     def forward(self, input_ids: Tensor, mask: Tensor) -> tuple[Tensor, ...]:
         enc = encode_for_export(self.model, input_ids, mask)
         memory = self.model.project_memory(enc)
-        return enc.layer_outputs + tuple(t for layer in memory.layers for t in layer)
+        keys = set(_key_slots(len(memory.layers[0])))
+        flat = tuple(t.transpose(-2, -1) if i in keys else t for layer in memory.layers for i, t in enumerate(layer))
+        return enc.layer_outputs + flat
 
 
 class _StepGraph(nn.Module):
@@ -117,7 +156,11 @@ class _StepGraph(nn.Module):
 
     def forward(self, mask: Tensor, codes: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
         depth, per_layer = len(self.model.decoder_layers), self.per_layer
-        layers = tuple(tuple(tensors[i * per_layer:(i + 1) * per_layer]) for i in range(depth))
+        keys = set(_key_slots(per_layer))  # given transposed: back to (B, h, T, d/h) (ONNX Runtime cancels the pair)
+        layers = tuple(
+            tuple(t.transpose(-2, -1) if j in keys else t for j, t in enumerate(tensors[i * per_layer:(i + 1) * per_layer]))
+            for i in range(depth)
+        )
         memory = DecoderMemory(layers=layers, attn_mask=mask[:, None, None, :])
         past = tensors[depth * per_layer:]
         cache = tuple((past[2 * i], past[2 * i + 1]) for i in range(depth)) if self.level > 0 else None
@@ -197,7 +240,7 @@ class OnnxNetwork:
         depth = len(model.decoder_layers)
         heads = model.decoder_layers[0].self_attention.num_heads
         width = model.d_model // heads
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad(), _explicit_attention():
             ids = torch.ones(2, 3, dtype=torch.long)
             mask = torch.ones(2, 3, dtype=torch.bool)
             front = _FrontGraph(model).eval()
@@ -205,10 +248,13 @@ class OnnxNetwork:
             self.num_encoder_outputs = len(model.encoder_layers)
             memory_names = [f"memory{i}" for i in range(len(example) - self.num_encoder_outputs)]
             self.per_layer = len(memory_names) // depth
+            keys = set(_key_slots(self.per_layer))
+            memory_axes = {name: {0: "B", 3 if i % self.per_layer in keys else 2: "T"}
+                           for i, name in enumerate(memory_names)}
             encoder_names = [f"encoder{i}" for i in range(self.num_encoder_outputs)]
             axes = {"input_ids": {0: "B", 1: "T"}, "mask": {0: "B", 1: "T"},
                     **{name: {0: "B", 1: "T"} for name in encoder_names},
-                    **{name: {0: "B", 2: "T"} for name in memory_names}}
+                    **memory_axes}
             sessions = [_export(front, (ids, mask), ["input_ids", "mask"], encoder_names + memory_names, axes)]
             cache_names = [f"past{i}" for i in range(2 * depth)]
             new_names = [f"cache{i}" for i in range(2 * depth)]
@@ -217,7 +263,7 @@ class OnnxNetwork:
                 past = [torch.zeros(rows, heads, level, width) for _ in range(2 * depth)] if level else []
                 inputs = ["mask", "codes"] + memory_names + cache_names[: len(past)]
                 axes = {"mask": {0: "B", 1: "T"}, "codes": {0: "R"}, "logits": {0: "R"},
-                        **{name: {0: "B", 2: "T"} for name in memory_names},
+                        **memory_axes,
                         **{name: {0: "R"} for name in cache_names + new_names}}
                 step = _StepGraph(model, level, self.per_layer).eval()
                 codes = torch.zeros(rows, dtype=torch.long)
@@ -254,8 +300,11 @@ class OnnxNetwork:
             layer_outputs=tuple(tensors[: self.num_encoder_outputs]), attention_mask=mask
         )
         flat = tensors[self.num_encoder_outputs:]
-        per_layer = self.per_layer
-        layers = tuple(tuple(flat[i * per_layer:(i + 1) * per_layer]) for i in range(len(flat) // per_layer))
+        per_layer, keys = self.per_layer, set(_key_slots(self.per_layer))
+        layers = tuple(  # keys come transposed: kept as (B, h, T, d/h) views of that storage
+            tuple(t.transpose(-2, -1) if j in keys else t for j, t in enumerate(flat[i * per_layer:(i + 1) * per_layer]))
+            for i in range(len(flat) // per_layer)
+        )
         enc.projected = DecoderMemory(layers=layers, attn_mask=mask[:, None, None, :])
         return enc
 
@@ -269,7 +318,8 @@ class OnnxNetwork:
         level = 0 if cache is None else cache[0][0].shape[2]
         feed = {"mask": memory.attn_mask[:, 0, 0, :].numpy(),
                 "codes": (codes[:, -1] if level else codes.new_zeros(codes.shape[0])).long().numpy()}
-        flat = [t for layer in memory.layers for t in layer]
+        keys = set(_key_slots(self.per_layer))
+        flat = [t.transpose(-2, -1) if j in keys else t for layer in memory.layers for j, t in enumerate(layer)]
         feed.update((name, tensor.contiguous().numpy()) for name, tensor in zip(self.memory_names, flat))
         if cache is not None:
             past = [t for keys_values in cache for t in keys_values]
