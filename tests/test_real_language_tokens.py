@@ -61,7 +61,7 @@ def _config(name: str) -> dict:
 def test_minilm_token_rows_fine_tune_the_text_tower_as_the_minilm_dual_tower_does():
     """The MiniLM token rows are rows of --protocol tokens (and rerank ACE's pool); they share the fine-tuned MiniLM
     dual tower's text-encoder block, batch and steps; the hybrid differs from the attention-pooling row only in its
-    pseudo-query flags; both start at the zero-shot similarity (identity start with the mean skip)."""
+    pseudo-query flags and its token branch's rate (each picked on validation); both start at the zero-shot similarity (identity start with the mean skip)."""
     benchmark = _benchmark()
     configs = {label: config for label, (config, _) in benchmark.TOKEN_ROWS.items()}
     attention, hybrid = configs[benchmark.ATTENTION_MINILM], configs[benchmark.HYBRID_MINILM]
@@ -79,6 +79,6 @@ def test_minilm_token_rows_fine_tune_the_text_tower_as_the_minilm_dual_tower_doe
             assert config["data"]["init_args"][key] == reference["data"]["init_args"][key], (name, key)
     differing = {key for key in {**rows[attention]["model"]["init_args"], **rows[hybrid]["model"]["init_args"]}
                  if rows[attention]["model"]["init_args"].get(key) != rows[hybrid]["model"]["init_args"].get(key)}
-    assert differing <= {"use_generator", "use_selector", "top_k", "interaction", "pseudo_tokens", "generator_layers",
+    assert differing <= {"item_lr", "use_generator", "use_selector", "top_k", "interaction", "pseudo_tokens", "generator_layers",
                          "interaction_layers", "generation_target", "generation_weight", "generation_contrastive"}
     assert rows[hybrid]["model"]["init_args"]["use_generator"] and not rows[attention]["model"]["init_args"]["use_generator"]
