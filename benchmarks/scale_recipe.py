@@ -16,6 +16,11 @@ drops a better SID) rather than by model error; prefix recall (p levels < the SI
 SID prefix and brings every item under it, instead of one beam per item (ACE's last level only numbers the
 items of a shared prefix). Results: ``<out>/levers.json`` (one run directory of its own; nothing else is written).
 
+A retrained variant (``--variant NAME --retriever-override=--trainer.max_epochs=14 ...``) first fits the ACE
+retriever with those config overrides on the size's SID bundle under ``<out>/<NAME>/`` (resumable mid-fit, as
+``benchmarks/scale.py``'s fits: :mod:`benchmarks.scale_fit`), then measures it the same way into
+``<out>/<NAME>/levers.json``.
+
     nice -n 5 python benchmarks/scale_recipe.py --size-dir runs/scale/10000 --out runs/scale/recipe_10000
 """
 
@@ -53,12 +58,34 @@ def setting_callbacks(dense: str, pool: int, weight: float, reference: bool) -> 
     ]
 
 
+def fit_variant(size_dir: Path, out: Path, overrides: list[str]) -> dict:
+    """Fit the ACE retriever with ``overrides`` on the size's SID bundle, in ``<out>/ace_retriever`` (resumable);
+    its record (``<out>/fit.json``) is written once the fit ends and read instead of fitting again."""
+    from scale_fit import fit_stage
+
+    from grcm.demo import Stage
+
+    path = out / "fit.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    num_items = int(size_dir.name)
+    stage = Stage(FIT_ACE, "ace_retriever.yaml", test=False, overrides=[
+        f"--data.init_args.num_items={num_items}", "--trainer.enable_progress_bar=false",
+        f"--model.init_args.bundle_dir={_run_dir(size_dir, 'ace_tokenizer.yaml') / 'bundle'}", *overrides,
+    ])
+    record = fit_stage(stage, REPO / "experiments" / "synthetic", {}, out)
+    record.update({"overrides": overrides, "steps_per_item": record["steps"] / num_items})
+    write_json_atomic(path, record)
+    return record
+
+
 def measure(size_dir: Path, out: Path, beam: int, levels: int | None, args: argparse.Namespace,
-            reference: bool) -> dict:
+            reference: bool, retriever: str | None = None) -> dict:
     """Validate the size's ACE retriever at beam ``beam`` decoding ``levels`` SID levels (None: all)."""
     from grcm.lightning_cli import GrcmCLI
 
     fits = json.loads((size_dir / "results.json").read_text())["fits"]
+    checkpoint = retriever or fits[FIT_ACE]["checkpoint"]
     num_items = int(size_dir.name)
     tag = f"beam{beam}_levels{levels or 'all'}"
     cli = GrcmCLI(args=[
@@ -67,13 +94,13 @@ def measure(size_dir: Path, out: Path, beam: int, levels: int | None, args: argp
         f"--model.init_args.bundle_dir={_run_dir(size_dir, 'ace_tokenizer.yaml') / 'bundle'}",
         f"--data.init_args.num_items={num_items}", f"--data.init_args.max_val_queries={args.val_queries}",
     ], run=False)
-    model = type(cli.model).load_from_checkpoint(fits[FIT_ACE]["checkpoint"], weights_only=True, beam_size=beam,
+    model = type(cli.model).load_from_checkpoint(checkpoint, weights_only=True, beam_size=beam,
                                                  recall_levels=levels)
     cli.trainer.callbacks.extend(setting_callbacks(fits[FIT_DENSE]["checkpoint"], args.pool, args.fusion_weight,
                                                    reference))
     started = time.perf_counter()
     val = cli.trainer.validate(model, datamodule=cli.datamodule, verbose=False,
-                               ckpt_path=fits[FIT_ACE]["checkpoint"])[0]
+                               ckpt_path=checkpoint)[0]
     val = {key: float(value) for key, value in val.items()}
     result = {
         "beam_size": beam, "recall_levels": levels, "recall_levels_decoded": val["val/pool/recall_levels"], "pool_cap": args.pool, "wall_s": time.perf_counter() - started,
@@ -110,6 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fusion-weight", type=float, default=0.05, help="the fused rerank's weight (picked on val)")
     parser.add_argument("--val-queries", type=int, default=2_000, help="validation queries decoded")
     parser.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
+    parser.add_argument("--variant", default=None, help="fit a variant of the ACE retriever under <out>/<variant>")
+    parser.add_argument("--retriever-override", action="append", default=[],
+                        help="a config override of the variant, e.g. --retriever-override=--trainer.max_epochs=14")
     args = parser.parse_args(argv)
     import faiss
     import torch
@@ -117,17 +147,24 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    path = args.out / "levers.json"
     if not (args.size_dir / "results.json").is_file():
         sys.exit(f"{args.size_dir / 'results.json'} not found: run benchmarks/scale.py for that size first.")
+    out, retriever, fit = args.out, None, None
+    if args.variant:
+        out = args.out / args.variant
+        fit = fit_variant(args.size_dir, out, args.retriever_override)
+        retriever = fit["checkpoint"]
+    path = out / "levers.json"
     done = json.loads(path.read_text()) if path.is_file() else {"size_dir": str(args.size_dir), "settings": {}}
+    if fit is not None:
+        done["fit"] = fit
     for beam, levels in parse_settings(args.settings):
         key = f"{beam}:{levels}" if levels else str(beam)
         if key in done["settings"]:
             continue
         print(f"\n=== recipe lever: beam {beam}, levels {levels or 'all'} ===", flush=True)
         reference = "exact_dense_top_p_candidate_recall" not in done
-        result = measure(args.size_dir, args.out, beam, levels, args, reference)
+        result = measure(args.size_dir, out, beam, levels, args, reference, retriever)
         if reference:
             done["exact_dense_top_p_candidate_recall"] = result.pop("exact_dense_top_p_candidate_recall")
             done["exact_dense_recall@1"] = result.pop("exact_dense_recall@1")

@@ -84,6 +84,9 @@ def test_a_killed_fit_continues_at_its_next_epoch_and_ends_as_an_uninterrupted_o
     assert twice["seconds"] > 0
     straight_weights = _weights(straight, "grdr")
     assert _differing(straight_weights, _weights(killed, "grdr")) == []  # exact resume (grcm.resume)
+    for size in (straight, killed):  # the epoch-end file never makes ModelCheckpoint version its own (last-v1)
+        names = {path.name for path in (size.dir / "grdr" / "checkpoints").iterdir()}
+        assert names == {"best.ckpt", "last.ckpt", "epoch_end.ckpt"}, names
 
     # killed after its last checkpoint but before results.json recorded it: nothing is trained again
     del killed.state["fits"][scale.FIT_GRDR]
