@@ -61,6 +61,10 @@ def _explicit_attention():
         if dropout_p or is_causal:
             raise ValueError("the exported attention has no dropout and no causal mask (evaluation decoding).")
         scale = float(query.shape[-1]) ** -0.5 if scale is None else scale
+        if query.shape[-2] == 1 and attn_mask is None:  # one position (a decode step's self-attention): no
+            # batch of (1 x d/h) @ (d/h x t) products, which cost more per call than the arithmetic
+            weights = torch.softmax(((query * scale) * key).sum(-1), dim=-1)  # (..., t)
+            return (weights.unsqueeze(-1) * value).sum(-2, keepdim=True)
         scores = torch.matmul(query * scale, key.transpose(-2, -1))
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool \
@@ -102,7 +106,7 @@ def encode_for_export(model: GenerativeRetrieverModel, input_ids: Tensor, mask: 
     """
     length = input_ids.shape[1]
     x = model.token_embedding(input_ids) * model.embed_scale + model.position_embedding.weight[:length]
-    keep = mask.unsqueeze(-1)
+    keep = mask.unsqueeze(-1).to(x.dtype)  # zeroing padding by a product: one multiplication, no select
     additive = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(~mask, float("-inf"))[:, None, None, :]
     outputs = []
     for layer, norm in zip(model.encoder_layers, model.encoder_norms):
@@ -116,8 +120,8 @@ def encode_for_export(model: GenerativeRetrieverModel, input_ids: Tensor, mask: 
         )
         x = x + attention.out_proj(merge_heads(attended))
         x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
-        x = x.masked_fill(~keep, 0.0)
-        outputs.append(norm(x).masked_fill(~keep, 0.0))
+        x = x * keep
+        outputs.append(norm(x) * keep)
     return EncoderOutput(layer_outputs=tuple(outputs), attention_mask=mask)
 
 
