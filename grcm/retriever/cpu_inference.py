@@ -14,9 +14,9 @@
   because the search casts logits to float32 before ``log_softmax``). Lossy;
 * ``"onnx"``: the float32 network exported to ONNX and run by ONNX Runtime
   (:class:`~grcm.retriever.onnx_inference.OnnxNetwork`): the same beams as float32 up to rounding,
-  faster on CPU. Needs the optional ``onnxruntime`` package (``pip install -e .[onnx]``);
+  faster on CPU. Needs the optional ``onnxruntime`` and ``onnx`` packages (``pip install -e .[onnx]``);
 * ``"onnx_int8"``: the same graphs with ONNX Runtime's dynamic int8 quantisation of every weight
-  product. Lossy; needs ``onnxruntime`` and ``onnx``.
+  product. Lossy; the same packages.
 
 Every option but "none" is CPU only; the lossy options' accuracy cost on the demo and every option's speed
 are measured by

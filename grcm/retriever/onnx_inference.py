@@ -11,8 +11,9 @@ small matrices of a decode step (d = 128, a few hundred beam rows):
   self-attention keys / values (R, h, l, d/h) of every decoder layer -> the level-l logits (R, V_l) and the
   cache extended by one position (:meth:`~grcm.retriever.model.GenerativeRetrieverModel.decode_step`).
 
-Batch size, query length and beam rows are dynamic axes. ``onnx`` runs the float32 graphs: the same
-arithmetic as the PyTorch reference, so the same beams up to float rounding (tested, and counted by
+Batch size, query length and beam rows are dynamic axes. ``onnx`` runs the float32 graphs: the PyTorch
+network's computation (its attention written as plain operations, :func:`_explicit_attention`, the memory
+keys kept transposed), so the same beams up to float rounding (tested, and counted by
 ``benchmarks/efficiency.py``'s ``same_beams_as_float32``). ``onnx_int8`` additionally quantises every
 weight matrix product dynamically with ONNX Runtime's quantiser (int8 weights per output channel, uint8
 activations per call; products between two activations, the attention scores, stay float32): lossy, its
@@ -82,7 +83,7 @@ def _require_onnxruntime(quantization: str) -> None:
     """Raise a clear error when the optional packages of ``quantization`` are missing."""
     from grcm.retriever.cpu_inference import InferenceQuantizationError  # cpu_inference imports this module
 
-    needed = ["onnxruntime"] + (["onnx"] if quantization == "onnx_int8" else [])
+    needed = ["onnxruntime", "onnx"]  # the exporter's graph checks and the int8 quantiser read onnx
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
         raise InferenceQuantizationError(
