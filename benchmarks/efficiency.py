@@ -156,6 +156,14 @@ def method_labels(args: argparse.Namespace) -> dict[str, str]:
     if args.small_d_model:
         for beam in BEAMS:
             labels[f"generative_small_beam{beam}"] = f"generative (beam {beam}), d = {args.small_d_model}"
+    if args.small_checkpoint:
+        shape = args.small_shape
+        for beam in BEAMS:
+            labels[f"generative_small_beam{beam}"] = (
+                f"generative (beam {beam}), {quantization_label(args.inference_quantization)}, "
+                f"{shape['num_encoder_layers']} + {shape['num_decoder_layers']} layers, d = {shape['d_model']}, "
+                f"ffn {shape['ffn_dim']} ({args.small_checkpoint})"
+            )
     labels["generative_beam50_rerank"] = "generative (beam 50) + dense rerank"
     labels.update(DENSE_LABELS)
     return labels
@@ -311,20 +319,29 @@ def benchmark_texts(num_queries: int, num_tuning: int, seed: int) -> tuple[list[
 
 
 def generative_model(
-    args: argparse.Namespace, vocab_size: int, vocab_sizes: list[int], d_model: int | None = None
+    args: argparse.Namespace, vocab_size: int, vocab_sizes: list[int], d_model: int | None = None,
+    shape: dict | None = None,
 ) -> GenerativeRetrieverModel:
-    """The benchmark's generative network; ``d_model`` overrides ``--d-model`` (then ``ffn_dim = 4 d``)."""
+    """The benchmark's generative network; ``d_model`` overrides ``--d-model`` (then ``ffn_dim = 4 d``);
+    ``shape`` (:data:`SHAPE_FIELDS` of a checkpoint, :func:`checkpoint_shape`) overrides every size flag."""
     torch.manual_seed(args.seed)
-    return GenerativeRetrieverModel(
-        vocab_size=vocab_size,
-        sid_vocab_sizes=vocab_sizes,
-        d_model=args.d_model if d_model is None else d_model,
-        num_heads=4,
-        num_encoder_layers=args.encoder_layers,
-        num_decoder_layers=args.decoder_layers,
-        ffn_dim=args.ffn_dim if d_model is None else 4 * d_model,
-        fusion="ace",
-    ).eval()
+    sizes = {"d_model": args.d_model if d_model is None else d_model, "num_heads": 4,
+             "num_encoder_layers": args.encoder_layers, "num_decoder_layers": args.decoder_layers,
+             "ffn_dim": args.ffn_dim if d_model is None else 4 * d_model, "fusion": "ace"}
+    return GenerativeRetrieverModel(vocab_size=vocab_size, sid_vocab_sizes=vocab_sizes, **{**sizes, **(shape or {})}).eval()
+
+
+SHAPE_FIELDS = ("d_model", "num_heads", "num_encoder_layers", "num_decoder_layers", "ffn_dim", "fusion")
+
+
+def checkpoint_shape(path: Path) -> dict:
+    """The network sizes (:data:`SHAPE_FIELDS`) of a trained ACE retriever checkpoint's hyperparameters."""
+    hparams = read_checkpoint(path, "--small-checkpoint").get("hyper_parameters", {})
+    missing = [field for field in SHAPE_FIELDS if field not in hparams]
+    if missing:
+        raise SystemExit(f"--small-checkpoint {path}: hyper_parameters lack {missing}; pass a GenerativeRetriever "
+                         "checkpoint (e.g. runs/demo/ace_retriever/checkpoints/best.ckpt)")
+    return {field: hparams[field] for field in SHAPE_FIELDS}
 
 
 @dataclass
@@ -719,6 +736,8 @@ def measure_size(
     item_embeddings = torch.from_numpy(embeddings)
     model = generative_model(args, vocab_size, vocab_sizes)
     small = generative_model(args, vocab_size, vocab_sizes, args.small_d_model) if args.small_d_model else None
+    if args.small_checkpoint:
+        small = generative_model(args, vocab_size, vocab_sizes, shape=args.small_shape)
 
     prefixes = np.unique(codes[:, :-1], axis=0).shape[0]
     sid_table_bytes = sid_table_nbytes(codes, vocab_sizes)  # narrowest dtype per level
@@ -780,7 +799,8 @@ def measure_size(
             option = args.inference_quantization if name == f"generative_beam{beam}" else "none"
             timed[name] = generative(name, beam, option)
         elif name.startswith("generative_small"):
-            timed[name] = generative(name, beam, "none", network=small)
+            option = args.inference_quantization if args.small_checkpoint else "none"
+            timed[name] = generative(name, beam, option, network=small)
         elif name.endswith("_full"):
             timed[name] = generative(name, beam, "none", incremental=False)
         elif name.startswith("generative_beam") and not name.endswith("rerank"):
@@ -894,7 +914,16 @@ def measure_size(
                 result[f"profile_beam5_ms_per_query_{args.inference_quantization}"] = profile_beam_search(
                     network, trie, (input_ids, attention_mask), 5, args.repeats
                 )
-    if small is not None:
+    if small is not None and args.small_checkpoint:
+        result["small_model"] = {**args.small_shape, "checkpoint": args.small_checkpoint,
+                                 "inference_quantization": args.inference_quantization,
+                                 "parameters_bytes": parameter_bytes(small)}
+        with torch.inference_mode(), PreparedNetwork().use(small, args.inference_quantization,
+                                                           torch.device("cpu")) as network:
+            result["profile_beam5_ms_per_query_small"] = profile_beam_search(
+                network, trie, (input_ids, attention_mask), 5, args.repeats
+            )
+    elif small is not None:
         result["small_model"] = {"d_model": args.small_d_model, "ffn_dim": 4 * args.small_d_model,
                                  "parameters_bytes": parameter_bytes(small)}
     result["load_average_end"] = load_average()
@@ -1150,6 +1179,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ffn-dim", type=int, default=512)
     parser.add_argument("--small-d-model", type=int, default=None,
                         help="also time a generative model of this width (ffn 4x, same depth), side by side")
+    parser.add_argument("--small-checkpoint", default=None,
+                        help="also time, side by side and under --inference-quantization, a generative network "
+                        "of this ACE retriever checkpoint's sizes (d_model, heads, layers, ffn; random weights "
+                        "like the main rows), e.g. runs/issue23_small/enc2_dec1/checkpoints/best.ckpt")
     parser.add_argument("--coarse-clusters", type=int, default=128)
     parser.add_argument("--rq-train-size", type=int, default=65_536)
     parser.add_argument("--ivf-train-size", type=int, default=65_536,
@@ -1184,6 +1217,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--sizes must be >= 256 (IVF-PQ trains 256 codes per sub-quantiser)")
     if not 0 < args.target_recall <= 1:
         parser.error(f"--target-recall must lie in (0, 1], got {args.target_recall}")
+    if args.small_checkpoint and args.small_d_model:
+        parser.error("--small-checkpoint and --small-d-model both set the side-by-side network: pass one")
+    args.small_shape = checkpoint_shape(Path(args.small_checkpoint)) if args.small_checkpoint else None
     if args.demo_retriever != "none" and not Path(args.demo_retriever).is_file():
         parser.error(f"--demo-retriever {args.demo_retriever}: no such checkpoint; run `make demo` (it trains "
                      "runs/demo/ace_retriever) or pass --demo-retriever none to skip the accuracy cost")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from benchmark_scripts import load_benchmark
 
 from grcm.retriever.cpu_inference import available_inference_quantizations
@@ -21,12 +22,19 @@ def _benchmark():
     return load_benchmark("efficiency")
 
 
+# the sizes of a smaller trained retriever (--small-checkpoint); --quick's own network: d 64, 1 + 1 layers, ffn 128
+SMALL_SHAPE = {"d_model": 32, "num_heads": 4, "num_encoder_layers": 2, "num_decoder_layers": 1, "ffn_dim": 48,
+               "fusion": "ace"}
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("efficiency")
+    small = out / "small.ckpt"  # what --small-checkpoint reads of a GenerativeRetriever checkpoint
+    torch.save({"hyper_parameters": {**SMALL_SHAPE, "lr": 3e-3}, "state_dict": {}}, small)
     _benchmark().main(["--quick", "--sizes", "1000", "--candidates", "length_buckets", *ONNX, "--queries", "20",
-                       "--tuning-queries", "40", "--out", str(out / "efficiency.json"),
-                       "--plot", str(out / "efficiency.png")])
+                       "--tuning-queries", "40", "--small-checkpoint", str(small),
+                       "--out", str(out / "efficiency.json"), "--plot", str(out / "efficiency.png")])
     return json.loads((out / "efficiency.json").read_text())
 
 
@@ -71,3 +79,29 @@ def test_lossless_option_returns_the_float32_beams_and_lossy_rows_say_how_close(
     assert any(name.startswith("generative_beam5 / faiss_hnsw_default") for name in targets)
     for lossless in ONNX:  # the lossless rows are checked in the targets too
         assert targets[f"generative_beam5_{lossless} returns the float32 beams (up to rounding ties)"]["met"]
+
+
+def test_small_checkpoint_rows_time_a_network_of_the_checkpoint_sizes(report):
+    from grcm.data.query_tokenizer import QueryTokenizer
+    from grcm.retriever.model import GenerativeRetrieverModel
+
+    size = report["sizes"][-1]
+    quantization = report["settings"]["inference_quantization"]
+    for beam in (5, 50):
+        row = size["methods"][f"generative_small_beam{beam}"]
+        assert row["queries_per_cpu_s"] > 0
+        assert "2 + 1 layers, d = 32, ffn 48" in row["label"] and row["label"].startswith(f"generative (beam {beam})")
+    small = size["small_model"]
+    assert {key: small[key] for key in SMALL_SHAPE} == SMALL_SHAPE and small["inference_quantization"] == quantization
+    network = GenerativeRetrieverModel(vocab_size=QueryTokenizer.minilm(max_length=32).vocab_size,
+                                       sid_vocab_sizes=size["sids"]["vocab_sizes"], **SMALL_SHAPE)
+    assert small["parameters_bytes"] == sum(p.numel() * p.element_size() for p in network.parameters())
+    assert small["parameters_bytes"] < size["model_bytes"]["generative_model_parameters"]
+    assert size["profile_beam5_ms_per_query_small"]["total"] > 0
+
+
+def test_small_checkpoint_without_network_sizes_is_refused_with_the_file_named(tmp_path):
+    path = tmp_path / "dual_tower.ckpt"
+    torch.save({"hyper_parameters": {"embed_dim": 64}, "state_dict": {}}, path)
+    with pytest.raises(SystemExit, match="dual_tower.ckpt.*num_encoder_layers"):
+        _benchmark().main(["--quick", "--small-checkpoint", str(path)])
