@@ -165,7 +165,8 @@ def prefix_states(model: GenerativeRetrieverModel, enc: EncoderOutput, prefixes:
 
 def prefix_item_counts(output: BeamSearchOutput, trie: SIDTrie) -> Tensor:
     """(B,) items under each query's decoded prefixes (live beams (B, K, p) of ``trie``): what prefix recall
-    expands before ``max_pool_items`` cuts it, and what a prefix scorer reads."""
+    expands before ``max_pool_items`` cuts it, and what a prefix scorer reads. An item under several decoded
+    prefixes (a GRDR item's views) counts once per prefix."""
     live = output.scores > float("-inf")
     leaves = trie.lookup(output.sequences.to(trie.device)).masked_fill(~live.to(trie.device), -1)
     if trie.leaf_item_ptr is None:
