@@ -1,4 +1,4 @@
-"""Resumable fits of benchmarks/scale.py: a killed fit continues from its run directory's ``last.ckpt``.
+"""Resumable fits of benchmarks/scale.py: a killed fit continues from its run directory's latest checkpoint.
 
 A fit stage runs in its own run directory (``<root>/<N>/<config stem>``, :func:`grcm.demo._run_dir`). Its
 config's :class:`grcm.checkpoint.ModelCheckpoint` writes ``checkpoints/last.ckpt`` when it validates, which
@@ -6,12 +6,12 @@ for the configs that validate only at the end (``check_val_every_n_epoch`` > 1: 
 is once per fit; :class:`EpochEndCheckpoint` adds ``checkpoints/epoch_end.ckpt`` at every epoch end (its own
 name: Lightning's ``ModelCheckpoint`` would version its ``last.ckpt`` to ``last-v1.ckpt`` beside a file it did
 not write). When the stage runs again and finds either, the fit resumes from the later of the two (the larger
-``global_step``; :func:`resume_checkpoint`)
-from it with Lightning's ``ckpt_path``: weights, optimizer, scheduler, loop counters, data order and random
-state come back (:mod:`grcm.resume`), so the resumed fit ends where an uninterrupted one would. A fit whose
-``last.ckpt`` is already at its final epoch trains nothing (Lightning's loop is done) and only reruns the
-end-of-fit hooks (the tokenizer's bundle, the dual tower's index). A run directory without ``last.ckpt``
-(killed before its first epoch ended) is cleared and the fit starts from scratch.
+``global_step``; :func:`resume_checkpoint`) with Lightning's ``ckpt_path``: weights, optimizer, scheduler,
+loop counters, data order and random state come back (:mod:`grcm.resume`), so the resumed fit ends where an
+uninterrupted one would. A fit whose latest checkpoint is already at its final epoch trains nothing
+(Lightning's loop is done) and only reruns the end-of-fit hooks (the tokenizer's bundle, the dual tower's
+index). A run directory without either file (killed before its first epoch ended) is cleared and the fit
+starts from scratch.
 
 Training time survives the restarts: :class:`FitClock` stores the wall seconds spent so far in every
 checkpoint, so a fit's recorded time is the sum over its sessions (minus what a kill threw away after the
