@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class GrcmError(Exception):
     """A problem in the user's input, with a message that names the file/argument and the fix."""
+
+
+class InferenceQuantizationError(GrcmError, ValueError):
+    """An ``inference_quantization`` value or device that cannot work (names the field and the fix); raised by
+    :mod:`grcm.retriever.cpu_inference` and :mod:`grcm.retriever.onnx_inference`."""

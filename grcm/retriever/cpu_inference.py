@@ -39,17 +39,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from grcm.errors import GrcmError
+from grcm.errors import InferenceQuantizationError
 
 INFERENCE_QUANTIZATIONS = ("none", "int8", "bf16", "onnx", "onnx_int8")
 """Values of ``inference_quantization``: float32, int8 dynamic quantisation, bfloat16 weights, float32 and int8
 under ONNX Runtime."""
 
 _LINEAR_FUNCTIONS = (F.linear, torch._C._nn.linear)
-
-
-class InferenceQuantizationError(GrcmError, ValueError):
-    """An ``inference_quantization`` value or device that cannot work (names the field and the fix)."""
 
 
 def check_inference_quantization(value: str, field: str = "model.inference_quantization") -> str:

@@ -20,7 +20,7 @@ activations per call; products between two activations, the attention scores, st
 accuracy cost measured on the demo like the other lossy options.
 
 Needs the optional packages ``onnxruntime`` and ``onnx`` (``pip install -e .[onnx]``); without them the
-option raises :class:`~grcm.retriever.cpu_inference.InferenceQuantizationError` naming the install command,
+option raises :class:`~grcm.errors.InferenceQuantizationError` naming the install command,
 and nothing else in grcm imports them. Only the scratch query encoder is exported (``query_encoder:
 scratch``); a pretrained encoder raises the same error.
 """
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from grcm.errors import InferenceQuantizationError
 from grcm.retriever.encoder_output import DecoderCache, DecoderMemory, EncoderOutput
 from grcm.retriever.fusion import merge_heads, split_heads
 from grcm.retriever.model import GenerativeRetrieverModel
@@ -81,8 +82,6 @@ def _explicit_attention():
 
 def _require_onnxruntime(quantization: str) -> None:
     """Raise a clear error when the optional packages of ``quantization`` are missing."""
-    from grcm.retriever.cpu_inference import InferenceQuantizationError  # cpu_inference imports this module
-
     needed = ["onnxruntime", "onnx"]  # the exporter's graph checks and the int8 quantiser read onnx
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
@@ -228,8 +227,6 @@ class OnnxNetwork:
     training = False
 
     def __init__(self, model: GenerativeRetrieverModel, int8: bool = False, threads: int | None = None) -> None:
-        from grcm.retriever.cpu_inference import InferenceQuantizationError
-
         quantization = "onnx_int8" if int8 else "onnx"
         _require_onnxruntime(quantization)
         if model.pretrained_encoder is not None or not all(layer.norm_first for layer in model.encoder_layers):
