@@ -75,7 +75,7 @@ class EpochEndCheckpoint(Checkpoint):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         partial = self.path.with_name(self.path.name + ".partial")
-        trainer.save_checkpoint(partial)
+        trainer.save_checkpoint(partial, weights_only=False)  # the full training state: optimizer, loops, callbacks
         if trainer.is_global_zero:
             os.replace(partial, self.path)
 
