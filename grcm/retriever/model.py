@@ -244,6 +244,24 @@ class GenerativeRetrieverModel(nn.Module):
                 nn.init.zeros_(module.bias)
 
     # ----------------------------------------------------------------- encoder
+    def query_mask(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The (B, T) bool mask of a query batch, after checking it: ``input_ids`` and ``attention_mask`` both
+        (B, T), T <= ``max_query_len``, every row with at least one real token (else ValueError naming the fix)."""
+        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} "
+                f"and {tuple(attention_mask.shape)}."
+            )
+        if input_ids.shape[1] > self.max_query_len:
+            raise ValueError(
+                f"queries of {input_ids.shape[1]} tokens exceed max_query_len={self.max_query_len}; "
+                "raise max_query_len or truncate queries in the data module."
+            )
+        mask = attention_mask.bool()
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every query needs at least one real token (an attention_mask row is all False).")
+        return mask
+
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
         """Encode queries.
 
@@ -254,20 +272,8 @@ class GenerativeRetrieverModel(nn.Module):
         Returns:
             :class:`EncoderOutput` with S layer outputs (B, T, d).
         """
-        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} "
-                f"and {tuple(attention_mask.shape)}."
-            )
+        mask = self.query_mask(input_ids, attention_mask)
         length = input_ids.shape[1]
-        if length > self.max_query_len:
-            raise ValueError(
-                f"queries of {length} tokens exceed max_query_len={self.max_query_len}; "
-                "raise max_query_len or truncate queries in the data module."
-            )
-        mask = attention_mask.bool()
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError("every query needs at least one real token (an attention_mask row is all False).")
         if self.pretrained_encoder is not None:
             return self.pretrained_encoder(input_ids, mask)
         positions = torch.arange(length, device=input_ids.device)

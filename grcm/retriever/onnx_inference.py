@@ -283,19 +283,7 @@ class OnnxNetwork:
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> EncoderOutput:
         """Encoder and memory projection in one call: an :class:`EncoderOutput` (S layer outputs (B, T, d))
         that also holds the projected memory (``projected``) for :meth:`project_memory`."""
-        if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} "
-                f"and {tuple(attention_mask.shape)}."
-            )
-        if input_ids.shape[1] > self.model.max_query_len:
-            raise ValueError(
-                f"queries of {input_ids.shape[1]} tokens exceed max_query_len={self.model.max_query_len}; "
-                "raise max_query_len or truncate queries in the data module."
-            )
-        mask = attention_mask.bool()
-        if not bool(mask.any(dim=1).all()):
-            raise ValueError("every query needs at least one real token (an attention_mask row is all False).")
+        mask = self.model.query_mask(input_ids, attention_mask)
         outputs = self.front.run(None, {"input_ids": input_ids.long().numpy(), "mask": mask.numpy()})
         tensors = [torch.from_numpy(array) for array in outputs]
         enc = _ProjectedEncoderOutput(
