@@ -250,6 +250,16 @@ class SIDTrie:
         """``(...)`` bool: whether each ``(..., L)`` SID is in the trie."""
         return self.lookup(sequences) >= 0
 
+    def leaf_item_ranges(self, leaves: Tensor) -> tuple[Tensor, Tensor]:
+        """Where each leaf's items lie in :attr:`leaf_items`: ``(start, count)``, both ``(...)`` long like
+        ``leaves`` (leaf ids, ``-1`` for none: count 0)."""
+        alive = leaves >= 0
+        safe = leaves.clamp(min=0)
+        if self.leaf_item_ptr is None:  # leaf f holds exactly leaf_items[f]
+            return safe, alive.long()
+        start = self.leaf_item_ptr[safe].long()
+        return start, torch.where(alive, self.leaf_item_ptr[safe + 1].long() - start, 0)
+
     def items_of_leaves(self, leaves: Tensor, max_per_leaf: int | None = None) -> Tensor:
         """Items of each leaf, ascending, in a padded block.
 
@@ -262,13 +272,7 @@ class SIDTrie:
             ``(R, P)`` long item indices padded with ``-1``.
         """
         width = self.max_items_per_leaf if max_per_leaf is None else int(max_per_leaf)
-        alive = leaves >= 0
-        safe = leaves.clamp(min=0)
-        if self.leaf_item_ptr is None:  # leaf f holds exactly leaf_items[f]
-            start, count = safe, alive.long()
-        else:
-            start = self.leaf_item_ptr[safe].long()
-            count = torch.where(alive, self.leaf_item_ptr[safe + 1].long() - start, 0)
+        start, count = self.leaf_item_ranges(leaves)
         offsets = torch.arange(width, device=leaves.device)
         positions = (start[:, None] + offsets).clamp(max=self.leaf_items.numel() - 1)
         return torch.where(offsets < count[:, None], self.leaf_items[positions].long(), -1)

@@ -169,13 +169,7 @@ def prefix_item_counts(output: BeamSearchOutput, trie: SIDTrie) -> Tensor:
     prefixes (a GRDR item's views) counts once per prefix."""
     live = output.scores > float("-inf")
     leaves = trie.lookup(output.sequences.to(trie.device)).masked_fill(~live.to(trie.device), -1)
-    if trie.leaf_item_ptr is None:
-        counts = (leaves >= 0).long()
-    else:
-        ptr = trie.leaf_item_ptr.long()
-        safe = leaves.clamp(min=0)
-        counts = torch.where(leaves >= 0, ptr[safe + 1] - ptr[safe], 0)
-    return counts.sum(1)
+    return trie.leaf_item_ranges(leaves)[1].sum(1)
 
 
 def scored_prefix_pool(output: BeamSearchOutput, trie: SIDTrie, states: Tensor, scorer: PrefixItemScorer,
