@@ -356,9 +356,9 @@ class HybridItemEncoder(nn.Module):
             for layer in self.interactions:
                 hidden, slots = layer(hidden, mask, slots)
             query = slots.mean(dim=1)
-        if self.skip is None:
-            return self.pooling(query, hidden, mask)[0], pseudo
         pooled = self.pooling(query, hidden, mask)[0]
+        if self.skip is None:
+            return pooled, pseudo
         return F.normalize(self.skip(masked_mean(tokens, mask)) + self.branch_gate * pooled, dim=-1), pseudo
 
 
