@@ -38,11 +38,10 @@ for entry in (REPO, REPO / "benchmarks"):
     if str(entry) not in sys.path:
         sys.path.insert(0, str(entry))
 
+from scale import FIT_ACE, FIT_DENSE, PQ_STORE  # noqa: E402  (the scale study's fits and rerank store)
+
 from grcm.demo import _run_dir  # noqa: E402
 from grcm.io import write_json_atomic  # noqa: E402
-
-PQ_STORE = {"kind": "pq", "pq_m": 128, "pq_bits": 4}  # benchmarks/scale.py's rerank store
-FIT_ACE, FIT_DENSE = "fit: ACE retriever", "fit: dual tower"
 
 
 def setting_callbacks(dense: str, pool: int, weight: float, reference: bool) -> list:
@@ -103,12 +102,14 @@ def measure(size_dir: Path, out: Path, beam: int, levels: int | None, args: argp
                                ckpt_path=checkpoint)[0]
     val = {key: float(value) for key, value in val.items()}
     result = {
-        "beam_size": beam, "recall_levels": levels, "recall_levels_decoded": val["val/pool/recall_levels"], "pool_cap": args.pool, "wall_s": time.perf_counter() - started,
-        "loadavg_after": os.getloadavg(),
+        "beam_size": beam, "recall_levels": levels, "recall_levels_decoded": val["val/pool/recall_levels"],
+        "pool_cap": args.pool, "wall_s": time.perf_counter() - started, "loadavg_after": os.getloadavg(),
         "generative_recall@1": val["val/recall@1"], "generative_recall@10": val["val/recall@10"],
-        "pool_items": val["val/pool/candidates_per_query"], "pool_candidate_recall": val[f"val/pool/candidate_recall@{beam}"],
+        "pool_items": val["val/pool/candidates_per_query"],
+        "pool_candidate_recall": val[f"val/pool/candidate_recall@{beam}"],
         "pool_rerank_recall@1": val["val/pool/recall@1"],
-        "capped_items": val["val/cap/candidates_per_query"], "capped_candidate_recall": val[f"val/cap/candidate_recall@{beam}"],
+        "capped_items": val["val/cap/candidates_per_query"],
+        "capped_candidate_recall": val[f"val/cap/candidate_recall@{beam}"],
         "capped_rerank_recall@1": val["val/cap/recall@1"], "capped_fused_recall@1": val["val/cap_fused/recall@1"],
         "capped_stage1_recall@1": val["val/cap/stage1_recall@1"],
     }
