@@ -136,7 +136,7 @@ def fit_stage(stage: Stage, experiments: Path, checkpoints: dict[str, str], out:
     cli.trainer.callbacks.extend([clock, EpochEndCheckpoint(epoch_end_checkpoint(run_dir)), *callbacks])
     if resume:
         print(f"resuming {run_dir} from {last} ({resumed_from} epochs done)", flush=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if resume else None)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if resume else None, weights_only=True)
     latest, state = resume_checkpoint(run_dir)
     callback = cli.trainer.checkpoint_callback
     best = callback.best_model_path or callback.last_model_path or str(latest)
