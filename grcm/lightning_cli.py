@@ -13,7 +13,8 @@
 - **Results**: a successful fit/validate/test writes its final metrics to ``<run dir>/results.json``
   and fit's last line names the run directory and the best checkpoint with its monitored value
   (:mod:`grcm.run_results`).
-- **Restoring** (``--ckpt_path``): the checkpoint is read with ``weights_only=True``; a missing,
+- **Restoring** (``--ckpt_path``): the checkpoint is read with ``weights_only=True`` (here and in
+  Lightning's restore of the loops, unless ``--weights_only=false`` is given); a missing,
   truncated or foreign file, or another model class's checkpoint, is one
   :class:`~grcm.checkpoint.CheckpointError` line. The model is rebuilt from the checkpoint's
   hyperparameters. Command-line ``--model.*`` arguments that may change at evaluation (each
@@ -202,6 +203,9 @@ class GrcmCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self._subcommand_config()
         ckpt_path = config.get("ckpt_path")
+        if "weights_only" in config and config.get("weights_only") is None:
+            # Lightning reads --ckpt_path again to restore the loops; tensors and plain types only there too
+            config["weights_only"] = True
         model = config.get("model")
         if model is None or not getattr(model, "class_path", None):
             return
