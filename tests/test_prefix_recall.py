@@ -11,7 +11,7 @@ import itertools
 import lightning as L
 import pytest
 import torch
-from toy_sid import TOY_SID_VOCABS, save_toy_bundle
+from toy_sid import TOY_SID_VOCABS, save_toy_bundle, toy_datamodule, toy_retriever
 
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import beams_to_scored_items
@@ -28,9 +28,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def datamodule() -> SyntheticDataModule:
-    dm = SyntheticDataModule(num_items=NUM_ITEMS, feature_dim=16, batch_size=32, eval_batch_size=64)
-    dm.setup()
-    return dm
+    return toy_datamodule(NUM_ITEMS)
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +36,7 @@ def bundle_dir(tmp_path_factory, datamodule) -> str:
     return save_toy_bundle(datamodule.corpus.item_ids, tmp_path_factory.mktemp("bundles") / "toy")
 
 
-def _retriever(bundle_dir: str, datamodule, **overrides) -> GenerativeRetriever:
-    torch.manual_seed(0)
-    args = dict(bundle_dir=bundle_dir, vocab_size=datamodule.vocab_size, pad_token_id=datamodule.pad_token_id,
-                d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, max_query_len=32,
-                beam_size=12)
-    args.update(overrides)
-    return GenerativeRetriever(**args)
+_retriever = toy_retriever
 
 
 def _brute_force_pools(module: GenerativeRetriever, batch, levels: int, cap: int | None) -> list[list[int]]:

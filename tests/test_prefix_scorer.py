@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_sid import TOY_SID_VOCABS, save_toy_bundle, toy_codes
+from toy_sid import TOY_SID_VOCABS, save_toy_bundle, toy_codes, toy_datamodule, toy_retriever
 
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import BeamSearchOutput, SIDTrie
@@ -29,9 +29,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def datamodule() -> SyntheticDataModule:
-    dm = SyntheticDataModule(num_items=NUM_ITEMS, feature_dim=16, batch_size=32, eval_batch_size=64)
-    dm.setup()
-    return dm
+    return toy_datamodule(NUM_ITEMS)
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +112,7 @@ def test_subset_scores_the_kept_items_as_the_full_scorer_does():
 
 
 def _module(bundle_dir: str, datamodule, **overrides) -> GenerativeRetriever:
-    torch.manual_seed(0)
-    args = dict(bundle_dir=bundle_dir, vocab_size=datamodule.vocab_size, pad_token_id=datamodule.pad_token_id,
-                d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, max_query_len=32,
-                beam_size=12, recall_levels=2, max_pool_items=20)
-    args.update(overrides)
-    return GenerativeRetriever(**args)
+    return toy_retriever(bundle_dir, datamodule, **{"recall_levels": 2, "max_pool_items": 20, **overrides})
 
 
 def test_retriever_pool_equals_brute_force_over_every_prefix(tmp_path, bundle_dir, datamodule):

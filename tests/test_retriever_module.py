@@ -10,7 +10,7 @@ import weakref
 import lightning as L
 import pytest
 import torch
-from toy_sid import TOY_SID_VOCABS, save_toy_bundle, toy_codes
+from toy_sid import TOY_SID_VOCABS, save_toy_bundle, toy_codes, toy_datamodule, toy_retriever
 
 import grcm.retriever.incremental as incremental_decoding
 from grcm.data.datamodules import SyntheticDataModule
@@ -28,9 +28,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def datamodule() -> SyntheticDataModule:
-    dm = SyntheticDataModule(num_items=NUM_ITEMS, feature_dim=16, batch_size=32, eval_batch_size=16)
-    dm.setup()
-    return dm
+    return toy_datamodule(NUM_ITEMS, eval_batch_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +37,8 @@ def bundle_dir(tmp_path_factory, datamodule) -> str:
 
 
 def _retriever(bundle_dir: str, datamodule, **overrides) -> GenerativeRetriever:
-    torch.manual_seed(0)
-    args = dict(
-        bundle_dir=bundle_dir, vocab_size=datamodule.vocab_size, pad_token_id=datamodule.pad_token_id,
-        d_model=32, num_heads=2, num_encoder_layers=2, num_decoder_layers=1, ffn_dim=64,
-        max_query_len=32, beam_size=8, lr=3e-3, warmup_epochs=0.5, restart_period=2.0,
-    )
-    args.update(overrides)
-    return GenerativeRetriever(**args)
+    args = dict(num_encoder_layers=2, beam_size=8, lr=3e-3, warmup_epochs=0.5, restart_period=2.0)
+    return toy_retriever(bundle_dir, datamodule, **{**args, **overrides})
 
 
 def _trainer(**overrides) -> L.Trainer:

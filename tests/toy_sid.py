@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from grcm.data.datamodules import SyntheticDataModule
+from grcm.retriever.module import GenerativeRetriever
 from grcm.tokenizers.bundle import SIDBundle
 
 #: Level sizes for 50 items: 50 of the 60 code combinations are valid SIDs.
@@ -34,3 +36,21 @@ def save_toy_bundle(item_ids: Sequence[str], directory: str | Path, vocab_sizes:
     bundle = SIDBundle(item_ids=list(item_ids), codes=toy_codes(len(item_ids)), vocab_sizes=list(vocab_sizes),
                        **extras)
     return str(bundle.save(Path(directory)))
+
+
+def toy_datamodule(num_items: int = 50, eval_batch_size: int = 64) -> SyntheticDataModule:
+    """A set-up synthetic corpus of ``num_items`` items with 16-d features, for the toy bundle's retrievers."""
+    datamodule = SyntheticDataModule(num_items=num_items, feature_dim=16, batch_size=32,
+                                     eval_batch_size=eval_batch_size)
+    datamodule.setup()
+    return datamodule
+
+
+def toy_retriever(bundle_dir: str, datamodule: SyntheticDataModule, **overrides) -> GenerativeRetriever:
+    """A seeded small ACE retriever (d_model 32, 1 + 1 layers, beam 12) over ``bundle_dir``; ``overrides`` win."""
+    torch.manual_seed(0)
+    args = dict(bundle_dir=bundle_dir, vocab_size=datamodule.vocab_size, pad_token_id=datamodule.pad_token_id,
+                d_model=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, max_query_len=32,
+                beam_size=12)
+    args.update(overrides)
+    return GenerativeRetriever(**args)
