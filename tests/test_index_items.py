@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from cpu_trainer import cpu_trainer
 
 from grcm.data.corpus import save_corpus
 from grcm.data.datamodules import CorpusDataModule
@@ -32,10 +33,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tests/conftest.py
 
 
 def _trainer(root: Path, **overrides) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=1, logger=False, default_root_dir=str(root), enable_progress_bar=False,
-                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0)
-    args.update(overrides)
-    return L.Trainer(**args)
+    return cpu_trainer(root, **{"limit_val_batches": 0, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import math
 import shutil
 import weakref
 
-import lightning as L
 import pytest
 import torch
+from cpu_trainer import cpu_trainer
 from toy_sid import TOY_SID_VOCABS, save_toy_bundle, toy_codes, toy_datamodule, toy_retriever
 
 import grcm.retriever.incremental as incremental_decoding
@@ -41,13 +41,7 @@ def _retriever(bundle_dir: str, datamodule, **overrides) -> GenerativeRetriever:
     return toy_retriever(bundle_dir, datamodule, **{**args, **overrides})
 
 
-def _trainer(**overrides) -> L.Trainer:
-    args = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-    )
-    args.update(overrides)
-    return L.Trainer(**args)
+_trainer = cpu_trainer
 
 
 def _oracle_scores(module: GenerativeRetriever, input_ids, attention_mask) -> torch.Tensor:

@@ -6,6 +6,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from cpu_trainer import cpu_trainer
 
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding import beams_to_items
@@ -310,13 +311,7 @@ def datamodule() -> SyntheticDataModule:
     return dm
 
 
-def _trainer(tmp_path, **overrides) -> L.Trainer:
-    args = dict(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
-    )
-    args.update(overrides)
-    return L.Trainer(**args)
+_trainer = cpu_trainer
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
+from cpu_trainer import cpu_trainer
 
 from grcm.data.datamodules import SyntheticDataModule
 from grcm.decoding.beam import BeamSearchOutput
@@ -102,10 +102,7 @@ def datamodule() -> SyntheticDataModule:
     return dm
 
 
-def _trainer(root, **overrides) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root)
-    return L.Trainer(**{**args, **overrides})
+_trainer = cpu_trainer
 
 
 @pytest.fixture(scope="module")
