@@ -71,3 +71,51 @@ def routed_sid_loss(logits: list[Tensor], targets: Tensor, label_smoothing: floa
     ]).mean()
     exact = torch.stack([logits[level].argmax(-1) == targets[:, level] for level in range(levels)], 1).all(1)
     return loss, exact
+
+
+#: which of an item's V SIDs a training query's SID loss trains: ``routed`` (the view its route names),
+#: ``marginal`` (-log of the summed likelihood of all V SIDs) or ``best`` (hard EM: the view the decoder
+#: already finds most likely, picked without gradient)
+VIEW_TARGETS = ("routed", "marginal", "best")
+
+
+def view_sid_nll(logits: list[Tensor], targets: Tensor, label_smoothing: float) -> Tensor:
+    """Per-view SID negative log-likelihood, summed over the trained levels.
+
+    Args:
+        logits: l tensors (B, V, K), teacher-forced level-j logits given view v's SID prefix.
+        targets: (B, V, l) long codes of every view of each query's item.
+        label_smoothing: cross-entropy label smoothing (0: the exact -log p(SID_v | query)).
+
+    Returns:
+        (B, V): ``sum_j CE(logits[j][b, v], targets[b, v, j])``.
+    """
+    levels = targets.shape[-1]
+    return torch.stack([
+        F.cross_entropy(logits[level].flatten(0, 1), targets[..., level].flatten(),
+                        label_smoothing=label_smoothing, reduction="none").view(targets.shape[:2])
+        for level in range(levels)
+    ], -1).sum(-1)
+
+
+def multi_view_sid_loss(view_nll: Tensor, levels: int, view_target: str) -> tuple[Tensor, Tensor]:
+    """The SID loss over all V views of each query's item, as a mean over levels like :func:`routed_sid_loss`.
+
+    Args:
+        view_nll: (B, V) per-view SID NLL summed over levels (:func:`view_sid_nll`).
+        levels: l, the levels trained (the loss is divided by it).
+        view_target: ``marginal``: ``-logsumexp_v(-nll_v) / l`` (its gradient weights each view's NLL by
+            the view's posterior ``softmax_v(-nll)``, so every view is trained in proportion to how well it
+            fits the query); ``best``: ``min_v nll_v / l`` (the view picked without gradient).
+
+    Returns:
+        The scalar loss (mean over the batch) and (B,) long: the most likely view of each query.
+    """
+    best = view_nll.detach().argmin(1)
+    if view_target == "marginal":
+        per_query = -torch.logsumexp(-view_nll, dim=1)
+    elif view_target == "best":
+        per_query = view_nll.gather(1, best[:, None]).squeeze(1)
+    else:
+        raise ValueError(f"view_target must be 'marginal' or 'best' here, got {view_target!r}")
+    return per_query.mean() / max(levels, 1), best

@@ -21,7 +21,14 @@ from grcm.errors import GrcmError
 from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, fixed_width
 from grcm.rerank.text_encoder import masked_mean
 from grcm.retriever.grdr.heads import CosineCodeHead
-from grcm.retriever.grdr.losses import anchor_code_loss, query_item_infonce, routed_sid_loss
+from grcm.retriever.grdr.losses import (
+    VIEW_TARGETS,
+    anchor_code_loss,
+    multi_view_sid_loss,
+    query_item_infonce,
+    routed_sid_loss,
+    view_sid_nll,
+)
 from grcm.retriever.grdr.routing import reroute, route_training_queries
 from grcm.retriever.grdr.state import CHECKPOINT_KEY, GRDRState, rename_unprefixed_buffers
 from grcm.retriever.grdr.training import (
@@ -66,6 +73,10 @@ class GRDRRetriever(SIDRetrievalModule):
             prototypes at first, to the item's current view latents every epoch after),
             ``first_query`` (alias ``cluster``: group g -> view g, groups numbered by their first
             query), ``nearest`` (closest view, re-routed every epoch, clustered at first) or ``random``.
+        view_target: which of an item's V SIDs a training query's SID loss trains: ``routed`` (its
+            routed view), ``marginal`` (``-log sum_v p(SID_v | query)``: any view the query fits) or ``best``
+            (hard EM: the view the decoder finds most likely now, picked without gradient). The InfoNCE and
+            view-separation losses keep the routes either way.
         query_encoder: ``minilm`` or ``minilm_static`` (see :func:`embed_queries`).
         view_separation: ``infonce`` (guided view separation: multi-positive query -> view InfoNCE on
             the guidance embeddings), ``balance`` (per-view level-0 code-usage balancing), ``both``
@@ -112,6 +123,7 @@ class GRDRRetriever(SIDRetrievalModule):
         beta: float = 0.65,
         shared_codebook: bool = True,
         routing: str = "matched",
+        view_target: str = "routed",
         query_encoder: str = "minilm",
         view_separation: str = "infonce",
         separation_weight: float = 0.5,
@@ -154,7 +166,8 @@ class GRDRRetriever(SIDRetrievalModule):
         super().__init__()
         for name, value, choices in (("routing", routing, ROUTINGS), ("query_encoder", query_encoder, QUERY_ENCODERS),
                                      ("view_separation", view_separation, SEPARATIONS),
-                                     ("kmeans_init", kmeans_init, KMEANS_INITS)):
+                                     ("kmeans_init", kmeans_init, KMEANS_INITS),
+                                     ("view_target", view_target, VIEW_TARGETS)):
             if value not in choices:
                 raise GrcmError(f"model.{name}={value!r} is not one of {list(choices)}.")
         check_decoding_args(beam_size, eval_max_items, ks, mrr_k, incremental_decoding, compile_decoder,
@@ -345,6 +358,32 @@ class GRDRRetriever(SIDRetrievalModule):
         enc = self.model.encode(input_ids, attention_mask)
         return self.query_head(masked_mean(enc.layer_outputs[-1], enc.attention_mask))
 
+    def _sid_loss(self, batch: dict[str, Tensor], codes: Tensor, routes: Tensor) -> tuple[Tensor, Tensor]:
+        """The SID loss of a batch under ``view_target`` and (B,) bool: the trained view's SID decoded exactly.
+
+        ``codes`` (B, V, l): every view's SID of each query's item over the l levels trained; ``routes`` (B,).
+        ``routed`` teacher-forces the routed view's SID; ``marginal`` / ``best`` teacher-force all V SIDs
+        (the query encoded once, the decoder run on B * V prefixes) and train their summed likelihood or
+        the most likely one (:func:`multi_view_sid_loss`).
+        """
+        hparams = self.hparams
+        batch_size, num_views, levels = codes.shape
+        rows = torch.arange(batch_size, device=codes.device)
+        if hparams.view_target == "routed" or num_views == 1:
+            targets = codes[rows, routes]  # (B, l): the routed view
+            full = F.pad(targets, (0, hparams.num_levels - levels))  # (B, L): later levels are not trained
+            logits = self.model(batch["input_ids"], batch["attention_mask"], full)
+            return routed_sid_loss(logits, targets, hparams.label_smoothing)
+        enc = self.model.encode(batch["input_ids"], batch["attention_mask"])
+        prefixes = codes.reshape(batch_size * num_views, levels)  # batch-major: row b * V + v is view v of b
+        logits = [self.model.decode_logits(enc, prefixes[:, :level]).view(batch_size, num_views, -1)
+                  for level in range(levels)]  # l tensors (B, V, K)
+        loss, best = multi_view_sid_loss(view_sid_nll(logits, codes, hparams.label_smoothing), levels,
+                                         hparams.view_target)
+        exact = torch.stack([logits[level][rows, best].argmax(-1) == codes[rows, best, level]
+                             for level in range(levels)], 1).all(1)
+        return loss, exact
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         phase = self.phase_of_epoch(self.current_epoch)
         weights, hparams, sids = self.weights[phase.name], self.hparams, self.sids
@@ -367,10 +406,7 @@ class GRDRRetriever(SIDRetrievalModule):
             query = self._pooled_query(batch["input_ids"], batch["attention_mask"])
             parts["infonce"] = query_item_infonce(query, out.latents, items, routes, hparams.temperature)
         if weights["sid"] and levels:
-            targets = out.codes[torch.arange(batch_size, device=items.device), routes]  # (B, levels): routed view
-            full = F.pad(targets, (0, hparams.num_levels - levels))  # (B, L): later levels are not trained
-            logits = self.model(batch["input_ids"], batch["attention_mask"], full)
-            parts["sid"], exact = routed_sid_loss(logits, targets, hparams.label_smoothing)
+            parts["sid"], exact = self._sid_loss(batch, out.codes, routes)
             self.log("train/sid_accuracy", exact.float().mean(), batch_size=batch_size)
         loss = sum(weights[name] * value for name, value in parts.items())
         separation = hparams.view_separation
