@@ -457,3 +457,29 @@ def test_checkpoint_class_and_two_stage_rerank(trained, tmp_path):
     torch.save({"state_dict": dual.state_dict(), "hyper_parameters": dict(dual.hparams),
                 "pytorch-lightning_version": L.__version__}, tmp_path / "dual.ckpt")
     assert type(load_dense_model(tmp_path / "dual.ckpt")) is DualTower
+
+
+def test_the_recommended_pig_config_is_the_measured_arm(capsys):
+    """``hybrid_tower_pig_depth0_no_generation_loss.yaml`` (the synthetic study's best row, what a user runs) is
+    ``hybrid_tower_pig.yaml`` with exactly the benchmark arm's two flags changed: no interaction stack and no
+    generation loss; the corpus, trainer and everything else are the same."""
+    from pathlib import Path
+
+    import yaml
+
+    from grcm.cli import main
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "synthetic"
+    printed = {}
+    for name in ("hybrid_tower_pig", "hybrid_tower_pig_depth0_no_generation_loss"):
+        with pytest.raises(SystemExit):
+            main(["fit", "-c", str(experiments / f"{name}.yaml"), "--print_config"])
+        printed[name] = yaml.safe_load(capsys.readouterr().out)
+    base, best = printed["hybrid_tower_pig"], printed["hybrid_tower_pig_depth0_no_generation_loss"]
+    changed = {k: v for k, v in best["model"]["init_args"].items() if base["model"]["init_args"][k] != v}
+    assert changed == {"interaction_layers": 0, "generation_weight": 0.0}
+    assert best["model"]["init_args"]["interaction"] == "pig" and best["model"]["init_args"]["use_generator"]
+    assert best["data"] == base["data"] and best["data"]["init_args"]["token_features"]
+    assert best["trainer"]["default_root_dir"] == "runs/synthetic/hybrid_tower_pig_depth0_no_generation_loss"
+    assert {k: v for k, v in best["trainer"].items() if k not in ("default_root_dir", "logger", "callbacks")} == {
+        k: v for k, v in base["trainer"].items() if k not in ("default_root_dir", "logger", "callbacks")}
