@@ -2,14 +2,25 @@
 embeddings as its token features (the hybrid tower and attention-pooling rows, issue 24).
 
 Run through ``benchmarks/real_language.py --protocol tokens`` (its shared rows and options live there).
+
+Run directly, it is the seed study of the MiniLM token rows on a corpus that protocol built: each row of
+``SEED_ROWS`` fitted once per seed, and ACE's pool decoded once (``PoolRecorder``) and reranked by zero-shot MiniLM
+and by every fit, pure and fused with the weight picked on the validation queries (``rerank_pool``)::
+
+    python benchmarks/real_language_tokens.py --corpus-dir runs/real_language_tokens/msvd/corpus --seeds 0 1 2 \
+      --ace-checkpoint runs/real_language_v2/msvd/ace_retriever/checkpoints/best.ckpt \
+      --work runs/real_language_tokens_seeds --out runs/real_language_tokens_seeds/msvd.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 from pathlib import Path
 
+import lightning as L
 from real_language import (
     DATASET_OVERRIDES,
     DENSE_ROWS,
@@ -32,7 +43,7 @@ from grcm.data.caption_features import CaptionSplitPlan, caption_feature_corpus
 from grcm.data.corpus import save_corpus
 from grcm.data.datasets import read_captions
 from grcm.io import write_json_atomic
-from grcm.rerank.fusion_weight import fusion_weight_callbacks, pick_fusion_weight
+from grcm.rerank.fusion_weight import FUSION_WEIGHTS, fusion_weight_callbacks, pick_fusion_weight
 
 # ------------------------------------------------------------------------------------------------ token features
 ATTENTION = "dual tower, attention pooling over caption tokens (scratch text tower)"
@@ -180,3 +191,217 @@ def run_tokens(name: str, args: argparse.Namespace) -> dict:
           flush=True)
     save_partial()
     return args.partial_results["datasets"][name]
+
+
+# ------------------------------------------------------------------------------- seeds over one recorded ACE pool
+#: The rows of the seed study (``main``): name -> (label, config). Each is fitted once per seed on the same corpus.
+SEED_ROWS = {"dual_tower_minilm": (MINILM_TUNED, "dual_tower_minilm.yaml"),
+             "hybrid_minilm": (HYBRID_MINILM, "hybrid_tower_pig_minilm.yaml"),
+             "attention_minilm": (ATTENTION_MINILM, "dual_tower_attention_minilm.yaml")}
+METRIC_KEYS = ("recall@1", "recall@5", "recall@10", "mrr@10")
+
+
+class PoolRecorder(L.Callback):
+    """Keeps, per val/test batch, the queries and the stage-1 pool the retriever's step returned.
+
+    ``batches[stage]`` is a list of dicts on the CPU: ``input_ids`` / ``attention_mask`` (B, T), ``query_index``
+    (B,), ``gold_items`` (B, G) and the step's ``candidates`` (B, M) and ``candidate_scores`` (B, M), exactly
+    what :class:`~grcm.rerank.two_stage.TwoStageEvaluation` reranks, so one decode serves any number of dense
+    models (:func:`rerank_pool`).
+    """
+
+    KEYS = ("input_ids", "attention_mask", "query_index", "gold_items")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: dict[str, list[dict]] = {}
+
+    def _keep(self, stage: str, outputs, batch) -> None:
+        if not isinstance(outputs, dict) or "candidate_scores" not in outputs:
+            raise RuntimeError("PoolRecorder: the retriever's step returned no candidates with candidate_scores; "
+                               "record the pool of a GenerativeRetriever")
+        kept = {key: batch[key].detach().cpu() for key in self.KEYS}
+        kept |= {key: outputs[key].detach().cpu() for key in ("candidates", "candidate_scores")}
+        self.batches.setdefault(stage, []).append(kept)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.batches["val"] = []
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.batches["test"] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._keep("val", outputs, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._keep("test", outputs, batch)
+
+
+def rerank_pool(batches: list[dict], dense_checkpoint: str, datamodule, weights=(0.0,)) -> dict[float, dict]:
+    """Item-level metrics of the recorded pool (``PoolRecorder.batches[stage]``) reranked by the dense model of
+    ``dense_checkpoint``, one entry per fusion weight ``w`` (score ``<query, item> + w * log p``), computed as
+    :class:`~grcm.rerank.two_stage.TwoStageEvaluation` with a flat store computes them, but with the queries
+    encoded once for every weight. ``datamodule``: the evaluation data module (its corpus and tokenizer)."""
+    import torch
+
+    from grcm.metrics import ItemRetrievalMetrics
+    from grcm.rerank.candidate_rerank import rerank_candidates
+    from grcm.rerank.dense_models import corpus_item_embeddings, dense_query_tokenizer, load_dense_model
+    from grcm.rerank.query_bridge import dense_query_inputs, dense_tokenizer_for
+
+    dense = load_dense_model(dense_checkpoint)
+    vocab = int(dense.hparams.vocab_size)
+    tokenizer = dense_tokenizer_for(datamodule, dense_query_tokenizer(dense_checkpoint, vocab), vocab)
+    corpus = datamodule.corpus
+    items = torch.from_numpy(corpus_item_embeddings(dense, corpus))
+    metrics = {float(w): ItemRetrievalMetrics(ks=(1, 5, 10), mrr_k=10) for w in weights}
+    with torch.no_grad():
+        for batch in batches:
+            queries = dense.encode_queries(*dense_query_inputs(batch, tokenizer, corpus))
+            for weight, metric in metrics.items():
+                ranked, _ = rerank_candidates(queries, batch["candidates"].long(), items, 10,
+                                              generative_scores=batch["candidate_scores"], generative_weight=weight)
+                metric.update(ranked, batch["gold_items"], batch["query_index"])
+    return {weight: {key: float(value) for key, value in metric.compute().items()}
+            for weight, metric in metrics.items()}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max of ``values``."""
+    import numpy as np
+
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "min": float(array.min()), "max": float(array.max()), "n": len(array)}
+
+
+def run_seeds(args: argparse.Namespace) -> dict:
+    """The MiniLM rows of ``SEED_ROWS`` fitted once per seed on an existing token corpus, each tested and validated
+    on every validation query, then ACE's pool (decoded once for the val and test queries) reranked by zero-shot
+    MiniLM and by every fit, pure and fused (the weight picked per fit on the validation queries)."""
+    import torch
+
+    from grcm.retriever.module import GenerativeRetriever
+
+    work, corpus_dir = Path(args.work), Path(args.corpus_dir)
+    report: dict = {"corpus_dir": str(corpus_dir), "ace_checkpoint": args.ace_checkpoint, "seeds": args.seeds,
+                    "threads": torch.get_num_threads(), "load_before": _load(), "fits": {}, "rerank": {}}
+    if Path(args.out).is_file():  # a resumed run keeps what the earlier one measured
+        report = {**json.loads(Path(args.out).read_text()), "seeds": args.seeds}
+
+    def overrides(stage: str, run: str) -> list[str]:
+        quick = QUICK_TOKENS.get(stage, QUICK.get(stage, [])) if args.quick else []
+        return [f"--data.init_args.corpus_dir={corpus_dir}", f"--trainer.default_root_dir={work / run}",
+                "--trainer.enable_progress_bar=false", *DATASET_OVERRIDES.get("msvd", {}).get(stage, []), *quick]
+
+    checkpoints = {"zero_shot": str(work / "zero_shot_minilm" / "zero_shot.ckpt")}
+    if "zero_shot" not in report["fits"] or not Path(checkpoints["zero_shot"]).is_file():
+        t0 = time.perf_counter()
+        cli = _cli("zero_shot_minilm.yaml", overrides("zero_shot_minilm", "zero_shot_minilm"))
+        metrics = _test(cli, cli.model)
+        cli.trainer.save_checkpoint(checkpoints["zero_shot"])
+        report["fits"]["zero_shot"] = {"label": ZERO_SHOT, "test": metrics, "seconds": time.perf_counter() - t0,
+                                       "val": _validate("zero_shot_minilm.yaml",
+                                                        overrides("zero_shot_minilm", "zero_shot_minilm"), cli.model),
+                                       "load_after": _load()}
+        write_json_atomic(args.out, report)
+    for seed in args.seeds:
+        for row in args.rows:
+            label, config = SEED_ROWS[row]
+            key, stage = f"{row}/seed{seed}", Path(config).stem
+            run = f"{row}_seed{seed}"
+            best = work / run / "checkpoints" / "best.ckpt"
+            if key in report["fits"] and best.is_file():
+                checkpoints[key] = str(best)
+                continue
+            t0, load = time.perf_counter(), _load()
+            cli = _cli(config, [*overrides(stage, run), f"--seed_everything={seed}"])
+            checkpoints[key] = _fit(cli)
+            fit_seconds = time.perf_counter() - t0
+            model = type(cli.model).load_from_checkpoint(checkpoints[key], weights_only=True)
+            metrics = _test(cli, model)
+            report["fits"][key] = {"label": label, "seed": seed, "test": metrics, "fit_seconds": fit_seconds,
+                                   "seconds": time.perf_counter() - t0, "checkpoint": checkpoints[key],
+                                   "val": _validate(config, overrides(stage, run), model),
+                                   "load_before": load, "load_after": _load()}
+            print(f"[seeds] {key}: test R@1 {metrics['test/recall@1']:.4f}, fit {fit_seconds:.0f} s, load {_load()}",
+                  flush=True)
+            write_json_atomic(args.out, report)
+
+    if args.ace_checkpoint:
+        t0, load = time.perf_counter(), _load()
+        ace_model = GenerativeRetriever.load_from_checkpoint(args.ace_checkpoint, weights_only=True)
+        bundle = Path(args.ace_checkpoint).parents[2] / "ace_tokenizer" / "bundle"
+        recorder = PoolRecorder()
+        ace = [*overrides("ace_retriever", "ace_retriever"), f"--model.init_args.bundle_dir={bundle}"]
+        cli = _cli("ace_retriever.yaml", [*ace, "--data.init_args.max_val_queries=null"])
+        cli.trainer.callbacks.append(recorder)
+        cli.trainer.validate(ace_model, datamodule=cli.datamodule, verbose=False)
+        generative = _test(cli, ace_model)
+        report["ace"] = {"test": {k: v for k, v in generative.items() if k.count("/") == 1},
+                         "decode_seconds": time.perf_counter() - t0, "load_before": load, "load_after": _load()}
+        for key, checkpoint in checkpoints.items():
+            t1 = time.perf_counter()
+            val = rerank_pool(recorder.batches["val"], checkpoint, cli.datamodule, FUSION_WEIGHTS)
+            picked, _ = pick_fusion_weight({f"val/w{i}/{name}": val[w][name] for i, w in enumerate(FUSION_WEIGHTS)
+                                            for name in ("recall@1", "mrr@10")})
+            test = rerank_pool(recorder.batches["test"], checkpoint, cli.datamodule, sorted({0.0, picked}))
+            report["rerank"][key] = {"pure": test[0.0], "fused": test[picked], "fusion_weight": picked,
+                                     "val_by_weight": {str(w): val[w] for w in FUSION_WEIGHTS},
+                                     "seconds": time.perf_counter() - t1, "load_after": _load()}
+            print(f"[seeds] ACE + {key}: pure R@1 {test[0.0]['recall@1']:.4f}, fused (w = {picked}) "
+                  f"{test[picked]['recall@1']:.4f}", flush=True)
+            write_json_atomic(args.out, report)
+    report["summary"] = summarise(report)
+    report["load_after"] = _load()
+    write_json_atomic(args.out, report)
+    return report
+
+
+def summarise(report: dict) -> dict:
+    """Per row over its seeds: ``spread`` of test and val metrics, and of the pure / fused rerank of ACE's pool."""
+    summary: dict = {}
+    for key, fit in report["fits"].items():
+        row = key.split("/")[0]
+        entry = summary.setdefault(row, {"label": fit["label"], "seeds": [], "test": {}, "val": {}})
+        entry["seeds"].append(fit.get("seed"))
+        for name in METRIC_KEYS:
+            entry["test"].setdefault(name, []).append(fit["test"][f"test/{name}"])
+            entry["val"].setdefault(name, []).append(fit["val"][f"val/{name}"])
+        for tag in ("pure", "fused"):
+            if key in report["rerank"]:
+                for name in METRIC_KEYS:
+                    entry.setdefault(f"rerank_{tag}", {}).setdefault(name, []).append(report["rerank"][key][tag][name])
+    for entry in summary.values():
+        for part in ("test", "val", "rerank_pure", "rerank_fused"):
+            if part in entry:
+                entry[part] = {name: spread(values) for name, values in entry[part].items()}
+    return summary
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description="Issue 24's MiniLM token rows over seeds on an existing token "
+                                     "corpus, and ACE's pool reranked by each fit (one decode).")
+    parser.add_argument("--corpus-dir", required=True, help="a --protocol tokens corpus (token_features.npy)")
+    parser.add_argument("--ace-checkpoint", help="an ACE retriever checkpoint of a benchmark run on the same items "
+                        "(<work>/<dataset>/ace_retriever/checkpoints/best.ckpt); omitted: no rerank rows")
+    parser.add_argument("--rows", nargs="+", default=list(SEED_ROWS), choices=list(SEED_ROWS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--work", required=True, help="the fits' run directories")
+    parser.add_argument("--out", required=True, help="JSON results (rewritten after every fit; a rerun resumes)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return run_seeds(args)
+
+
+if __name__ == "__main__":
+    main()

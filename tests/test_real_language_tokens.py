@@ -4,7 +4,10 @@ of its held-out captions, never of its queries, and their normalised mean is the
 
 from __future__ import annotations
 
+import lightning as L
 import numpy as np
+import pytest
+import torch
 import yaml
 from benchmark_scripts import BENCHMARKS, load_benchmark
 
@@ -82,3 +85,70 @@ def test_minilm_token_rows_fine_tune_the_text_tower_as_the_minilm_dual_tower_doe
     assert differing <= {"item_lr", "use_generator", "use_selector", "top_k", "interaction", "pseudo_tokens", "generator_layers",
                          "interaction_layers", "generation_target", "generation_weight", "generation_contrastive"}
     assert rows[hybrid]["model"]["init_args"]["use_generator"] and not rows[attention]["model"]["init_args"]["use_generator"]
+
+
+class _PoolRetriever(L.LightningModule):
+    """A generative-retriever stand-in: a fixed pseudo-random scored pool of 12 per query, gold in most pools."""
+
+    def __init__(self, num_items: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.num_items = num_items
+
+    def _step(self, batch):
+        rows, scores = [], []
+        for query, item in zip(batch["query_index"].tolist(), batch["gold_items"][:, 0].tolist()):
+            generator = torch.Generator().manual_seed(query)
+            row = torch.randint(-1, self.num_items, (12,), generator=generator)
+            row[2] = row[5]  # a duplicate
+            if query % 4:
+                row[query % 12] = item
+            rows.append(row)
+            scores.append(-3 * torch.rand(12, generator=generator))
+        return {"candidates": torch.stack(rows), "candidate_scores": torch.stack(scores), "beam_size": 12}
+
+    def validation_step(self, batch, batch_idx):
+        return self._step(batch)
+
+    test_step = validation_step
+
+
+def test_the_recorded_pool_reranks_as_the_two_stage_callback_does(tmp_path):
+    """rerank_pool on a PoolRecorder's recorded pool gives TwoStageEvaluation's metrics, pure and fused, on val and
+    test, for a dense model whose first ranks disagree with the pool's order."""
+    from cpu_trainer import cpu_trainer
+
+    from grcm.data.datamodules import SyntheticDataModule
+    from grcm.rerank.dual_tower import DualTower
+    from grcm.rerank.two_stage import TwoStageEvaluation
+
+    benchmark = _benchmark()
+    dm = SyntheticDataModule(num_items=60, feature_dim=DIM, batch_size=16, eval_batch_size=16)
+    dm.setup()
+    torch.manual_seed(0)
+    dense = DualTower(vocab_size=dm.vocab_size, feature_dim=DIM, embed_dim=DIM, text_layers=1, text_width=DIM,
+                      text_heads=2, text_ffn=16, warmup_steps=1, lr=3e-3)
+    trainer = cpu_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(dense, datamodule=dm)
+    path = str(tmp_path / "dense.ckpt")
+    trainer.save_checkpoint(path)
+    weights = (0.0, 0.05)
+    for stage in ("val", "test"):
+        recorder = benchmark.PoolRecorder()
+        callbacks = [TwoStageEvaluation(path, name=f"w{i}", generative_weight=w, full_dense_reference=False)
+                     for i, w in enumerate(weights)]
+        run = cpu_trainer(tmp_path, callbacks=[recorder, *callbacks])
+        logged = (run.validate if stage == "val" else run.test)(_PoolRetriever(60), datamodule=dm, verbose=False)[0]
+        got = benchmark.rerank_pool(recorder.batches[stage], path, dm, weights)
+        assert 0 < got[0.0]["recall@1"] < logged[f"{stage}/w0/candidate_recall@12"] < 1  # a non-trivial case
+        assert got[0.0] != got[0.05]  # the fused score reorders the pool
+        for i, weight in enumerate(weights):
+            for name in benchmark.METRIC_KEYS:
+                assert got[weight][name] == pytest.approx(logged[f"{stage}/w{i}/{name}"], abs=1e-6), (stage, name)
+
+
+def test_spread_is_the_mean_and_sample_deviation():
+    result = _benchmark().spread([0.48, 0.50, 0.46])
+    assert result["mean"] == pytest.approx(0.48) and result["std"] == pytest.approx(0.02)
+    assert (result["min"], result["max"], result["n"]) == (0.46, 0.50, 3)
+    assert _benchmark().spread([0.4])["std"] == 0.0
