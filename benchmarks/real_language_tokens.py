@@ -340,6 +340,8 @@ def run_seeds(args: argparse.Namespace) -> dict:
         generative = _test(cli, ace_model)
         report["ace"] = {"test": {k: v for k, v in generative.items() if k.count("/") == 1},
                          "decode_seconds": time.perf_counter() - t0, "load_before": load, "load_after": _load()}
+        for name, checkpoint in (item.split("=", 1) for item in args.rerank_also):
+            checkpoints[f"also/{name}"] = checkpoint
         for key, checkpoint in checkpoints.items():
             t1 = time.perf_counter()
             val = rerank_pool(recorder.batches["val"], checkpoint, cli.datamodule, FUSION_WEIGHTS)
@@ -393,9 +395,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--work", required=True, help="the fits' run directories")
     parser.add_argument("--out", required=True, help="JSON results (rewritten after every fit; a rerun resumes)")
+    parser.add_argument("--rerank-also", action="append", default=[], metavar="NAME=CHECKPOINT",
+                        help="one more dense checkpoint (trained on the same items) to rerank ACE's pool with")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
     args = parser.parse_args(argv)
+    if any("=" not in item for item in args.rerank_also):
+        parser.error(f"--rerank-also takes NAME=CHECKPOINT, got {args.rerank_also}")
     if args.threads:
         import torch
 
