@@ -53,6 +53,12 @@ class DualTower(L.LightningModule):
             process with batch N*B; False keeps each rank's negatives local.
         index_path: when fitting ends, rank 0 builds the configured FAISS index over the final item
             embeddings and writes it here (atomically, with its ``.json`` sidecar); None: do not write.
+        item_feature_noise: while training, each item feature ``x`` fed to the item tower becomes
+            ``x + item_feature_noise * |x| / sqrt(D) * e``, ``e ~ N(0, I)`` drawn afresh every step (noise of
+            norm about ``item_feature_noise * |x|``); evaluation reads the features as they are. It keeps the item
+            tower from fitting each trained item's exact feature vector, so items without training queries
+            (the inductive setting) are embedded as well as trained ones (docs/studies/inductive.md). 0
+            (default): no noise.
     """
 
     #: Arguments ``grcm <command> --ckpt_path`` may change on the command line (see :mod:`grcm.lightning_cli`).
@@ -82,8 +88,12 @@ class DualTower(L.LightningModule):
         eval_item_batch_size: int = 4096,
         gather_negatives: bool = True,
         index_path: str | None = None,
+        item_feature_noise: float = 0.0,
     ):
         super().__init__()
+        if not (math.isfinite(item_feature_noise) and item_feature_noise >= 0.0):
+            raise ValueError(f"model.item_feature_noise must be a finite number >= 0, got {item_feature_noise}")
+        self.item_feature_noise = float(item_feature_noise)
         # hparams hold plain types only, so checkpoints load with weights_only=True
         self.index_config = DenseIndexConfig(**index) if isinstance(index, dict) else (index or DenseIndexConfig())
         self.save_hyperparameters(ignore=["index"])
@@ -152,12 +162,20 @@ class DualTower(L.LightningModule):
         return self.encode_corpus(corpus.features)
 
     # -- training -------------------------------------------------------------------------------
+    def noisy_item_features(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` item features -> ``(B, D)`` features with ``item_feature_noise`` (see the class docstring)
+        added, each row's noise scaled to its own norm; the input itself when the noise is 0."""
+        if self.item_feature_noise == 0.0:
+            return features
+        scale = self.item_feature_noise * features.norm(dim=-1, keepdim=True) / math.sqrt(features.shape[-1])
+        return features + scale * torch.randn_like(features)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         corpus = self.trainer.datamodule.corpus
         items = batch["item_index"]
         features = torch.from_numpy(np.asarray(corpus.features[items.cpu().numpy()], dtype=np.float32))
         queries = self.encode_queries(batch["input_ids"], batch["attention_mask"])
-        item_embeddings = self.encode_items(features.to(self.device))
+        item_embeddings = self.encode_items(self.noisy_item_features(features.to(self.device)))
         scale = self.log_logit_scale.exp().clamp(max=100.0)
         if self.hparams.gather_negatives and self.trainer.world_size > 1:
             # (W, B, E) -> (W*B, E); the gradient flows back to every rank's own rows
