@@ -10,6 +10,9 @@ and by every fit, pure and fused with the weight picked on the validation querie
     python benchmarks/real_language_tokens.py --corpus-dir runs/real_language_tokens/msvd/corpus --seeds 0 1 2 \
       --ace-checkpoint runs/real_language_v2/msvd/ace_retriever/checkpoints/best.ckpt \
       --work runs/real_language_tokens_seeds --out runs/real_language_tokens_seeds/msvd.json
+
+``--model-arg NAME=VALUE`` sets ``--model.init_args.NAME=VALUE`` on every fitted row (a learning-rate grid on
+validation: one ``--work`` / ``--out`` per setting).
 """
 
 from __future__ import annotations
@@ -284,10 +287,15 @@ def run_seeds(args: argparse.Namespace) -> dict:
     from grcm.retriever.module import GenerativeRetriever
 
     work, corpus_dir = Path(args.work), Path(args.corpus_dir)
+    model_args = [f"--model.init_args.{item}" for item in args.model_arg]
     report: dict = {"corpus_dir": str(corpus_dir), "ace_checkpoint": args.ace_checkpoint, "seeds": args.seeds,
-                    "threads": torch.get_num_threads(), "load_before": _load(), "fits": {}, "rerank": {}}
+                    "threads": torch.get_num_threads(), "load_before": _load(), "model_args": model_args,
+                    "fits": {}, "rerank": {}}
     if Path(args.out).is_file():  # a resumed run keeps what the earlier one measured
         report = {**json.loads(Path(args.out).read_text()), "seeds": args.seeds}
+        if report.get("model_args", []) != model_args:
+            raise SystemExit(f"{args.out} was measured with model args {report.get('model_args', [])}, not "
+                             f"{model_args}: pass the same --model-arg values or a new --work / --out")
 
     def overrides(stage: str, run: str) -> list[str]:
         quick = QUICK_TOKENS.get(stage, QUICK.get(stage, [])) if args.quick else []
@@ -315,7 +323,7 @@ def run_seeds(args: argparse.Namespace) -> dict:
                 checkpoints[key] = str(best)
                 continue
             t0, load = time.perf_counter(), _load()
-            cli = _cli(config, [*overrides(stage, run), f"--seed_everything={seed}"])
+            cli = _cli(config, [*overrides(stage, run), f"--seed_everything={seed}", *model_args])
             checkpoints[key] = _fit(cli)
             fit_seconds = time.perf_counter() - t0
             model = type(cli.model).load_from_checkpoint(checkpoints[key], weights_only=True)
@@ -397,11 +405,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="JSON results (rewritten after every fit; a rerun resumes)")
     parser.add_argument("--rerank-also", action="append", default=[], metavar="NAME=CHECKPOINT",
                         help="one more dense checkpoint (trained on the same items) to rerank ACE's pool with")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="NAME=VALUE",
+                        help="a model init arg of every fitted row, e.g. item_lr=3e-3")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes")
     args = parser.parse_args(argv)
     if any("=" not in item for item in args.rerank_also):
         parser.error(f"--rerank-also takes NAME=CHECKPOINT, got {args.rerank_also}")
+    if any("=" not in item for item in args.model_arg):
+        parser.error(f"--model-arg takes NAME=VALUE (a model init arg), got {args.model_arg}")
     if args.threads:
         import torch
 
