@@ -55,9 +55,9 @@ class DualTower(L.LightningModule):
             embeddings and writes it here (atomically, with its ``.json`` sidecar); None: do not write.
         item_feature_noise: while training, each item feature ``x`` fed to the item tower becomes
             ``x + item_feature_noise * |x| / sqrt(D) * e``, ``e ~ N(0, I)`` drawn afresh every step (noise of
-            norm about ``item_feature_noise * |x|``); evaluation reads the features as they are. It keeps the item
-            tower from fitting each trained item's exact feature vector, so items without training queries
-            (the inductive setting) are embedded as well as trained ones (docs/studies/inductive.md). 0
+            norm about ``item_feature_noise * |x|``); evaluation reads the features as they are. A regulariser
+            against the item tower fitting each trained item's own feature vector; on the synthetic inductive
+            split (docs/studies/inductive.md) 0.5 lowered R@1 on unseen items more than on seen ones. 0
             (default): no noise.
     """
 
