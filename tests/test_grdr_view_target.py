@@ -9,8 +9,16 @@ import torch.nn.functional as F
 from grcm.errors import GrcmError
 from grcm.retriever.grdr import GRDRRetriever
 from grcm.retriever.grdr.losses import multi_view_sid_loss, view_sid_nll
+from grcm.retriever.grdr.sid_loss import batch_sid_loss
 
 B, V, LEVELS, K = 5, 3, 2, 8
+
+
+def _sid_loss(module, batch, codes, routes):
+    """The module's SID loss of a batch under its own ``view_target`` (what its training step computes)."""
+    hparams = module.hparams
+    return batch_sid_loss(module.model, batch["input_ids"], batch["attention_mask"], codes, routes,
+                          hparams.view_target, hparams.num_levels, hparams.label_smoothing)
 
 
 def _module(**kwargs) -> GRDRRetriever:
@@ -71,13 +79,13 @@ def test_the_modules_multi_view_loss_decodes_every_views_sid_as_the_single_view_
     module = _module(view_target=view_target)
     batch, codes = _batch()
     routes = torch.zeros(B, dtype=torch.long)
-    loss, exact = module._sid_loss(batch, codes, routes)
+    loss, exact = _sid_loss(module, batch, codes, routes)
     nll = _routed_view_nll(module, batch, codes)  # each view alone: row b * V + v must be view v of query b
     expected = (-torch.logsumexp(-nll, 1) if view_target == "marginal" else nll.min(1).values).mean() / LEVELS
     torch.testing.assert_close(loss, expected)
     assert exact.shape == (B,)
     routed = _module(view_target="routed")
-    routed_loss, _ = routed._sid_loss(batch, codes, routes)
+    routed_loss, _ = _sid_loss(routed, batch, codes, routes)
     torch.testing.assert_close(routed_loss, nll[:, 0].mean() / LEVELS)  # routed trains view 0 only
     assert not torch.allclose(loss, routed_loss)
 
@@ -89,7 +97,7 @@ def test_marginal_gradient_reaches_every_views_target_code():
     codes[:, :, 0] = torch.arange(V)  # view v's first code is v for every query
     for view_target, trained in (("marginal", set(range(V))), ("routed", {0})):
         module = _module(view_target=view_target, shared_codebook=False)
-        loss, _ = module._sid_loss(batch, codes, torch.zeros(B, dtype=torch.long))
+        loss, _ = _sid_loss(module, batch, codes, torch.zeros(B, dtype=torch.long))
         loss.backward()
         grad = module.model.code_embeddings[0].weight.grad  # (K, d): only codes fed as prefixes get gradient
         assert {code for code in range(K) if grad[code].abs().sum() > 0} == trained
@@ -99,8 +107,8 @@ def test_one_view_marginal_equals_routed_and_bad_values_are_refused():
     batch, codes = _batch()
     codes = codes[:, :1]
     routes = torch.zeros(B, dtype=torch.long)
-    marginal, _ = _module(num_views=1, view_target="marginal")._sid_loss(batch, codes, routes)
-    routed, _ = _module(num_views=1, view_target="routed")._sid_loss(batch, codes, routes)
+    marginal, _ = _sid_loss(_module(num_views=1, view_target="marginal"), batch, codes, routes)
+    routed, _ = _sid_loss(_module(num_views=1, view_target="routed"), batch, codes, routes)
     torch.testing.assert_close(marginal, routed)
     with pytest.raises(GrcmError, match="view_target"):
         _module(view_target="soft")

@@ -2,7 +2,8 @@
 
 Decoding, beams -> items, recall/MRR, logging, index size and prediction are the shared SID-retrieval
 path (:class:`~grcm.retriever.sid_retrieval.SIDRetrievalModule`); the SID table, routes and anchors are
-:class:`~grcm.retriever.grdr.state.GRDRState`; the losses are :mod:`grcm.retriever.grdr.losses`.
+:class:`~grcm.retriever.grdr.state.GRDRState`; the losses are :mod:`grcm.retriever.grdr.losses` (the SID
+loss under ``view_target``: :mod:`grcm.retriever.grdr.sid_loss`).
 """
 
 from __future__ import annotations
@@ -10,26 +11,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from grcm.decoding import BeamSearchOutput, RankedItems, SIDTrie
 from grcm.errors import GrcmError
-from grcm.metrics import ItemRetrievalMetrics, PerQueryMeans, fixed_width
 from grcm.rerank.text_encoder import masked_mean
+from grcm.retriever.grdr.expanded_recall import ExpandedPoolMetrics
 from grcm.retriever.grdr.heads import CosineCodeHead
-from grcm.retriever.grdr.losses import (
-    VIEW_TARGETS,
-    anchor_code_loss,
-    multi_view_sid_loss,
-    query_item_infonce,
-    routed_sid_loss,
-    view_sid_nll,
-)
+from grcm.retriever.grdr.losses import VIEW_TARGETS, anchor_code_loss, query_item_infonce
 from grcm.retriever.grdr.routing import reroute, route_training_queries
+from grcm.retriever.grdr.sid_loss import batch_sid_loss
 from grcm.retriever.grdr.state import CHECKPOINT_KEY, GRDRState, rename_unprefixed_buffers
 from grcm.retriever.grdr.training import (
     KMEANS_INITS,
@@ -49,11 +42,6 @@ from grcm.tokenizers.multiview import MultiViewTokenizer
 from grcm.tokenizers.query_routing import QUERY_ENCODERS, ROUTINGS
 
 SEPARATIONS = ("infonce", "balance", "both", "none")
-#: cut-offs of ``expanded_recall@k``: the gold item among the first k items the beams expand to
-EXPANDED_KS = (10, 50, 100)
-#: the former name of ``expanded_recall@k``, still logged with the same values (deprecated; removed in the
-#: next release). Not the two-stage callback's ``candidate_recall@B`` (gold anywhere in the recalled pool).
-DEPRECATED_EXPANDED_NAME = "candidate_recall"
 SIDS = "sids."  # state-dict prefix of the GRDRState buffers
 
 
@@ -194,9 +182,7 @@ class GRDRRetriever(SIDRetrievalModule):
         self._previous_codes: Tensor | None = None  # what the next train/code_drift compares with
         self._current_phase: int | None = None
         self.init_retrieval(ks, mrr_k)
-        self.val_expanded = ItemRetrievalMetrics(ks=EXPANDED_KS, mrr_k=10)
-        self.test_expanded = ItemRetrievalMetrics(ks=EXPANDED_KS, mrr_k=10)
-        self.val_pool_size, self.test_pool_size = PerQueryMeans(["pool_size"]), PerQueryMeans(["pool_size"])
+        self.pool_metrics = ExpandedPoolMetrics()
 
     @staticmethod
     def _rename_unprefixed_buffers(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
@@ -358,32 +344,6 @@ class GRDRRetriever(SIDRetrievalModule):
         enc = self.model.encode(input_ids, attention_mask)
         return self.query_head(masked_mean(enc.layer_outputs[-1], enc.attention_mask))
 
-    def _sid_loss(self, batch: dict[str, Tensor], codes: Tensor, routes: Tensor) -> tuple[Tensor, Tensor]:
-        """The SID loss of a batch under ``view_target`` and (B,) bool: the trained view's SID decoded exactly.
-
-        ``codes`` (B, V, l): every view's SID of each query's item over the l levels trained; ``routes`` (B,).
-        ``routed`` teacher-forces the routed view's SID; ``marginal`` / ``best`` teacher-force all V SIDs
-        (the query encoded once, the decoder run on B * V prefixes) and train their summed likelihood or
-        the most likely one (:func:`multi_view_sid_loss`).
-        """
-        hparams = self.hparams
-        batch_size, num_views, levels = codes.shape
-        rows = torch.arange(batch_size, device=codes.device)
-        if hparams.view_target == "routed" or num_views == 1:
-            targets = codes[rows, routes]  # (B, l): the routed view
-            full = F.pad(targets, (0, hparams.num_levels - levels))  # (B, L): later levels are not trained
-            logits = self.model(batch["input_ids"], batch["attention_mask"], full)
-            return routed_sid_loss(logits, targets, hparams.label_smoothing)
-        enc = self.model.encode(batch["input_ids"], batch["attention_mask"])
-        prefixes = codes.reshape(batch_size * num_views, levels)  # batch-major: row b * V + v is view v of b
-        logits = [self.model.decode_logits(enc, prefixes[:, :level]).view(batch_size, num_views, -1)
-                  for level in range(levels)]  # l tensors (B, V, K)
-        loss, best = multi_view_sid_loss(view_sid_nll(logits, codes, hparams.label_smoothing), levels,
-                                         hparams.view_target)
-        exact = torch.stack([logits[level][rows, best].argmax(-1) == codes[rows, best, level]
-                             for level in range(levels)], 1).all(1)
-        return loss, exact
-
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         phase = self.phase_of_epoch(self.current_epoch)
         weights, hparams, sids = self.weights[phase.name], self.hparams, self.sids
@@ -406,7 +366,9 @@ class GRDRRetriever(SIDRetrievalModule):
             query = self._pooled_query(batch["input_ids"], batch["attention_mask"])
             parts["infonce"] = query_item_infonce(query, out.latents, items, routes, hparams.temperature)
         if weights["sid"] and levels:
-            parts["sid"], exact = self._sid_loss(batch, out.codes, routes)
+            parts["sid"], exact = batch_sid_loss(self.model, batch["input_ids"], batch["attention_mask"], out.codes,
+                                                 routes, hparams.view_target, hparams.num_levels,
+                                                 hparams.label_smoothing)
             self.log("train/sid_accuracy", exact.float().mean(), batch_size=batch_size)
         loss = sum(weights[name] * value for name, value in parts.items())
         separation = hparams.view_separation
@@ -451,22 +413,10 @@ class GRDRRetriever(SIDRetrievalModule):
     def evaluate_extra(self, batch: dict[str, Tensor], output: BeamSearchOutput, recalled: RankedItems,
                        stage: str) -> None:
         """``expanded_recall@{10,50,100}`` over the whole expanded pool and ``pool_size`` (distinct items)."""
-        expanded, pool_size = (self.val_expanded, self.val_pool_size) if stage == "val" else (
-            self.test_expanded, self.test_pool_size)
-        pool = recalled.items
-        expanded.update(fixed_width(pool, max(EXPANDED_KS)), batch["gold_items"], batch["query_index"])
-        pool_size.update({"pool_size": (pool >= 0).sum(1).float()}, batch["query_index"])
+        self.pool_metrics.update(stage, recalled.items, batch["gold_items"], batch["query_index"])
 
     def log_extra(self, stage: str) -> None:
-        expanded, pool_size = (self.val_expanded, self.val_pool_size) if stage == "val" else (
-            self.test_expanded, self.test_pool_size)
-        values = expanded.compute()
-        recalls = {k: values[f"recall@{k}"] for k in EXPANDED_KS}
-        self.log_dict({f"{stage}/expanded_recall@{k}": v for k, v in recalls.items()}, sync_dist=True)
-        self.log_dict({f"{stage}/{DEPRECATED_EXPANDED_NAME}@{k}": v for k, v in recalls.items()}, sync_dist=True)
-        self.log(f"{stage}/pool_size", pool_size.compute()["pool_size"], sync_dist=True)
-        expanded.reset()
-        pool_size.reset()
+        self.log_dict(self.pool_metrics.compute_and_reset(stage), sync_dist=True)
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
